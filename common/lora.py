@@ -1,0 +1,132 @@
+"""LoRA helpers: the federation's adapter config, state dicts keyed by PEFT's saved names,
+the expected tensor layout (from the model config alone), and atomic PEFT directories."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.models import BUILD_LOCK
+from common.wire import tensors_to_bytes
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM", bias="none")
+
+    def to_json(self) -> str:
+        return json.dumps({"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                           "target_modules": list(self.target_modules)})
+
+    @classmethod
+    def from_json(cls, text: str) -> LoraSettings:
+        d = json.loads(text)
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
+                   target_modules=tuple(d["target_modules"]))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype = field(default=torch.float32)
+
+
+def wrap(model: Any, settings: LoraSettings) -> Any:
+    """A PeftModel around `model` with freshly initialised LoRA factors (B = 0)."""
+    from peft import get_peft_model
+
+    with BUILD_LOCK:
+        return get_peft_model(model, settings.peft_config())
+
+
+def adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """Trainable LoRA tensors under PEFT's saved names (what adapter_model.safetensors holds)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, dict(state))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"adapter has tensors this model does not: {unexpected[:3]}...")
+
+
+def expected_layout(model_config: Any, settings: LoraSettings) -> dict[str, TensorSpec]:
+    """Names and shapes of the adapter tensors, built on the meta device (no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with BUILD_LOCK, torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+        peft_model = wrap(model, settings)
+    from peft import get_peft_model_state_dict
+
+    return {k: TensorSpec(tuple(v.shape), torch.float32) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def initial_state(layout: Mapping[str, TensorSpec], seed: int) -> dict[str, torch.Tensor]:
+    """Round-0 adapter: A as PEFT initialises it (Kaiming-uniform, a=sqrt(5)), B = 0, from a
+    seed every party can reproduce."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(layout):
+        spec = layout[name]
+        t = torch.zeros(spec.shape, dtype=spec.dtype)
+        if ".lora_A." in name:
+            fan_in = spec.shape[1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) bound for Linear
+            t.uniform_(-bound, bound, generator=gen)
+        out[name] = t
+    return out
+
+
+def add_states(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    return {k: base[k] + scale * delta[k] for k in base}
+
+
+def sub_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] - b[k] for k in a}
+
+
+def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: LoraSettings,
+                   base_model: str, extra: Mapping[str, Any] | None = None) -> None:
+    """Write a directory `PeftModel.from_pretrained(base, path)` loads, atomically: a temp
+    directory beside it is renamed into place, so readers never see half an adapter."""
+    cfg = settings.peft_config()
+    cfg.base_model_name_or_path = base_model
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(str(tmp))
+    data = tensors_to_bytes(state)
+    with open(tmp / "adapter_model.safetensors", "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if extra:
+        (tmp / "federation.json").write_text(json.dumps(dict(extra), indent=2, sort_keys=True))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)

@@ -1,0 +1,66 @@
+"""Wire helpers: size limits, gRPC channel options, hashing, chunking, and tensor codecs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from common.errors import ValidationError
+
+# gRPC rejects messages over 4 MiB by default, and a 4 MiB payload plus protobuf framing is
+# already over it (sometimes reported as INTERNAL). Chunks stay at 1 MiB; the limit below
+# leaves room for the header fields around a chunk.
+MAX_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+KEEPALIVE_MS = 20_000
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    """Channel/server options, set once for both sides."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Keep idle session streams alive through NATs and notice dead peers within ~40 s.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def iter_chunks(data: bytes, offset: int = 0, chunk_size: int = MAX_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) pieces of `data` from `offset` on, each at most `chunk_size` bytes."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_BYTES}, got {chunk_size}")
+    if not 0 <= offset <= len(data):
+        raise ValueError(f"offset {offset} outside payload of {len(data)} bytes")
+    view = memoryview(data)
+    for start in range(offset, len(data), chunk_size):
+        yield start, bytes(view[start : start + chunk_size])
+
+
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Safetensors bytes (never pickle) of a flat name -> tensor mapping."""
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything malformed becomes a ValidationError."""
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise ValidationError(f"payload is not valid safetensors: {exc}") from exc
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,1 @@
+"""The school daemon: joins the federation, trains LoRA on local data, uploads deltas only."""

@@ -1,0 +1,86 @@
+"""`fedclient run --config school.toml`: the school daemon's entry point. Exit codes: 0 done
+or stopped, 1 crash (systemd restarts), 78 configuration/credentials wrong (no restart)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from common.config import load_toml
+from common.errors import ConfigError
+from common.logs import configure_logging, get_logger
+from fedclient.config import SchoolConfig
+from fedclient.daemon import EXIT_CONFIG, SchoolDaemon
+from fedclient.worker import SchoolModel
+
+
+async def _run(cfg: SchoolConfig, token: str) -> int:
+    s = cfg.school
+    heldout = s.heldout_file
+    if heldout is None and (s.data_dir.parent / "heldout.jsonl").exists():
+        heldout = s.data_dir.parent / "heldout.jsonl"
+    model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads)
+    daemon = SchoolDaemon(cfg, token, model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notify = _notifier()
+    notify("READY=1")
+
+    async def watchdog() -> None:
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(10)
+
+    dog = asyncio.create_task(watchdog())
+    try:
+        return await daemon.run(stop)
+    finally:
+        notify("STOPPING=1")
+        dog.cancel()
+
+
+def _notifier():  # type: ignore[no-untyped-def]
+    try:
+        import sdnotify
+
+        return sdnotify.SystemdNotifier().notify
+    except Exception:  # pragma: no cover
+        return lambda _m: None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedclient", description="School federation: the school daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="join the federation and serve its commands until told to stop")
+    run.add_argument("--config", type=Path, required=True, help="school.toml")
+    check = sub.add_parser("check-config", help="load and validate a config, print it, exit")
+    check.add_argument("--config", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_toml(SchoolConfig, args.config)
+        configure_logging(cfg.school.log_level)
+        if args.command == "check-config":
+            print(cfg)
+            return 0
+        try:
+            token = cfg.school.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token_file {cfg.school.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"token_file {cfg.school.token_file} is empty")
+        return asyncio.run(_run(cfg, token))
+    except (ConfigError, ValueError) as exc:
+        print(f"fedclient: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # logged for journald; systemd restarts on 1
+        get_logger("school").error("crashed", error=repr(exc))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The school daemon's configuration (school.toml), typed and documented per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SchoolSection:
+    coordinator: str = "127.0.0.1:50051"   # host:port of the coordinator
+    token_file: Path = Path("/etc/fedclient/token")  # enrolment token (keep it 0600)
+    state_dir: Path = Path("/var/lib/fedclient")     # downloads, pending uploads, daemon state
+    data_dir: Path = Path("/srv/school-data")        # a JSONL file or a folder of *.jsonl questions; never sent anywhere
+    heldout_file: Path | None = None    # local held-out questions for evaluation; default data_dir/../heldout.jsonl if present
+    torch_threads: int = 0              # 0 = torch's default (all cores)
+    max_backoff_s: float = 30.0         # reconnect backoff cap, seconds
+    log_level: str = "info"
+    hardware: str = ""                  # free text reported at Join
+
+    def problems(self) -> list[str]:
+        out = []
+        if ":" not in self.coordinator:
+            out.append(f"coordinator: expected host:port, got {self.coordinator!r}")
+        if self.torch_threads < 0:
+            out.append("torch_threads: must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class ClientModelSection:
+    base: str = "packaged:smollm2-135m-instruct"  # must be the coordinator's base model
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class SchoolConfig:
+    school: SchoolSection = field(default_factory=SchoolSection)
+    model: ClientModelSection = field(default_factory=ClientModelSection)

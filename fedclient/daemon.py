@@ -1,0 +1,261 @@
+"""The school daemon's lifecycle: join, hold the session stream, and carry out commands on one
+long-lived worker that survives reconnects. Transfers resume; training runs on a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from common import PROTOCOL_VERSION, __version__
+from common.backoff import Backoff
+from common.lora import LoraSettings
+from common.logs import get_logger
+from common.messages import Capabilities, Command, EvalReport, Event, Failure, Heartbeat, Progress, UploadHeader
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
+from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
+from common.wire import grpc_options, sha256_hex
+from fedclient.config import SchoolConfig
+from fedclient.transfer import download, upload
+from fedclient.worker import SchoolModel
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 78   # 78 = EX_CONFIG: systemd must not restart
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNAUTHENTICATED}   # UNAUTHENTICATED after Join: coordinator restarted
+T = TypeVar("T")
+
+
+class FatalError(Exception):
+    """Configuration or credentials are wrong; restarting will not help."""
+
+
+class SchoolDaemon:
+    def __init__(self, cfg: SchoolConfig, token: str, model: SchoolModel) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.model = model
+        self.log = get_logger("school")
+        self.commands: asyncio.Queue[Command] = asyncio.Queue()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._link: tuple[pb_grpc.FederationStub, list[tuple[str, str]]] | None = None
+        self._link_ready = asyncio.Event()
+        self._adapter_settings: LoraSettings | None = None
+        self._active_round = 0
+        self._finished_rounds: set[int] = set()
+        self._adapters: dict[str, bytes] = {}      # sha256 -> bytes, newest only
+        self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
+        self.shutdown_reason: str | None = None
+        self.pending_dir = cfg.school.state_dir / "pending"
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ connection loop
+    async def run(self, stop: asyncio.Event) -> int:
+        backoff = Backoff(initial_s=0.5, max_s=self.cfg.school.max_backoff_s)
+        worker = asyncio.create_task(self._work())
+        try:
+            while not stop.is_set() and self.shutdown_reason is None:
+                try:
+                    await self._connect_once(stop, backoff)
+                except FatalError as exc:
+                    self.log.error("cannot join; not retrying", error=str(exc))
+                    return EXIT_CONFIG
+                except grpc.aio.AioRpcError as exc:
+                    self.log.warning("connection lost", code=exc.code().name, detail=exc.details())
+                if stop.is_set() or self.shutdown_reason is not None:
+                    break
+                delay = backoff.next_delay()
+                self.log.info("reconnecting", in_s=round(delay, 2))
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            self.model.stop_flag.set()
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        self.log.info("stopped", reason=self.shutdown_reason or "signal")
+        return EXIT_OK
+
+    async def _connect_once(self, stop: asyncio.Event, backoff: Backoff) -> None:
+        address = self.cfg.school.coordinator
+        async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
+            stub = pb_grpc.FederationStub(channel)
+            caps = Capabilities(self.cfg.model.base, 0, len(self.model.train_questions),
+                                self.cfg.school.hardware or f"cpu x{os.cpu_count()}", __version__)
+            try:
+                resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=capabilities_to_pb(caps)),
+                                       metadata=[("authorization", f"Bearer {self.token}")], timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    raise FatalError(f"{exc.code().name}: {exc.details()}") from None
+                raise
+            settings = settings_from_pb(resp)
+            backoff.reset()
+            self._adapter_settings = LoraSettings.from_json(settings.adapter_config_json)
+            md = [("x-session-token", settings.session_token)]
+            self.log.info("joined", school=settings.school_id, coordinator=address)
+            self._link = (stub, md)
+            self._link_ready.set()
+            try:
+                await self._session(stub, md, settings.heartbeat_interval_s, stop)
+            finally:
+                self._link = None
+                self._link_ready.clear()
+
+    async def _session(self, stub: pb_grpc.FederationStub, md: list[tuple[str, str]], beat: float,
+                       stop: asyncio.Event) -> None:
+        async def outgoing():  # type: ignore[no-untyped-def]
+            while True:
+                try:
+                    ev = await asyncio.wait_for(self.events.get(), timeout=beat)
+                except TimeoutError:
+                    ev = Heartbeat(time.time())
+                yield event_to_pb(ev)
+
+        call = stub.Session(outgoing(), metadata=md)
+
+        async def incoming() -> None:
+            async for msg in call:
+                cmd = command_from_pb(msg)
+                if cmd.kind == "shutdown":
+                    self.log.info("coordinator says shut down", reason=cmd.reason)
+                    if "superseded" not in cmd.reason:
+                        self.shutdown_reason = cmd.reason
+                    return
+                if cmd.kind == "idle":
+                    continue
+                self.commands.put_nowait(cmd)
+
+        reader = asyncio.create_task(incoming())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            stopper.cancel()
+            reader.cancel()
+            call.cancel()
+
+    # ------------------------------------------------------------ the worker
+    async def _rpc(self, fn: Callable[[pb_grpc.FederationStub, list[tuple[str, str]]], Awaitable[T]], deadline: float) -> T:
+        """Run an RPC on the current link; on a dropped link wait for the next one and retry."""
+        while True:
+            remaining = deadline - time.time() if deadline else 3600.0
+            if remaining <= 0:
+                raise TimeoutError("the round's deadline passed")
+            await asyncio.wait_for(self._link_ready.wait(), timeout=remaining)
+            assert self._link is not None
+            stub, md = self._link
+            try:
+                return await fn(stub, md)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                self.log.info("transfer interrupted; will resume", code=exc.code().name)
+                self._link_ready.clear()
+                await asyncio.sleep(0.2)
+
+    async def _work(self) -> None:
+        while True:
+            cmd = await self.commands.get()
+            try:
+                if cmd.kind == "train":
+                    await self._train(cmd)
+                elif cmd.kind == "evaluate":
+                    await self._evaluate(cmd)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.error("command failed", kind=cmd.kind, round=cmd.round, error=repr(exc), exc_info=True)
+                self.events.put_nowait(Failure(cmd.round, cmd.kind, repr(exc)[:500]))
+
+    def _progress(self, round_: int, phase: str) -> Callable[..., None]:
+        loop = asyncio.get_running_loop()
+
+        def report(done: float, total: float, *extra: Any) -> None:
+            detail = f"loss={extra[0]:.3f}" if extra else ""
+            loop.call_soon_threadsafe(self.events.put_nowait, Progress(round_, phase, done / max(total, 1), detail))
+        return report
+
+    async def _fetch(self, cmd: Command) -> bytes:
+        assert cmd.adapter is not None
+        sha = cmd.adapter.sha256
+        if sha in self._adapters:
+            return self._adapters[sha]
+        buf = self._partial.setdefault(sha, bytearray())
+        data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download")), cmd.deadline_unix)
+        self._partial.pop(sha, None)
+        self._adapters = {sha: data}   # keep only the newest global adapter
+        return data
+
+    async def _train(self, cmd: Command) -> None:
+        assert cmd.adapter is not None and cmd.params is not None and self._adapter_settings is not None
+        if cmd.round in self._finished_rounds or cmd.round == self._active_round:
+            return   # a re-sent command after a reconnect; the work is done or under way
+        self._active_round = cmd.round
+        try:
+            log = self.log.bind(round=cmd.round)
+            pending = self._load_pending(cmd.round, cmd.adapter.sha256)
+            if pending is None:
+                global_bytes = await self._fetch(cmd)
+                await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+                log.info("training", steps=cmd.params.local_steps, examples=len(self.model.train_questions))
+                delta, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
+                header = UploadHeader(cmd.round, "", len(self.model.train_questions), sha256_hex(delta), len(delta),
+                                      0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
+                                                              "steps": float(result.steps), "tokens": float(result.tokens),
+                                                              "train_seconds": result.seconds})
+                header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
+                self._save_pending(header, delta)
+                log.info("trained", loss=round(result.mean_loss, 4), seconds=round(result.seconds, 1))
+            else:
+                header, delta = pending
+                log.info("resuming a pending upload", upload_id=header.upload_id)
+            receipt = await self._rpc(lambda s, md: upload(s, header, delta, md), cmd.deadline_unix)
+            log.info("update delivered", upload_id=header.upload_id, bytes=len(delta), resent=receipt is None)
+            self._finished_rounds.add(cmd.round)
+            self._drop_pending(cmd.round)
+        finally:
+            self._active_round = 0
+
+    async def _evaluate(self, cmd: Command) -> None:
+        assert self._adapter_settings is not None
+        data = await self._fetch(cmd)
+        await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+        result = await asyncio.to_thread(self.model.evaluate, data, cmd.max_examples)
+        if result is not None:
+            self.events.put_nowait(EvalReport(cmd.round, result.count, result.metrics()))
+
+    # ------------------------------------------------------------ pending uploads on disk
+    def _pending_paths(self, round_: int) -> tuple[Path, Path]:
+        return self.pending_dir / f"round-{round_}.json", self.pending_dir / f"round-{round_}.safetensors"
+
+    def _save_pending(self, h: UploadHeader, payload: bytes) -> None:
+        meta, data = self._pending_paths(h.round)
+        tmp = data.with_suffix(".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, data)
+        meta.write_text(json.dumps({**h.__dict__, "metrics": dict(h.metrics)}))
+
+    def _load_pending(self, round_: int, base_sha: str) -> tuple[UploadHeader, bytes] | None:
+        meta, data = self._pending_paths(round_)
+        if not (meta.exists() and data.exists()):
+            return None
+        h = UploadHeader(**json.loads(meta.read_text()))
+        payload = data.read_bytes()
+        if h.base_sha256 != base_sha or sha256_hex(payload) != h.sha256:
+            self._drop_pending(round_)
+            return None
+        return h, payload
+
+    def _drop_pending(self, round_: int) -> None:
+        for p in self._pending_paths(round_):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""The coordinator: a long-running asyncio gRPC server that runs federated rounds."""

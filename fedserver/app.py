@@ -1,0 +1,127 @@
+"""Building and running the coordinator: create_server() binds and returns the port; serve()
+runs it under systemd's lifecycle (READY, watchdog, SIGTERM -> graceful stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.logs import get_logger
+from common.models import load_config
+from common.lora import expected_layout
+from common.pb import federation_pb2_grpc as pb_grpc
+from common.wire import grpc_options
+from fedserver.artifacts import ArtifactStore
+from fedserver.auth import Authenticator
+from fedserver.config import CoordinatorConfig
+from fedserver.engine import RoundEngine
+from fedserver.evaluator import ServerEvaluator
+from fedserver.servicer import FederationServicer
+from fedserver.store import Store
+from fedserver import strategy as strategies
+
+SERVICE = "schoolfed.v1.Federation"
+
+
+@dataclass
+class Coordinator:
+    server: grpc.aio.Server
+    port: int
+    engine: RoundEngine
+    store: Store
+    health: health.aio.HealthServicer
+    evaluator: ServerEvaluator | None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.evaluator is not None:
+            self.evaluator.close()
+        self.store.close()
+
+
+async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None) -> Coordinator:
+    """Build everything and bind the port (0 = any free port); does not start serving."""
+    state = cfg.server.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    store = Store(state / "state.sqlite")
+    artifacts = ArtifactStore(state / "artifacts")
+    model_cfg = await asyncio.to_thread(load_config, cfg.model.base, cfg.model.cache_dir)
+    layout = await asyncio.to_thread(expected_layout, model_cfg, cfg.lora.settings())
+    evaluator = ServerEvaluator(cfg, store) if cfg.evaluation.eval_file else None
+    engine = RoundEngine(cfg, store, artifacts, layout, strategies.create(cfg.strategy.name),
+                         checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator)
+    auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
+    servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
+                                  cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s)
+    server = grpc.aio.server(options=grpc_options())
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(cfg.server.listen)  # mutual TLS: add_secure_port here
+    if port == 0:
+        raise OSError(f"could not bind {cfg.server.listen}")
+    return Coordinator(server, port, engine, store, health_servicer, evaluator)
+
+
+async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
+                port_file: Path | None = None) -> int:
+    """Run until the configured rounds are done or SIGTERM/SIGINT. Returns the exit code."""
+    log = get_logger("coordinator")
+    coord = await create_server(cfg, checkpoint_dir)
+    await coord.engine.start()
+    await coord.server.start()
+    await coord.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await coord.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.server.listen.rsplit(":", 1)[0]
+    if port_file is not None:
+        port_file.write_text(f"{host}:{coord.port}\n")
+    log.info("serving", address=f"{host}:{coord.port}", strategy=cfg.strategy.name, model=cfg.model.base)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier = _systemd_notifier()
+    notifier("READY=1")
+    watchdog = asyncio.create_task(_watchdog(notifier))
+    rounds = asyncio.create_task(coord.engine.run())
+    stopper = asyncio.create_task(stop.wait())
+    code = 0
+    done, _ = await asyncio.wait({rounds, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if rounds in done:
+        exc = rounds.exception()
+        if exc is not None:
+            log.error("round engine stopped", error=repr(exc))
+            code = 1
+        else:
+            log.info("all rounds done", rounds=cfg.rounds.total)
+            await asyncio.sleep(0.5)   # let the shutdown commands reach the schools
+    else:
+        log.info("stopping on signal; the open round resumes on restart")
+        rounds.cancel()
+    notifier("STOPPING=1")
+    watchdog.cancel()
+    stopper.cancel()
+    await coord.stop()
+    return code
+
+
+def _systemd_notifier():  # type: ignore[no-untyped-def]
+    try:
+        import sdnotify
+
+        n = sdnotify.SystemdNotifier()
+        return n.notify
+    except Exception:  # pragma: no cover - sdnotify is a dependency; stay up without it
+        return lambda _msg: None
+
+
+async def _watchdog(notify) -> None:  # type: ignore[no-untyped-def]
+    while True:   # WatchdogSec=60 in the unit; ping well inside it while the loop is alive
+        notify("WATCHDOG=1")
+        await asyncio.sleep(10)

@@ -1,0 +1,129 @@
+"""`fedserver serve | demo | status | token | prepare-data`: the operator's entry point.
+Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from common.config import load_toml
+from common.errors import ConfigError
+from common.logs import configure_logging, get_logger
+
+EXIT_CONFIG = 78
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedserver.app import serve
+    from fedserver.config import CoordinatorConfig
+
+    cfg = load_toml(CoordinatorConfig, args.config)
+    configure_logging(cfg.server.log_level)
+    return asyncio.run(serve(cfg, args.checkpoint_dir, args.port_file))
+
+
+def _token(args: argparse.Namespace) -> int:
+    from fedserver.auth import hash_token, new_token
+
+    tok = new_token()
+    if args.out:
+        args.out.write_text(tok + "\n")
+        args.out.chmod(0o600)
+        print(f"# token written to {args.out} (give it to the school; keep it secret)")
+    else:
+        print(f"# school token (give it to the school's token_file): {tok}")
+    print(f'[[schools]]\nid = "{args.school}"\ntoken_sha256 = "{hash_token(tok)}"')
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedserver.report import build_report, format_table
+    from fedserver.store import Store
+
+    db = args.state_dir / "state.sqlite"
+    if not db.exists():
+        raise ConfigError(f"no coordinator state at {db}")
+    store = Store(db, readonly=True)
+    report = build_report(store, model="", eval_name="")
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    print(f"schools: {', '.join(s['id'] for s in store.schools()) or '(none yet)'}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from common.data import prepare_federation_data
+
+    manifest = prepare_federation_data(args.out, args.schools, args.eval_size, args.seed, by=args.split,
+                                       max_per_school=args.max_per_school)
+    print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "eval", "counts")}, indent=2, default=str))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedserver.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(schools=args.schools, rounds=args.rounds, out=args.out, model=args.model,
+                       local_steps=args.local_steps, eval_size=args.eval_size, train_per_school=args.train_per_school,
+                       seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy, learning_rate=args.learning_rate)
+    return run_demo(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedserver.strategy import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="fedserver", description="School federation: the coordinator")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the coordinator")
+    s.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    s.add_argument("--checkpoint-dir", type=Path, default=None, help="where round adapters go (default STATE_DIR/rounds)")
+    s.add_argument("--port-file", type=Path, default=None, help="write host:port here once bound (useful with port 0)")
+    s.set_defaults(fn=_serve)
+    t = sub.add_parser("token", help="enrol a school: print a new token and its [[schools]] entry")
+    t.add_argument("--school", required=True)
+    t.add_argument("--out", type=Path, default=None, help="write the token to this file (mode 0600)")
+    t.set_defaults(fn=_token)
+    st = sub.add_parser("status", help="rounds, metrics and schools from a coordinator's state (read-only)")
+    st.add_argument("--state-dir", type=Path, required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_status)
+    pr = sub.add_parser("prepare-data", help="write non-IID school folders and a held-out eval set")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--schools", type=int, default=3)
+    pr.add_argument("--eval-size", type=int, default=200)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--split", choices=["group", "iid"], default="group")
+    pr.add_argument("--max-per-school", type=int, default=None)
+    pr.set_defaults(fn=_prepare)
+    d = sub.add_parser("demo", help="a whole localhost federation on the packaged SmolLM2 and real data")
+    d.add_argument("--schools", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--out", type=Path, default=Path("demo-out"))
+    d.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    d.add_argument("--local-steps", type=int, default=16)
+    d.add_argument("--learning-rate", type=float, default=3e-4)
+    d.add_argument("--eval-size", type=int, default=200)
+    d.add_argument("--train-per-school", type=int, default=None, help="cap each school's training questions")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
+    d.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache")
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"fedserver: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:
+        get_logger("coordinator").error("crashed", error=repr(exc))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""`fedserver demo`: a whole federation on 127.0.0.1 — one coordinator and N school daemons as
+separate processes — on the packaged SmolLM2 and real questions; writes report.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from common.data import prepare_federation_data
+from common.models import default_cache_dir, resolve
+from fedserver.auth import hash_token, new_token
+from fedserver.report import build_report, format_table
+from fedserver.store import Store
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    schools: int = 3
+    rounds: int = 3
+    out: Path = Path("demo-out")
+    model: str = "packaged:smollm2-135m-instruct"
+    local_steps: int = 16
+    learning_rate: float = 3e-4
+    eval_size: int = 200
+    train_per_school: int | None = None
+    seed: int = 0
+    cache_dir: Path | None = None
+    strategy: str = "fedavg"
+    timeout_s: float = 3600.0
+
+
+def _toml_str(p: Path | str) -> str:
+    return json.dumps(str(p))  # a JSON string is a valid TOML basic string
+
+
+def write_configs(opts: DemoOptions, out: Path, cache: Path) -> tuple[Path, list[Path]]:
+    cfg_dir = out / "config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    entries, school_cfgs = [], []
+    for k in range(1, opts.schools + 1):
+        sid = f"school-{k}"
+        tok = new_token()
+        token_file = cfg_dir / f"{sid}.token"
+        token_file.write_text(tok + "\n")
+        token_file.chmod(0o600)
+        entries.append(f'[[schools]]\nid = "{sid}"\ntoken_sha256 = "{hash_token(tok)}"\n')
+        school_cfgs.append((sid, token_file))
+    coord = cfg_dir / "coordinator.toml"
+    coord.write_text(f"""# written by `fedserver demo`
+[server]
+listen = "127.0.0.1:0"
+state_dir = {_toml_str(out / "coordinator")}
+heartbeat_interval_s = 2.0
+session_timeout_s = 30.0
+
+[model]
+base = {_toml_str(opts.model)}
+cache_dir = {_toml_str(cache)}
+
+[lora]
+rank = 16
+alpha = 32.0
+
+[rounds]
+total = {opts.rounds}
+min_schools = {opts.schools}
+quorum = {max(1, opts.schools - 1)}
+deadline_s = 1200.0
+start_timeout_s = 600.0
+
+[train]
+local_steps = {opts.local_steps}
+batch_size = 8
+learning_rate = {opts.learning_rate}
+
+[strategy]
+name = "{opts.strategy}"
+
+[evaluation]
+eval_file = {_toml_str(out / "data" / "eval" / "eval.jsonl")}
+max_examples = {opts.eval_size}
+school_max_examples = 16
+threads = 1
+
+""" + "\n".join(entries))
+    paths = []
+    for sid, token_file in school_cfgs:
+        p = cfg_dir / f"{sid}.toml"
+        p.write_text(f"""# written by `fedserver demo`
+[school]
+coordinator = "COORDINATOR"
+token_file = {_toml_str(token_file)}
+state_dir = {_toml_str(out / "schools" / sid)}
+data_dir = {_toml_str(out / "data" / "schools" / sid / "train.jsonl")}
+heldout_file = {_toml_str(out / "data" / "schools" / sid / "heldout.jsonl")}
+torch_threads = 1
+max_backoff_s = 5.0
+
+[model]
+base = {_toml_str(opts.model)}
+cache_dir = {_toml_str(cache)}
+""")
+        paths.append(p)
+    return coord, paths
+
+
+def run_demo(opts: DemoOptions) -> int:
+    console = Console(stderr=True)
+    out = opts.out.resolve()
+    if (out / "coordinator").exists():
+        console.print(f"[red]{out} holds an earlier run; choose another --out or delete it[/red]")
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    cache = (opts.cache_dir or default_cache_dir()).resolve()
+    t0 = time.monotonic()
+
+    console.print(f"[bold]1/4[/bold] preparing data for {opts.schools} schools (non-IID by exam board / source)")
+    manifest = prepare_federation_data(out / "data", opts.schools, opts.eval_size, opts.seed,
+                                       max_per_school=opts.train_per_school)
+    console.print(f"      eval set: {opts.eval_size} held-out questions; schools: "
+                  + ", ".join(f"{s['name']}={s['train']} questions" for s in manifest["schools"]))
+
+    console.print(f"[bold]2/4[/bold] resolving model {opts.model} (the first run converts the GGUF, ~1 min)")
+    resolve(opts.model, cache)
+
+    coord_cfg, school_cfgs = write_configs(opts, out, cache)
+    console.print(f"[bold]3/4[/bold] starting the coordinator and {opts.schools} school daemons on 127.0.0.1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    port_file = out / "coordinator.addr"
+    try:
+        log = open(out / "logs" / "coordinator.log", "wb")
+        coord = subprocess.Popen([sys.executable, "-m", "fedserver.cli", "serve", "--config", str(coord_cfg),
+                                  "--checkpoint-dir", str(out / "rounds"), "--port-file", str(port_file)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        procs.append(("coordinator", coord))
+        while not port_file.exists():
+            if coord.poll() is not None:
+                raise RuntimeError(f"coordinator exited early; see {out / 'logs' / 'coordinator.log'}")
+            time.sleep(0.2)
+        address = port_file.read_text().strip()
+        for p in school_cfgs:
+            p.write_text(p.read_text().replace("COORDINATOR", address))
+            slog = open(out / "logs" / f"{p.stem}.log", "wb")
+            procs.append((p.stem, subprocess.Popen([sys.executable, "-m", "fedclient.cli", "run", "--config", str(p)],
+                                                   stdout=slog, stderr=subprocess.STDOUT, env=env)))
+        console.print(f"[bold]4/4[/bold] running {opts.rounds} rounds (logs in {out / 'logs'})")
+        _watch(console, out, coord, opts, t0)
+        report = build_report(Store(out / "coordinator" / "state.sqlite", readonly=True), opts.model, "held-out ARC/SciQ/OpenBookQA")
+        report["seconds_total"] = round(time.monotonic() - t0, 1)
+        report["manifest"] = {"schools": opts.schools, "seed": opts.seed}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        print(format_table(report), flush=True)
+        committed = [r for r in report["rounds"] if r["status"] == "committed"]
+        last = committed[-1]["eval_accuracy"] if committed else None
+        base = report["base_eval_accuracy"]
+        if last is not None and base is not None:
+            verdict = "beats" if last > base else "does NOT beat"
+            console.print(f"tuned adapter (round {committed[-1]['round']}) {verdict} the base model: {last:.3f} vs {base:.3f}")
+        console.print(f"report: {out / 'report.json'}   adapters: {out / 'rounds'}/<round>/adapter   total {report['seconds_total']:.0f} s")
+        return 0 if coord.returncode == 0 and len(committed) == opts.rounds else 1
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _, p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: DemoOptions, t0: float) -> None:
+    db = out / "coordinator" / "state.sqlite"
+    seen: set[str] = set()
+    with console.status("waiting for schools to join…") as status:
+        while coord.poll() is None:
+            if time.monotonic() - t0 > opts.timeout_s:
+                raise TimeoutError(f"demo did not finish within {opts.timeout_s:.0f} s")
+            time.sleep(1.0)
+            if not db.exists():
+                continue
+            store = Store(db, readonly=True)
+            try:
+                rounds = store.rounds()
+                evals = store.evals()
+            finally:
+                store.close()
+            for e in evals:
+                key = f"eval-{e['round']}-{e['source']}"
+                if e["source"] == "server" and key not in seen:
+                    seen.add(key)
+                    what = "base model" if e["round"] == 0 else f"round {e['round']} adapter"
+                    console.print(f"  [{time.monotonic() - t0:5.0f}s] held-out eval of {what}: accuracy {e['metrics']['accuracy']:.3f}, loss {e['metrics']['loss']:.3f}")
+            for r in rounds:
+                key = f"round-{r.round}-{r.status}"
+                if key not in seen and r.status != "open":
+                    seen.add(key)
+                    console.print(f"  [{time.monotonic() - t0:5.0f}s] round {r.round} {r.status}: "
+                                  f"{int(r.metrics.get('updates', 0))}/{len(r.participants)} updates, "
+                                  f"train loss {r.metrics.get('train_loss', float('nan')):.3f}, {r.metrics.get('seconds', 0):.0f} s")
+            current = [r for r in rounds if r.status == "open"]
+            status.update(f"round {current[0].round} open: training at {len(current[0].participants)} schools…" if current
+                          else "between rounds / evaluating…")
+    if coord.returncode != 0:
+        raise RuntimeError(f"coordinator exited with {coord.returncode}; see {out / 'logs' / 'coordinator.log'}")

@@ -1,0 +1,223 @@
+"""The Federation gRPC service. Thin: unpack, call the engine/store, map errors in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common import PROTOCOL_VERSION, __version__
+from common.errors import (
+    DuplicateUploadError, FederationError, ProtocolError, TooLargeError,
+)
+from common.logs import get_logger
+from common.messages import Capabilities, EvalReport, Failure, Heartbeat, Progress, SessionSettings, UploadHeader
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
+from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
+from common.wire import MAX_CHUNK_BYTES
+from fedserver.artifacts import ArtifactStore
+from fedserver.auth import Authenticator
+from fedserver.engine import RoundEngine
+from fedserver.store import Store
+
+log = get_logger("servicer")
+
+
+def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map the domain exception tree to a gRPC status, for unary and streaming handlers."""
+
+    async def _abort(context: grpc.aio.ServicerContext, exc: FederationError, name: str) -> None:
+        log.info("rpc refused", rpc=name, status=exc.status, error=str(exc))
+        await context.abort(grpc.StatusCode[exc.status], str(exc))
+
+    if getattr(fn, "_streaming", False):
+        @functools.wraps(fn)
+        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except FederationError as exc:
+                await _abort(context, exc, fn.__name__)
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except FederationError as exc:
+            await _abort(context, exc, fn.__name__)
+    return wrapper
+
+
+def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn._streaming = True  # type: ignore[attr-defined]
+    return fn
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
+                 uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float) -> None:
+        self.engine = engine
+        self.store = store
+        self.artifacts = artifacts
+        self.auth = auth
+        self.uploads_dir = uploads_dir
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = max_upload_bytes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.session_timeout_s = session_timeout_s
+        self._caps: dict[str, Capabilities] = {}
+
+    def _school(self, context: grpc.aio.ServicerContext) -> str:
+        return self.auth.school_for(context.invocation_metadata() or ())
+
+    @_abort_on_error
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        school = self.auth.identify(context.invocation_metadata() or ())
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION}); upgrade the school daemon")
+        caps = capabilities_from_pb(request.capabilities)
+        self._caps[school] = caps
+        info = self.auth.open_session(school)
+        await asyncio.to_thread(self.store.record_join, school, caps.__dict__)
+        log.info("school joined", school=school, model=caps.model, examples=caps.num_examples)
+        return settings_to_pb(SessionSettings(school, info.token, self.heartbeat_interval_s, MAX_CHUNK_BYTES,
+                                              __version__, self.engine.settings.to_json()))
+
+    @_abort_on_error
+    @_streaming
+    async def Session(self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ServerCommand]:
+        school = self._school(context)
+        sess = self.engine.attach(school, self._caps.get(school, Capabilities()))
+
+        async def read_events() -> None:
+            async for msg in request_iterator:
+                sess.last_seen = time.monotonic()
+                ev = event_from_pb(msg)
+                if isinstance(ev, Failure):
+                    await self.engine.report_failure(school, ev)
+                elif isinstance(ev, EvalReport):
+                    await self.engine.report_eval(school, ev)
+                elif isinstance(ev, Progress):
+                    sess.progress = f"{ev.phase} {ev.fraction:.0%}"
+                elif isinstance(ev, Heartbeat):
+                    pass
+
+        reader = asyncio.create_task(read_events())
+        try:
+            while True:
+                getter = asyncio.create_task(sess.queue.get())
+                done, _ = await asyncio.wait({getter, reader}, timeout=self.heartbeat_interval_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    cmd = getter.result()
+                    yield command_to_pb(cmd)
+                    if cmd.kind == "shutdown":
+                        break
+                    continue
+                getter.cancel()
+                if reader in done:
+                    break  # the school closed its side
+                if time.monotonic() - sess.last_seen > self.session_timeout_s:
+                    log.warning("session timed out", school=school, silent_s=round(time.monotonic() - sess.last_seen, 1))
+                    break
+        finally:
+            reader.cancel()
+            self.engine.detach(sess)
+
+    @_abort_on_error
+    @_streaming
+    async def Download(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        self._school(context)
+        size = self.artifacts.size(request.sha256)
+        if request.offset > size:
+            raise ProtocolError(f"offset {request.offset} is past the end of the artefact ({size} bytes)")
+        path = self.artifacts.path(request.sha256)
+        offset = request.offset
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while offset < size:
+                data = await asyncio.to_thread(fh.read, MAX_CHUNK_BYTES)
+                yield pb.Chunk(offset=offset, data=data, total_size=size)
+                offset += len(data)
+                self.engine.count_bytes(down=len(data))
+
+    async def _preflight(self, school: str, h: UploadHeader) -> None:
+        """Checks that need no payload: size, form, round, participant, replay."""
+        if h.total_size > self.max_upload_bytes:
+            raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
+        if h.total_size == 0 or len(h.sha256) != 64:
+            raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
+        self._part(h.upload_id)
+        if await asyncio.to_thread(self.store.receipt_for_upload, h.upload_id):
+            raise DuplicateUploadError(f"upload {h.upload_id} was already accepted; replays are refused")
+        self.engine.check_upload_allowed(school, h)
+
+    @_abort_on_error
+    async def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext) -> pb.UploadStatusResponse:
+        school = self._school(context)
+        if await asyncio.to_thread(self.store.receipt_for_upload, request.upload_id):
+            return pb.UploadStatusResponse(received_bytes=0, complete=True)
+        if request.HasField("header"):
+            await self._preflight(school, header_from_pb(request.header))
+        row = self.store.get_upload(request.upload_id)
+        if row is None or row.school_id != school:
+            return pb.UploadStatusResponse(received_bytes=0, complete=False)
+        part = self._part(request.upload_id)
+        return pb.UploadStatusResponse(received_bytes=part.stat().st_size if part.exists() else 0, complete=False)
+
+    def _part(self, upload_id: str) -> Path:
+        if not upload_id or len(upload_id) > 128 or not all(c.isalnum() or c in "-_" for c in upload_id):
+            raise ProtocolError("upload_id must be 1-128 characters of letters, digits, '-' or '_'")
+        return self.uploads_dir / f"{upload_id}.part"
+
+    @_abort_on_error
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadMessage], context: grpc.aio.ServicerContext) -> pb.UploadReceipt:
+        school = self._school(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise ProtocolError("an upload must start with an UploadHeader")
+        h = header_from_pb(first.header)
+        await self._preflight(school, h)
+        part = self._part(h.upload_id)
+        row = await asyncio.to_thread(self.store.begin_upload, h.upload_id, school, h.round, h.sha256, h.total_size,
+                                      {"round": h.round, "num_examples": h.num_examples})
+        if (row.school_id, row.round, row.sha256, row.total_size) != (school, h.round, h.sha256, h.total_size):
+            raise ProtocolError(f"upload id {h.upload_id} is already used for a different payload; choose a new upload_id")
+        have = part.stat().st_size if part.exists() else 0
+        if h.offset != have:
+            raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
+        received = have
+        with open(part, "ab") as fh:
+            async for msg in request_iterator:
+                if msg.WhichOneof("message") != "chunk":
+                    raise ProtocolError("only chunks may follow the header")
+                c = msg.chunk
+                if len(c.data) > MAX_CHUNK_BYTES:
+                    raise TooLargeError(f"chunk of {len(c.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
+                if c.offset != received:
+                    raise ProtocolError(f"chunk at offset {c.offset}, expected {received}")
+                if received + len(c.data) > h.total_size:
+                    raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
+                await asyncio.to_thread(fh.write, c.data)
+                received += len(c.data)
+                self.engine.count_bytes(up=len(c.data))
+            await asyncio.to_thread(fh.flush)
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        if received != h.total_size:
+            raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
+        try:
+            rc = await self.engine.accept_upload(school, h, part)
+        except FederationError:
+            part.unlink(missing_ok=True)   # a rejected payload is not kept; the school sends a new one
+            await asyncio.to_thread(self.store.forget_upload, h.upload_id)
+            raise
+        return pb.UploadReceipt(round=rc.round, upload_id=rc.upload_id, sha256=rc.sha256, received_bytes=received)
+

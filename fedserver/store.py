@@ -1,0 +1,240 @@
+"""Durable coordinator state in one SQLite file (WAL): schools, rounds, uploads, receipts, evals.
+
+Every method is one short transaction. Calls are synchronous; the async layers call the
+writes through asyncio.to_thread so an fsync never stalls the event loop."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import DuplicateUploadError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS schools (
+  id TEXT PRIMARY KEY, capabilities TEXT NOT NULL DEFAULT '{}',
+  first_seen REAL NOT NULL, last_seen REAL NOT NULL, joins INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('open','committed','failed')),
+  participants TEXT NOT NULL, global_in TEXT NOT NULL, global_out TEXT,
+  started_at REAL NOT NULL, deadline REAL NOT NULL, closed_at REAL,
+  bytes_up INTEGER NOT NULL DEFAULT 0, bytes_down INTEGER NOT NULL DEFAULT 0,
+  metrics TEXT NOT NULL DEFAULT '{}', failures TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS uploads (
+  upload_id TEXT PRIMARY KEY, school_id TEXT NOT NULL, round INTEGER NOT NULL,
+  sha256 TEXT NOT NULL, total_size INTEGER NOT NULL, received INTEGER NOT NULL DEFAULT 0,
+  header TEXT NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (
+  round INTEGER NOT NULL, school_id TEXT NOT NULL, upload_id TEXT NOT NULL UNIQUE,
+  sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
+  path TEXT NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (round, school_id));
+CREATE TABLE IF NOT EXISTS evals (
+  round INTEGER NOT NULL, source TEXT NOT NULL, num_examples INTEGER NOT NULL,
+  metrics TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round, source));
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    status: str
+    participants: list[str]
+    global_in: str
+    global_out: str | None
+    started_at: float
+    deadline: float
+    closed_at: float | None
+    bytes_up: int
+    bytes_down: int
+    metrics: dict[str, float]
+    failures: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    round: int
+    school_id: str
+    upload_id: str
+    sha256: str
+    num_examples: int
+    metrics: dict[str, float]
+    path: str
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    upload_id: str
+    school_id: str
+    round: int
+    sha256: str
+    total_size: int
+    received: int
+    header: dict[str, Any]
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            return cur.fetchall()
+
+    # ---- meta ----
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key,value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # ---- schools ----
+    def record_join(self, school_id: str, capabilities: Mapping[str, Any]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO schools(id,capabilities,first_seen,last_seen,joins) VALUES(?,?,?,?,1) "
+                "ON CONFLICT(id) DO UPDATE SET capabilities=excluded.capabilities, last_seen=excluded.last_seen, joins=joins+1",
+                (school_id, json.dumps(dict(capabilities)), now, now),
+            )
+
+    def schools(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id, capabilities, first_seen, last_seen, joins FROM schools ORDER BY id")
+        return [{"id": r[0], "capabilities": json.loads(r[1]), "first_seen": r[2], "last_seen": r[3], "joins": r[4]} for r in rows]
+
+    # ---- rounds ----
+    def _round(self, r: sqlite3.Row | tuple[Any, ...]) -> RoundRow:
+        return RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], json.loads(r[10]), json.loads(r[11]))
+
+    _ROUND_COLS = "round,status,participants,global_in,global_out,started_at,deadline,closed_at,bytes_up,bytes_down,metrics,failures"
+
+    def open_round(self, round_: int, participants: list[str], global_in: str, deadline: float) -> RoundRow:
+        with self._tx() as db:
+            db.execute(f"INSERT INTO rounds({self._ROUND_COLS}) VALUES(?,?,?,?,NULL,?,?,NULL,0,0,'{{}}','{{}}')",
+                       (round_, "open", json.dumps(participants), global_in, time.time(), deadline))
+        row = self.get_round(round_)
+        assert row is not None
+        return row
+
+    def close_round(self, round_: int, status: str, global_out: str | None,
+                    metrics: Mapping[str, float], failures: Mapping[str, str]) -> None:
+        with self._tx() as db:
+            cur = db.execute("UPDATE rounds SET status=?, global_out=?, closed_at=?, metrics=?, failures=? WHERE round=? AND status='open'",
+                             (status, global_out, time.time(), json.dumps(dict(metrics)), json.dumps(dict(failures)), round_))
+            if cur.rowcount != 1:
+                raise RuntimeError(f"round {round_} is not open; cannot close it twice")
+            if status == "committed":
+                db.execute("INSERT INTO meta(key,value) VALUES('global_sha256',?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (global_out,))
+
+    def get_round(self, round_: int) -> RoundRow | None:
+        rows = self._query(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round=?", (round_,))
+        return self._round(rows[0]) if rows else None
+
+    def open_round_row(self) -> RoundRow | None:
+        rows = self._query(f"SELECT {self._ROUND_COLS} FROM rounds WHERE status='open' ORDER BY round DESC LIMIT 1")
+        return self._round(rows[0]) if rows else None
+
+    def rounds(self) -> list[RoundRow]:
+        return [self._round(r) for r in self._query(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round")]
+
+    def last_round_number(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(round), 0) FROM rounds")
+        return int(rows[0][0])
+
+    def committed_rounds(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM rounds WHERE status='committed'")[0][0])
+
+    def add_bytes(self, round_: int, up: int = 0, down: int = 0) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET bytes_up=bytes_up+?, bytes_down=bytes_down+? WHERE round=?", (up, down, round_))
+
+    # ---- uploads in progress ----
+    def begin_upload(self, upload_id: str, school_id: str, round_: int, sha256: str, total: int, header: Mapping[str, Any]) -> UploadRow:
+        """Register (or find) an upload. The same id from another school or with another
+        payload is refused: ids are how resumes find their bytes."""
+        with self._tx() as db:
+            rows = db.execute("SELECT upload_id,school_id,round,sha256,total_size,received,header FROM uploads WHERE upload_id=?", (upload_id,)).fetchall()
+            if not rows:
+                db.execute("INSERT INTO uploads VALUES(?,?,?,?,?,0,?,?)",
+                           (upload_id, school_id, round_, sha256, total, json.dumps(dict(header)), time.time()))
+                return UploadRow(upload_id, school_id, round_, sha256, total, 0, dict(header))
+        r = rows[0]
+        return UploadRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
+
+    def get_upload(self, upload_id: str) -> UploadRow | None:
+        rows = self._query("SELECT upload_id,school_id,round,sha256,total_size,received,header FROM uploads WHERE upload_id=?", (upload_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return UploadRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
+
+    def set_upload_received(self, upload_id: str, received: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE uploads SET received=?, updated_at=? WHERE upload_id=?", (received, time.time(), upload_id))
+
+    def forget_upload(self, upload_id: str) -> None:
+        """Drop a rejected upload's record so its bytes are not resumed."""
+        with self._tx() as db:
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+
+    # ---- receipts ----
+    def add_receipt(self, rc: Receipt) -> None:
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO receipts VALUES(?,?,?,?,?,?,?,?)",
+                           (rc.round, rc.school_id, rc.upload_id, rc.sha256, rc.num_examples, json.dumps(dict(rc.metrics)), rc.path, time.time()))
+        except sqlite3.IntegrityError:
+            raise DuplicateUploadError(
+                f"school {rc.school_id!r} already has an accepted update for round {rc.round}; replays are refused"
+            ) from None
+
+    def receipts(self, round_: int) -> list[Receipt]:
+        rows = self._query("SELECT round,school_id,upload_id,sha256,num_examples,metrics,path FROM receipts WHERE round=? ORDER BY received_at", (round_,))
+        return [Receipt(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]) for r in rows]
+
+    def receipt_for_upload(self, upload_id: str) -> Receipt | None:
+        rows = self._query("SELECT round,school_id,upload_id,sha256,num_examples,metrics,path FROM receipts WHERE upload_id=?", (upload_id,))
+        return Receipt(rows[0][0], rows[0][1], rows[0][2], rows[0][3], rows[0][4], json.loads(rows[0][5]), rows[0][6]) if rows else None
+
+    # ---- evaluations ----
+    def add_eval(self, round_: int, source: str, num_examples: int, metrics: Mapping[str, float]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO evals VALUES(?,?,?,?,?) ON CONFLICT(round,source) DO UPDATE SET num_examples=excluded.num_examples, metrics=excluded.metrics, at=excluded.at",
+                       (round_, source, num_examples, json.dumps(dict(metrics)), time.time()))
+
+    def evals(self, round_: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT round,source,num_examples,metrics FROM evals"
+        rows = self._query(sql + (" WHERE round=? ORDER BY source" if round_ is not None else " ORDER BY round, source"),
+                           (round_,) if round_ is not None else ())
+        return [{"round": r[0], "source": r[1], "num_examples": r[2], "metrics": json.loads(r[3])} for r in rows]

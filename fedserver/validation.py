@@ -1,0 +1,43 @@
+"""Checks on an uploaded update before it may touch the aggregate. Pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from common.errors import ChecksumError, ValidationError
+from common.lora import TensorSpec
+from common.wire import bytes_to_tensors, sha256_hex
+
+
+def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, TensorSpec],
+                    max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """Parse and check an update; returns its tensors. Raises with a message that says what
+    was wrong and what the school should do, so a bad upload changes nothing."""
+    actual = sha256_hex(payload)
+    if actual != announced_sha256:
+        raise ChecksumError(f"payload sha256 {actual[:12]}… does not match the announced {announced_sha256[:12]}…; re-send the upload")
+    tensors = bytes_to_tensors(payload)
+    missing = sorted(set(layout) - set(tensors))
+    unexpected = sorted(set(tensors) - set(layout))
+    if missing or unexpected:
+        raise ValidationError(
+            f"update tensor names differ from the federation's adapter: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "check the school's model and LoRA settings match the coordinator's"
+        )
+    sq = 0.0
+    for name, spec in layout.items():
+        t = tensors[name]
+        if tuple(t.shape) != spec.shape:
+            raise ValidationError(f"{name}: shape {tuple(t.shape)}, expected {spec.shape}")
+        if t.dtype != spec.dtype:
+            raise ValidationError(f"{name}: dtype {t.dtype}, expected {spec.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValidationError(f"{name}: contains NaN or Inf; the school's training diverged (lower its learning rate)")
+        sq += float((t.double() ** 2).sum())
+    norm = sq**0.5
+    if max_norm > 0 and norm > max_norm:
+        raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+    return tensors

@@ -1,0 +1,143 @@
+"""Shared fixtures: a tiny model with the real SmolLM2 tokenizer, small real data, and
+factories for real coordinators (port 0 on 127.0.0.1) and school daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.data import prepare_federation_data
+from common.models import build_tiny_model
+from fedserver.auth import hash_token
+from fedserver.config import (
+    CoordinatorConfig, EvaluationSection, LoraSection, ModelSection, RoundsSection, SchoolEntry,
+    ServerSection, TrainSection,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = REPO / ".cache" / "models"   # the real SmolLM2 conversion, shared with the demo
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two layers, hidden 64, random weights, the real SmolLM2 tokenizer (49,152 tokens)."""
+    return "dir:" + str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def fed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare_federation_data(out, num_schools=3, eval_size=12, seed=0, max_per_school=24)
+    return out
+
+
+TOKENS = {f"school-{k}": f"token-for-school-{k}-0123456789" for k in range(1, 6)}
+
+
+def coordinator_config(tmp: Path, model: str, *, schools: int = 3, eval_file: Path | None = None, **sections: Any) -> CoordinatorConfig:
+    """A small, fast configuration; override sections with e.g. rounds=dict(total=1)."""
+    base = CoordinatorConfig(
+        server=ServerSection(listen="127.0.0.1:0", state_dir=tmp / "coordinator", heartbeat_interval_s=0.5,
+                             session_timeout_s=10.0, max_upload_bytes=64 * 1024 * 1024),
+        model=ModelSection(base=model),
+        lora=LoraSection(rank=4, alpha=8.0),
+        rounds=RoundsSection(total=2, min_schools=schools, quorum=max(1, schools - 1), deadline_s=120.0),
+        train=TrainSection(local_steps=2, batch_size=2, learning_rate=1e-3, max_seq_len=96),
+        evaluation=EvaluationSection(eval_file=eval_file, max_examples=8, school_max_examples=4, threads=1),
+        schools=tuple(SchoolEntry(sid, hash_token(tok)) for sid, tok in list(TOKENS.items())[:schools]),
+    )
+    changes = {name: dataclasses.replace(getattr(base, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(base, **changes)
+
+
+class RunningCoordinator:
+    def __init__(self, coord: Any, cfg: CoordinatorConfig) -> None:
+        self.coord = coord
+        self.cfg = cfg
+        self.address = f"127.0.0.1:{coord.port}"
+        self.engine = coord.engine
+        self.store = coord.store
+        self.run_task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        if self.run_task is not None and not self.run_task.done():
+            self.run_task.cancel()
+            await asyncio.gather(self.run_task, return_exceptions=True)
+        await self.coord.stop(grace=0.5)
+
+
+@pytest.fixture
+async def start_coordinator() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start a real coordinator; `run_rounds=False` leaves the round loop to the test."""
+    from fedserver.app import create_server
+
+    running: list[RunningCoordinator] = []
+
+    async def factory(cfg: CoordinatorConfig, run_rounds: bool = True) -> RunningCoordinator:
+        coord = await create_server(cfg)
+        await coord.engine.start()
+        await coord.server.start()
+        rc = RunningCoordinator(coord, cfg)
+        if run_rounds:
+            rc.run_task = asyncio.create_task(coord.engine.run())
+        running.append(rc)
+        return rc
+
+    yield factory
+    for rc in running:
+        await rc.stop()
+
+
+def school_config(tmp: Path, address: str, school: str, fed_data: Path, model: str) -> Any:
+    from fedclient.config import ClientModelSection, SchoolConfig, SchoolSection
+
+    token_file = tmp / f"{school}.token"
+    token_file.write_text(TOKENS[school] + "\n")
+    d = fed_data / "schools" / school
+    return SchoolConfig(
+        school=SchoolSection(coordinator=address, token_file=token_file, state_dir=tmp / school,
+                             data_dir=d / "train.jsonl", heldout_file=d / "heldout.jsonl", torch_threads=1,
+                             max_backoff_s=0.5),
+        model=ClientModelSection(base=model),
+    )
+
+
+@pytest.fixture
+async def start_school() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: run a real school daemon in this event loop; returns (daemon, stop_event, task)."""
+    from fedclient.daemon import SchoolDaemon
+    from fedclient.worker import SchoolModel
+
+    running: list[tuple[asyncio.Event, asyncio.Task[int]]] = []
+
+    async def factory(cfg: Any) -> tuple[Any, asyncio.Event, asyncio.Task[int]]:
+        s = cfg.school
+        model = await asyncio.to_thread(SchoolModel, cfg.model.base, None, s.data_dir, s.heldout_file, s.torch_threads)
+        daemon = SchoolDaemon(cfg, s.token_file.read_text().strip(), model)
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop))
+        running.append((stop, task))
+        return daemon, stop, task
+
+    yield factory
+    for stop, task in running:
+        stop.set()
+    for _, task in running:
+        try:
+            await asyncio.wait_for(task, timeout=15)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,289 @@
+"""The files under deploy/ are what operators copy to production: every example config must load
+and validate, and the systemd units must agree with what the CLIs actually do (subcommands,
+exit codes, state and config directories)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import string
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import structlog
+
+from common.config import load_toml
+from common.errors import ConfigError
+from fedclient.config import SchoolConfig
+from fedserver.config import CoordinatorConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+UNITS = DEPLOY / "systemd"
+TOML_FILES = sorted(DEPLOY.rglob("*.toml"))
+VENV_BIN = Path("/opt/school-federation/.venv/bin")
+EXIT_CONFIG = 78
+
+# unit name -> (config dataclass, subcommand in ExecStart, config file name)
+DAEMONS = {
+    "fedserver": (CoordinatorConfig, "serve", "coordinator.toml"),
+    "fedclient": (SchoolConfig, "run", "school.toml"),
+}
+
+
+# ---------------------------------------------------------------- helpers
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A tiny systemd unit parser: section -> key -> every value in order (systemd allows a key
+    to repeat, e.g. Environment=, and an empty assignment resets a list; configparser can't
+    represent either)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):       # continuation line
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"{path}: {line!r} outside a section"
+        assert "=" in line, f"{path}: not a key=value line: {line!r}"
+        key, value = (s.strip() for s in line.split("=", 1))
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def service(name: str) -> dict[str, list[str]]:
+    return parse_unit(UNITS / f"{name}.service")["Service"]
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key)
+    assert values, f"{key}= is missing"
+    return values[-1]   # the last assignment wins in systemd
+
+
+def kind_of(path: Path) -> type:
+    """Coordinator or school config: by top-level tables, falling back to the file name."""
+    data = tomllib.loads(path.read_text())
+    if "school" in data and not {"server", "schools", "rounds"} & data.keys():
+        return SchoolConfig
+    if {"server", "schools", "rounds"} & data.keys() and "school" not in data:
+        return CoordinatorConfig
+    name = path.name.lower()
+    if "coordinator" in name or "server" in name:
+        return CoordinatorConfig
+    if "school" in name or "client" in name:
+        return SchoolConfig
+    raise AssertionError(f"{path}: cannot tell whether this is a coordinator or a school config")
+
+
+def example(cls: type) -> Path:
+    matches = [p for p in TOML_FILES if kind_of(p) is cls]
+    assert matches, f"no {cls.__name__} example under deploy/"
+    return matches[0]
+
+
+@pytest.fixture
+def restore_logging():  # type: ignore[no-untyped-def]
+    """The CLIs configure structlog and the root logger; undo it so other tests are unaffected."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+# ---------------------------------------------------------------- example configs
+def test_deploy_ships_both_kinds_of_config() -> None:
+    kinds = {kind_of(p) for p in TOML_FILES}
+    assert kinds == {CoordinatorConfig, SchoolConfig}, TOML_FILES
+
+
+@pytest.mark.parametrize("path", TOML_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_shipped_toml_validates(path: Path) -> None:
+    cls = kind_of(path)
+    cfg = load_toml(cls, path)   # raises ConfigError listing every problem
+    assert isinstance(cfg, cls)
+    if isinstance(cfg, CoordinatorConfig):
+        assert cfg.schools, "an example coordinator config should show [[schools]] entries"
+        for s in cfg.schools:
+            # The config only checks the length; placeholders must still be real hex.
+            assert len(s.token_sha256) == 64 and set(s.token_sha256) <= set(string.hexdigits), s
+
+
+@pytest.mark.parametrize("name", sorted(DAEMONS))
+def test_example_paths_fit_the_unit_sandbox(name: str) -> None:
+    """ProtectSystem=strict + ProtectHome=yes: only /var/lib/<StateDirectory> is writable, so the
+    state dir and the model cache must live there (the default ~/.cache would fail)."""
+    cls = DAEMONS[name][0]
+    cfg = load_toml(cls, example(cls))
+    state = Path("/var/lib") / one(service(name), "StateDirectory")
+    section = cfg.server if isinstance(cfg, CoordinatorConfig) else cfg.school
+    assert section.state_dir == state
+    assert cfg.model.cache_dir is not None and cfg.model.cache_dir.is_relative_to(state)
+    if isinstance(cfg, SchoolConfig):
+        assert cfg.school.token_file.is_relative_to(Path("/etc") / one(service(name), "ConfigurationDirectory"))
+        assert cfg.model.base == load_toml(CoordinatorConfig, example(CoordinatorConfig)).model.base
+
+
+def test_config_errors_are_all_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "coordinator.toml"
+    bad.write_text(
+        '[server]\nlisten = "0.0.0.0:50051"\nlisten_port = 50051\n'   # unknown key
+        '[rounds]\ntotal = "three"\n'                                 # bad value
+        '[[schools]]\nid = "a"\ntoken_sha256 = "' + "0" * 64 + '"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_toml(CoordinatorConfig, bad)
+    msg = str(err.value)
+    assert "2 problem(s)" in msg, msg
+    assert "server.listen_port: unknown key" in msg, msg
+    assert "rounds.total: expected an integer" in msg, msg
+
+    bad_school = tmp_path / "school.toml"
+    bad_school.write_text('[school]\ncoordinator = "no-port-here"\ncolour = "red"\n')
+    with pytest.raises(ConfigError) as err:
+        load_toml(SchoolConfig, bad_school)
+    msg = str(err.value)
+    assert "2 problem(s)" in msg and "school.colour: unknown key" in msg and "school.coordinator" in msg, msg
+
+
+# ---------------------------------------------------------------- systemd units
+def test_units_are_the_daemons() -> None:
+    assert sorted(p.stem for p in UNITS.glob("*.service")) == sorted(DAEMONS)
+
+
+@pytest.mark.parametrize("name", sorted(DAEMONS))
+def test_unit_lifecycle_and_hardening(name: str) -> None:
+    unit = parse_unit(UNITS / f"{name}.service")
+    svc = unit["Service"]
+    expected = {
+        "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "60",
+        "Restart": "on-failure", "RestartSec": "5", "TimeoutStopSec": "60", "KillSignal": "SIGTERM",
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes",
+        "ProtectHostname": "yes", "RestrictNamespaces": "yes", "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "MemoryDenyWriteExecute": "no",
+        "SystemCallArchitectures": "native", "CapabilityBoundingSet": "", "UMask": "0077",
+        "StateDirectory": name, "ConfigurationDirectory": name,
+    }
+    got = {k: one(svc, k) for k in expected}
+    assert got == expected
+    assert EXIT_CONFIG in {int(v) for val in svc["RestartPreventExitStatus"] for v in val.split()}
+    assert set(one(svc, "RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    env = [kv for val in svc.get("Environment", []) for kv in shlex.split(val)]
+    assert "PYTHONUNBUFFERED=1" in env
+    if "DynamicUser" in svc:
+        assert one(svc, "DynamicUser") == "yes"
+    else:
+        assert one(svc, "User") == name and one(svc, "Group") == name
+    assert "multi-user.target" in one(unit["Install"], "WantedBy")
+    if name == "fedserver":
+        assert one(svc, "LimitNOFILE") == "65536"
+    else:
+        assert "network-online.target" in one(unit["Unit"], "After")
+        assert "network-online.target" in one(unit["Unit"], "Wants")
+
+
+def test_restart_prevent_status_matches_the_clis() -> None:
+    import fedclient.daemon
+    import fedserver.cli
+
+    assert fedserver.cli.EXIT_CONFIG == fedclient.daemon.EXIT_CONFIG == EXIT_CONFIG
+
+
+def _exec_start(name: str) -> list[str]:
+    argv = shlex.split(one(service(name), "ExecStart"))
+    assert argv[0] == str(VENV_BIN / name), argv
+    config_dir = Path("/etc") / one(service(name), "ConfigurationDirectory")
+    _, sub, file_name = DAEMONS[name]
+    assert argv[1:] == [sub, "--config", str(config_dir / file_name)], argv
+    return argv
+
+
+def test_exec_start_names_installed_console_scripts() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in DAEMONS:
+        assert Path(_exec_start(name)[0]).name in scripts
+
+
+def test_fedserver_exec_start_parses() -> None:
+    from fedserver.cli import build_parser
+
+    args = build_parser().parse_args(_exec_start("fedserver")[1:])
+    assert args.command == "serve" and args.config == Path("/etc/fedserver/coordinator.toml")
+
+
+@pytest.mark.parametrize("name", sorted(DAEMONS))
+def test_missing_config_exits_78_not_restarted(name: str, tmp_path: Path, restore_logging: None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """ExecStart's subcommand exists, and a config problem exits with RestartPreventExitStatus."""
+    import fedclient.cli
+    import fedserver.cli
+
+    main = {"fedserver": fedserver.cli.main, "fedclient": fedclient.cli.main}[name]
+    argv = _exec_start(name)[1:]
+    argv[-1] = str(tmp_path / "missing.toml")
+    assert main(argv) == EXIT_CONFIG
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_fedclient_check_config_accepts_the_example(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import fedclient.cli
+
+    assert fedclient.cli.main(["check-config", "--config", str(example(SchoolConfig))]) == 0
+    assert "coordinator.example.org:50051" in capsys.readouterr().out
+
+
+def test_sysusers_creates_the_unit_users() -> None:
+    users = set()
+    for conf in (DEPLOY / "sysusers.d").glob("*.conf"):
+        for line in conf.read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] == "u":
+                users.add(fields[1])
+    for name in DAEMONS:
+        svc = service(name)
+        if "DynamicUser" not in svc:
+            assert one(svc, "User") in users
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The venv is not installed here, so point ExecStart at an existing binary first."""
+    true = shutil.which("true")
+    assert true
+    for name in DAEMONS:
+        text = (UNITS / f"{name}.service").read_text().replace(str(VENV_BIN / name), true)
+        (tmp_path / f"{name}.service").write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.glob("*.service")))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Unknown key" not in proc.stderr and "Unknown lvalue" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- CLI <-> strategy registry
+def test_demo_strategy_choices_are_the_registry() -> None:
+    from fedserver.cli import build_parser
+    from fedserver.strategy import STRATEGIES
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    demo = subparsers.choices["demo"]
+    strategy = next(a for a in demo._actions if a.dest == "strategy")
+    assert list(strategy.choices) == sorted(STRATEGIES)
+    assert strategy.default in STRATEGIES

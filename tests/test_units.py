@@ -1,0 +1,210 @@
+"""Unit tests without gRPC: serde round trips, wire helpers, validation, FedAvg math, store."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from common.errors import ChecksumError, DuplicateUploadError, ValidationError
+from common.lora import TensorSpec
+from common.messages import (
+    ArtifactRef, Capabilities, Command, EvalReport, Failure, Heartbeat, Progress, SessionSettings, UploadHeader,
+)
+from common.serde import (
+    capabilities_from_pb, capabilities_to_pb, command_from_pb, command_to_pb, event_from_pb, event_to_pb,
+    header_from_pb, header_to_pb, settings_from_pb, settings_to_pb,
+)
+from common.training import TrainParams
+from common.wire import MAX_CHUNK_BYTES, bytes_to_tensors, iter_chunks, sha256_hex, tensors_to_bytes
+from fedserver.store import Receipt, Store
+from fedserver.strategy import ClientUpdate, FedAvg, STRATEGIES, create, register
+from fedserver.validation import validate_update
+
+# ---------------------------------------------------------------- serde
+
+
+@pytest.mark.parametrize("cmd", [
+    Command("train", 3, 1234.5, ArtifactRef("a" * 64, 99), TrainParams(5, 4, 1e-4, 128, 7, 0.01)),
+    Command("evaluate", 2, 0.0, ArtifactRef("b" * 64, 10), max_examples=16),
+    Command("idle", 4, reason="not selected"),
+    Command("shutdown", 0, reason="done"),
+])
+def test_command_round_trip(cmd):
+    assert command_from_pb(command_to_pb(cmd)) == cmd
+
+
+@pytest.mark.parametrize("ev", [
+    Heartbeat(12.5), Progress(1, "train", 0.5, "loss=1.2"), Failure(2, "upload", "boom"),
+    EvalReport(3, 16, {"accuracy": 0.5, "loss": 1.5}),
+])
+def test_event_round_trip(ev):
+    assert event_from_pb(event_to_pb(ev)) == ev
+
+
+def test_header_settings_capabilities_round_trip():
+    h = UploadHeader(1, "u1", 10, "c" * 64, 100, 5, "d" * 64, {"loss": 0.5})
+    assert header_from_pb(header_to_pb(h)) == h
+    s = SessionSettings("school-1", "tok", 2.0, MAX_CHUNK_BYTES, "0.1.0", '{"rank": 4}')
+    assert settings_from_pb(settings_to_pb(s)) == s
+    c = Capabilities("packaged:x", 4, 100, "cpu x2", "0.1.0")
+    assert capabilities_from_pb(capabilities_to_pb(c)) == c
+
+
+def test_malformed_messages_are_protocol_errors():
+    from common.errors import ProtocolError
+    from common.pb import federation_pb2 as pb
+
+    with pytest.raises(ProtocolError):
+        command_from_pb(pb.ServerCommand(round=1))
+    with pytest.raises(ProtocolError):
+        event_from_pb(pb.ClientEvent())
+    with pytest.raises(ValueError):
+        command_to_pb(Command("train", 1))
+
+
+# ---------------------------------------------------------------- wire
+
+
+def test_chunks_cover_payload_from_any_offset():
+    data = bytes(random.Random(0).randbytes(10_000))
+    for offset in (0, 1, 4096, 9_999, 10_000):
+        pieces = list(iter_chunks(data, offset, 4096))
+        assert b"".join(p for _, p in pieces) == data[offset:]
+        assert all(len(p) <= 4096 for _, p in pieces)
+        assert [o for o, _ in pieces] == list(range(offset, len(data), 4096))
+    with pytest.raises(ValueError):
+        list(iter_chunks(data, 0, MAX_CHUNK_BYTES + 1))
+    with pytest.raises(ValueError):
+        list(iter_chunks(data, 10_001))
+
+
+def test_tensor_codec_round_trip_and_rejects_garbage():
+    t = {"a": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.float16)}
+    back = bytes_to_tensors(tensors_to_bytes(t))
+    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) for k in t)
+    with pytest.raises(ValidationError):
+        bytes_to_tensors(b"\x00" * 64)
+
+
+# ---------------------------------------------------------------- validation
+
+LAYOUT = {"x.lora_A.weight": TensorSpec((2, 8)), "x.lora_B.weight": TensorSpec((8, 2))}
+
+
+def payload(**over):
+    t = {"x.lora_A.weight": torch.ones(2, 8), "x.lora_B.weight": torch.ones(8, 2)}
+    t.update(over)
+    return tensors_to_bytes({k: v for k, v in t.items() if v is not None})
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"x.lora_A.weight": torch.ones(3, 8)}, "shape"),
+    ({"x.lora_A.weight": torch.ones(2, 8, dtype=torch.float64)}, "dtype"),
+    ({"x.lora_A.weight": torch.full((2, 8), float("nan"))}, "NaN"),
+    ({"x.lora_B.weight": torch.full((8, 2), float("-inf"))}, "NaN or Inf"),
+    ({"x.lora_B.weight": None}, "missing"),
+    ({"y.lora_A.weight": torch.ones(1)}, "unexpected"),
+])
+def test_validation_rejections(over, message):
+    data = payload(**over)
+    with pytest.raises(ValidationError, match=message):
+        validate_update(data, sha256_hex(data), LAYOUT)
+
+
+def test_validation_checksum_and_norm_bound():
+    data = payload()
+    with pytest.raises(ChecksumError):
+        validate_update(data, sha256_hex(b"other"), LAYOUT)
+    assert set(validate_update(data, sha256_hex(data), LAYOUT, max_norm=10.0)) == set(LAYOUT)
+    with pytest.raises(ValidationError, match="norm"):
+        validate_update(data, sha256_hex(data), LAYOUT, max_norm=1.0)   # norm is sqrt(32)
+
+
+# ---------------------------------------------------------------- FedAvg
+
+
+def updates(k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [ClientUpdate(f"s{i}", 1, n, {"a": torch.randn(4, 3, generator=g), "b": torch.randn(2, generator=g)}, {"loss": float(i)})
+            for i, n in zip(range(k), [5, 1, 10, 3, 7][:k])]
+
+
+def test_fedavg_matches_reference_weighted_mean():
+    glob = {"a": torch.randn(4, 3), "b": torch.randn(2)}
+    ups = updates(4)
+    s = FedAvg()
+    s.begin_round(1, glob)
+    for u in ups:
+        s.accumulate(u)
+    out = s.finalize()
+    total = sum(u.num_examples for u in ups)
+    for k in glob:
+        ref = glob[k] + sum(u.num_examples / total * u.delta[k] for u in ups)
+        torch.testing.assert_close(out.state[k], ref)
+    assert out.metrics["updates"] == 4 and out.metrics["examples"] == total
+    assert out.metrics["train_loss"] == pytest.approx(sum(u.num_examples * u.metrics["loss"] for u in ups) / total)
+
+
+def test_fedavg_permutation_invariant_and_identical_updates():
+    glob = {"a": torch.zeros(4, 3), "b": torch.zeros(2)}
+    ups = updates(5, seed=3)
+    results = []
+    for order in (ups, list(reversed(ups)), random.Random(1).sample(ups, len(ups))):
+        s = FedAvg()
+        s.begin_round(1, glob)
+        for u in order:
+            s.accumulate(u)
+        results.append(s.finalize().state)
+    for r in results[1:]:
+        for k in glob:
+            torch.testing.assert_close(r[k], results[0][k], rtol=0, atol=1e-6)
+    same = [dataclasses.replace(ups[0], school_id=f"c{i}", num_examples=i + 1) for i in range(3)]
+    s = FedAvg()
+    s.begin_round(1, glob)
+    for u in same:
+        s.accumulate(u)
+    torch.testing.assert_close(s.finalize().state["a"], ups[0].delta["a"])
+
+
+def test_fedavg_rejects_empty_round_and_zero_examples():
+    s = FedAvg()
+    s.begin_round(1, {"a": torch.zeros(1)})
+    with pytest.raises(ValueError):
+        s.finalize()
+    with pytest.raises(ValueError):
+        s.accumulate(ClientUpdate("s", 1, 0, {"a": torch.ones(1)}))
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    assert "fedavg" in STRATEGIES and isinstance(create("fedavg"), FedAvg)
+    with pytest.raises(ValueError, match="already registered"):
+        register(FedAvg)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        create("nope")
+
+
+# ---------------------------------------------------------------- store
+
+
+def test_store_receipts_are_unique_and_durable(tmp_path):
+    st = Store(tmp_path / "s.sqlite")
+    st.open_round(1, ["a", "b"], "g" * 64, 0.0)
+    rc = Receipt(1, "a", "u1", "h" * 64, 5, {"loss": 1.0}, "/p")
+    st.add_receipt(rc)
+    with pytest.raises(DuplicateUploadError):
+        st.add_receipt(dataclasses.replace(rc, upload_id="u2"))
+    st.close_round(1, "committed", "n" * 64, {"updates": 1.0}, {"b": "disconnected"})
+    with pytest.raises(RuntimeError, match="not open"):
+        st.close_round(1, "committed", "n" * 64, {}, {})
+    st.close()
+    again = Store(tmp_path / "s.sqlite")
+    assert again.receipts(1) == [rc]
+    r = again.get_round(1)
+    assert r.status == "committed" and r.failures == {"b": "disconnected"}
+    assert again.get_meta("global_sha256") == "n" * 64
+    assert again.open_round_row() is None and again.last_round_number() == 1
+    ro = Store(tmp_path / "s.sqlite", readonly=True)
+    assert ro.committed_rounds() == 1
