@@ -99,3 +99,33 @@ def test_adapter_with_foreign_tensors_is_refused(tiny_model):
     pm = wrap(model, LoraSettings(rank=4, alpha=8.0))
     with pytest.raises(ValueError, match="does not"):
         load_adapter_state(pm, {"base_model.model.nonexistent.lora_A.weight": torch.zeros(1)})
+
+
+@torch.no_grad()
+def naive_option_logprobs(model, tok, q):
+    """Reference: one full forward pass per option, no padding, no cache."""
+    from common.data import answer_text, prompt_text
+
+    prompt = tok(prompt_text(q), add_special_tokens=False).input_ids
+    out = []
+    for i in range(len(q.choices)):
+        ans = tok(answer_text(q, i), add_special_tokens=False).input_ids
+        logits = model(input_ids=torch.tensor([prompt + ans])).logits[0].float().log_softmax(-1)
+        out.append(torch.stack([logits[len(prompt) - 1 + j, a] for j, a in enumerate(ans)]))
+    return out
+
+
+def test_cached_option_scoring_matches_naive_scoring(tiny_model, fed_data):
+    from common.evaluation import option_logprobs
+
+    model, tok = load_model(tiny_model)
+    pm = wrap(model, LoraSettings(rank=4, alpha=8.0))
+    state = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(pm).items()}   # a non-trivial adapter
+    load_adapter_state(pm, state)
+    pm.eval()
+    questions = read_jsonl(fed_data / "eval" / "eval.jsonl")[:6]   # mixed prompt and option lengths
+    with torch.no_grad():
+        fast = option_logprobs(pm, tok, questions)
+    for q, got in zip(questions, fast):
+        for a, b in zip(got, naive_option_logprobs(pm, tok, q)):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
