@@ -51,6 +51,12 @@ class WrongRoundError(FederationError):
     status = "FAILED_PRECONDITION"
 
 
+class IncompatibleSchoolError(FederationError):
+    """The school's set-up cannot join this federation (another base model, an old daemon)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class DuplicateUploadError(FederationError):
     """The (round, school) pair already has an accepted update; replays are refused."""
 

@@ -22,7 +22,10 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     heldout = s.heldout_file
     if heldout is None and (s.data_dir.parent / "heldout.jsonl").exists():
         heldout = s.data_dir.parent / "heldout.jsonl"
-    model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads)
+    try:
+        model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads)
+    except (ValueError, OSError) as exc:   # no data, unreadable data: a configuration problem
+        raise ConfigError(f"school data: {exc}") from None
     daemon = SchoolDaemon(cfg, token, model)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if not token:
             raise ConfigError(f"token_file {cfg.school.token_file} is empty")
         return asyncio.run(_run(cfg, token))
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"fedclient: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as exc:  # logged for journald; systemd restarts on 1

@@ -24,6 +24,10 @@ class SchoolSection:
             out.append(f"coordinator: expected host:port, got {self.coordinator!r}")
         if self.torch_threads < 0:
             out.append("torch_threads: must be >= 0")
+        if self.max_backoff_s <= 0:
+            out.append("max_backoff_s: must be > 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            out.append("log_level: one of debug, info, warning, error")
         return out
 
 

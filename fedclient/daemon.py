@@ -93,7 +93,8 @@ class SchoolDaemon:
                 resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=capabilities_to_pb(caps)),
                                        metadata=[("authorization", f"Bearer {self.token}")], timeout=30)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
                     raise FatalError(f"{exc.code().name}: {exc.details()}") from None
                 raise
             settings = settings_from_pb(resp)

@@ -58,7 +58,7 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
                          checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator)
     auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
-                                  cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s)
+                                  cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base)
     server = grpc.aio.server(options=grpc_options())
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -25,6 +25,14 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(cfg, args.checkpoint_dir, args.port_file))
 
 
+def _check(args: argparse.Namespace) -> int:
+    from fedserver.config import CoordinatorConfig
+
+    cfg = load_toml(CoordinatorConfig, args.config)
+    print(f"{args.config}: ok ({len(cfg.schools)} schools, strategy {cfg.strategy.name}, model {cfg.model.base})")
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from fedserver.auth import hash_token, new_token
 
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", type=Path, default=None, help="where round adapters go (default STATE_DIR/rounds)")
     s.add_argument("--port-file", type=Path, default=None, help="write host:port here once bound (useful with port 0)")
     s.set_defaults(fn=_serve)
+    c = sub.add_parser("check-config", help="load and validate a coordinator.toml, report every problem")
+    c.add_argument("--config", type=Path, required=True)
+    c.set_defaults(fn=_check)
     t = sub.add_parser("token", help="enrol a school: print a new token and its [[schools]] entry")
     t.add_argument("--school", required=True)
     t.add_argument("--out", type=Path, default=None, help="write the token to this file (mode 0600)")

@@ -8,6 +8,8 @@ from pathlib import Path
 from common.lora import ALL_PROJECTIONS, LoraSettings
 from common.training import TrainParams
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 @dataclass(frozen=True)
 class ServerSection:
@@ -26,6 +28,8 @@ class ServerSection:
             out.append("max_upload_bytes: must be > 0")
         if self.heartbeat_interval_s <= 0 or self.session_timeout_s <= self.heartbeat_interval_s:
             out.append("session_timeout_s must exceed heartbeat_interval_s > 0")
+        if self.log_level.lower() not in LOG_LEVELS:
+            out.append(f"log_level: one of {', '.join(LOG_LEVELS)}")
         return out
 
 
@@ -121,9 +125,12 @@ class SchoolEntry:
     token_sha256: str   # sha256 hex of the school's enrolment token (`fedserver token` makes one)
 
     def problems(self) -> list[str]:
-        if len(self.token_sha256) != 64:
-            return [f"token_sha256 for {self.id!r}: expected 64 hex characters"]
-        return []
+        out = []
+        if not self.id or not all(c.isalnum() or c in "-_." for c in self.id):
+            out.append(f"id {self.id!r}: use letters, digits, '-', '_' or '.'")
+        if len(self.token_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.token_sha256.lower()):
+            out.append(f"token_sha256 for {self.id!r}: expected 64 hex characters")
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,9 @@ class CoordinatorConfig:
         ids = [s.id for s in self.schools]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         out = [f"schools: duplicate ids {dup}"] if dup else []
+        hashes = [s.token_sha256.lower() for s in self.schools]
+        if len(set(hashes)) != len(hashes):
+            out.append("schools: two schools share a token; give each school its own")
         if not self.schools:
             out.append("schools: no school is enrolled; add [[schools]] entries (fedserver token --school ID)")
         from fedserver.strategy import STRATEGIES

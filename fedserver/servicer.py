@@ -14,9 +14,10 @@ import grpc
 
 from common import PROTOCOL_VERSION, __version__
 from common.errors import (
-    DuplicateUploadError, FederationError, ProtocolError, TooLargeError,
+    DuplicateUploadError, FederationError, ProtocolError, TooLargeError, IncompatibleSchoolError,
 )
 from common.logs import get_logger
+from common.models import parse_spec
 from common.messages import Capabilities, EvalReport, Failure, Heartbeat, Progress, SessionSettings, UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
@@ -28,6 +29,13 @@ from fedserver.engine import RoundEngine
 from fedserver.store import Store
 
 log = get_logger("servicer")
+
+
+def _spec(model: str) -> str:
+    try:
+        return str(parse_spec(model))
+    except ValueError:
+        return model
 
 
 def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,7 +71,8 @@ def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
-                 uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float) -> None:
+                 uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float,
+                 base_model: str = "") -> None:
         self.engine = engine
         self.store = store
         self.artifacts = artifacts
@@ -74,6 +83,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session_timeout_s = session_timeout_s
         self._caps: dict[str, Capabilities] = {}
+        self.base_model = base_model   # schools must train the same base (heterogeneous federations: later)
 
     def _school(self, context: grpc.aio.ServicerContext) -> str:
         return self.auth.school_for(context.invocation_metadata() or ())
@@ -82,8 +92,11 @@ class FederationServicer(pb_grpc.FederationServicer):
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         school = self.auth.identify(context.invocation_metadata() or ())
         if request.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION}); upgrade the school daemon")
+            raise IncompatibleSchoolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION}); upgrade the school daemon")
         caps = capabilities_from_pb(request.capabilities)
+        if caps.model and self.base_model and _spec(caps.model) != _spec(self.base_model):
+            raise IncompatibleSchoolError(f"school runs base model {caps.model!r} but this federation trains {self.base_model!r}; "
+                                  "set [model] base in school.toml to match")
         self._caps[school] = caps
         info = self.auth.open_session(school)
         await asyncio.to_thread(self.store.record_join, school, caps.__dict__)

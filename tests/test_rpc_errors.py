@@ -87,7 +87,15 @@ async def test_rpcs_without_session_are_refused(open_round):
 async def test_protocol_version_mismatch(open_round):
     rc, stub, _ = open_round
     await expect_status(stub.Join(pb.JoinRequest(protocol_version=99), metadata=[("authorization", f"Bearer {TOKENS['school-1']}")]),
-                        grpc.StatusCode.INVALID_ARGUMENT, "upgrade the school daemon")
+                        grpc.StatusCode.FAILED_PRECONDITION, "upgrade the school daemon")
+
+
+async def test_school_on_another_base_model_is_refused(open_round):
+    rc, stub, _ = open_round
+    caps = pb.Capabilities(model="HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    await expect_status(stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=caps),
+                                  metadata=[("authorization", f"Bearer {TOKENS['school-1']}")]),
+                        grpc.StatusCode.FAILED_PRECONDITION, "set [model] base")
 
 
 @pytest.mark.parametrize("case, code, text", [
