@@ -1,0 +1,59 @@
+"""The operator's and the school's commands as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from peft import PeftModel
+
+from common.models import load_model
+from tests.conftest import REPO
+from tests.test_daemon_processes import write_school_toml
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model):
+    out = tmp_path / "demo"
+    proc = run("fedserver.cli", "demo", "--model", tiny_model, "--schools", "2", "--rounds", "2", "--local-steps", "1",
+               "--eval-size", "6", "--train-per-school", "10", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == tiny_model
+    assert report["eval_set"]["count"] == 6 and report["eval_set"]["name"]
+    assert 0 <= report["base_eval_accuracy"] <= 1
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for r in report["rounds"]:
+        assert {"round", "participants", "eval_accuracy", "eval_loss", "bytes_up", "bytes_down", "seconds"} <= set(r)
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and len(r["participants"]) == 2
+        assert r["eval_accuracy"] is not None and r["seconds"] > 0
+    base, _ = load_model(tiny_model)
+    PeftModel.from_pretrained(base, str(out / "rounds" / "2" / "adapter"))
+    assert "round" in proc.stdout and "accuracy" in proc.stdout   # the per-round table
+    # The operator's read-only view of the same state.
+    status = run("fedserver.cli", "status", "--state-dir", str(out / "coordinator"))
+    assert status.returncode == 0 and "school-1" in status.stdout, status.stderr
+    # A second run refuses to overwrite the first.
+    again = run("fedserver.cli", "demo", "--model", tiny_model, "--out", str(out))
+    assert again.returncode == 2 and "earlier run" in again.stderr
+
+
+async def test_daemon_exit_codes(tmp_path, tiny_model, fed_data, start_coordinator):
+    import asyncio
+
+    from tests.conftest import coordinator_config
+
+    rc = await start_coordinator(coordinator_config(tmp_path, tiny_model), run_rounds=False)
+    cfg = write_school_toml(tmp_path, rc.address, "school-1", fed_data, tiny_model)
+    (tmp_path / "school-1.token").write_text("not-the-right-token\n")
+    proc = await asyncio.to_thread(run, "fedclient.cli", "run", "--config", str(cfg), timeout=120)
+    assert proc.returncode == 78 and "unknown school" in proc.stdout + proc.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[school]\ncoordinator = "nohostport"\ncolour = "blue"\n')
+    proc = await asyncio.to_thread(run, "fedclient.cli", "run", "--config", str(bad), timeout=60)
+    assert proc.returncode == 78
+    assert "colour: unknown key" in proc.stderr and "coordinator: expected host:port" in proc.stderr
