@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from common.errors import ChecksumError
@@ -9,7 +10,7 @@ from common.messages import UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import header_to_pb
-from common.wire import MAX_CHUNK_BYTES, iter_chunks, sha256_hex
+from common.wire import MAX_CHUNK_BYTES, iter_chunks
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -18,18 +19,20 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
                    progress: Callable[[int, int], None] | None = None) -> bytes:
     """Fetch an artefact into `buffer`, resuming from len(buffer) (bytes kept from an
     interrupted attempt), and verify its sha256."""
+    hasher = hashlib.sha256(buffer)   # hash as chunks arrive: no second pass at the end
     stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=len(buffer)), metadata=metadata)
     async for chunk in stream:
         if chunk.offset != len(buffer):
             raise ChecksumError(f"download chunk at {chunk.offset}, expected {len(buffer)}")
-        buffer.extend(chunk.data)
+        data = chunk.data   # each access to a protobuf bytes field copies it: read it once
+        buffer.extend(data)
+        hasher.update(data)
         if progress is not None:
             progress(len(buffer), chunk.total_size)
-    data = bytes(buffer)
-    if sha256_hex(data) != sha256:
+    if hasher.hexdigest() != sha256:
         buffer.clear()  # start over next time; the bytes are not what was announced
         raise ChecksumError(f"downloaded artefact does not hash to {sha256[:12]}…")
-    return data
+    return bytes(buffer)
 
 
 async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: bytes, metadata: Metadata,
@@ -47,7 +50,13 @@ async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: by
         h = header_to_pb(header)
         h.offset = offset
         yield pb.UploadMessage(header=h)
+        total = len(payload)
         for start, data in iter_chunks(payload, offset, chunk_size):
-            yield pb.UploadMessage(chunk=pb.Chunk(offset=start, data=data, total_size=len(payload)))
+            # Fill the chunk in place: UploadMessage(chunk=pb.Chunk(...)) copies the finished
+            # Chunk, i.e. every 1 MiB of data once more. Same bytes on the wire.
+            msg = pb.UploadMessage()
+            msg.chunk.SetInParent()   # the oneof says "chunk" even for an all-default chunk
+            msg.chunk.offset, msg.chunk.data, msg.chunk.total_size = start, data, total
+            yield msg
 
     return await stub.Upload(messages(), metadata=metadata)

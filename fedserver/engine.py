@@ -161,7 +161,7 @@ class RoundEngine:
         if h.num_examples < 1:
             raise WrongRoundError("num_examples must be >= 1")
 
-    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path) -> Receipt:
+    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None) -> Receipt:
         """Validate a complete upload and fold it in. Receipt first, then fold: a crash in
         between is repaired at start-up by re-folding receipts; none is applied twice."""
         async with self._lock:
@@ -169,7 +169,8 @@ class RoundEngine:
             rnd = self.current
             assert rnd is not None
             payload = await asyncio.to_thread(payload_path.read_bytes)
-            tensors = await asyncio.to_thread(validate_update, payload, h.sha256, self.layout, self.cfg.rounds.max_norm)
+            tensors = await asyncio.to_thread(validate_update, payload, h.sha256, self.layout, self.cfg.rounds.max_norm,
+                                              received_sha256)
             final = self.updates_dir / f"round-{rnd.number}" / f"{school_id}.safetensors"
             final.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(payload_path.replace, final)

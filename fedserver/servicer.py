@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,19 @@ from fedserver.engine import RoundEngine
 from fedserver.store import Store
 
 log = get_logger("servicer")
+
+
+def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
+    fh.write(data)
+    hasher.update(data)
+
+
+def _hash_file(path: Path) -> Any:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            hasher.update(block)
+    return hasher
 
 
 def _spec(model: str) -> str:
@@ -208,26 +222,30 @@ class FederationServicer(pb_grpc.FederationServicer):
         if h.offset != have:
             raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
         received = have
+        # Hash while receiving, so acceptance needs no second pass over the payload. A
+        # resumed upload first hashes the bytes it already holds.
+        hasher = await asyncio.to_thread(_hash_file, part) if have else hashlib.sha256()
         with open(part, "ab") as fh:
             async for msg in request_iterator:
                 if msg.WhichOneof("message") != "chunk":
                     raise ProtocolError("only chunks may follow the header")
                 c = msg.chunk
-                if len(c.data) > MAX_CHUNK_BYTES:
-                    raise TooLargeError(f"chunk of {len(c.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
+                data = c.data   # each access to a protobuf bytes field copies it: read it once
+                if len(data) > MAX_CHUNK_BYTES:
+                    raise TooLargeError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
                 if c.offset != received:
                     raise ProtocolError(f"chunk at offset {c.offset}, expected {received}")
-                if received + len(c.data) > h.total_size:
+                if received + len(data) > h.total_size:
                     raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
-                await asyncio.to_thread(fh.write, c.data)
-                received += len(c.data)
-                self.engine.count_bytes(up=len(c.data))
+                await asyncio.to_thread(_write_and_hash, fh, hasher, data)
+                received += len(data)
+                self.engine.count_bytes(up=len(data))
             await asyncio.to_thread(fh.flush)
             await asyncio.to_thread(os.fsync, fh.fileno())
         if received != h.total_size:
             raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
         try:
-            rc = await self.engine.accept_upload(school, h, part)
+            rc = await self.engine.accept_upload(school, h, part, hasher.hexdigest())
         except FederationError:
             part.unlink(missing_ok=True)   # a rejected payload is not kept; the school sends a new one
             await asyncio.to_thread(self.store.forget_upload, h.upload_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -12,10 +13,11 @@ from common.wire import bytes_to_tensors, sha256_hex
 
 
 def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, TensorSpec],
-                    max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+                    max_norm: float = 0.0, payload_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Parse and check an update; returns its tensors. Raises with a message that says what
-    was wrong and what the school should do, so a bad upload changes nothing."""
-    actual = sha256_hex(payload)
+    was wrong and what the school should do, so a bad upload changes nothing.
+    `payload_sha256`: the digest already computed while the bytes arrived (saves a pass)."""
+    actual = payload_sha256 or sha256_hex(payload)
     if actual != announced_sha256:
         raise ChecksumError(f"payload sha256 {actual[:12]}… does not match the announced {announced_sha256[:12]}…; re-send the upload")
     tensors = bytes_to_tensors(payload)
@@ -34,9 +36,13 @@ def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, 
             raise ValidationError(f"{name}: shape {tuple(t.shape)}, expected {spec.shape}")
         if t.dtype != spec.dtype:
             raise ValidationError(f"{name}: dtype {t.dtype}, expected {spec.dtype}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValidationError(f"{name}: contains NaN or Inf; the school's training diverged (lower its learning rate)")
-        sq += float((t.double() ** 2).sum())
+        # One pass: NaN or Inf anywhere makes the norm non-finite. (A finite float32 tensor
+        # whose norm overflows float32 is refused too; no sane LoRA update is that large.)
+        n = float(torch.linalg.vector_norm(t))
+        if not math.isfinite(n):
+            what = "NaN or Inf" if not bool(torch.isfinite(t).all()) else "values too large (norm overflows float32)"
+            raise ValidationError(f"{name}: contains {what}; the school's training diverged (lower its learning rate)")
+        sq += n * n
     norm = sq**0.5
     if max_norm > 0 and norm > max_norm:
         raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")

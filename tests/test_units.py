@@ -105,6 +105,7 @@ def payload(**over):
     ({"x.lora_A.weight": torch.ones(2, 8, dtype=torch.float64)}, "dtype"),
     ({"x.lora_A.weight": torch.full((2, 8), float("nan"))}, "NaN"),
     ({"x.lora_B.weight": torch.full((8, 2), float("-inf"))}, "NaN or Inf"),
+    ({"x.lora_B.weight": torch.full((8, 2), 1e30)}, "too large"),
     ({"x.lora_B.weight": None}, "missing"),
     ({"y.lora_A.weight": torch.ones(1)}, "unexpected"),
 ])

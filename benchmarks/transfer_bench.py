@@ -1,0 +1,440 @@
+"""Transfer benchmark: the project's Download/Upload path against plain gRPC streaming.
+
+Run:  .venv/bin/python -m benchmarks.transfer_bench [--repeats N] [--json out.json]
+
+Measured side by side in one process and one event loop, interleaved (A, B, A, B, ... with
+the order flipped every repeat) so machine noise hits both paths alike:
+
+  (A) project  a real coordinator from fedserver.app.create_server() on 127.0.0.1:0
+               (insecure), schools that Join with enrolment tokens and hold a Session
+               stream; fedclient.transfer.download() of the global adapter artefact named in
+               the train command, and fedclient.transfer.upload() of a delta through
+               UploadStatus + Upload to an accepted receipt (the coordinator's disk writes,
+               fsync, sha256 and validation included). Each repeat uploads as a different
+               school, so every upload is a first, accepted update of the one open round.
+  (B) plain    a grpc.aio server with a generic handler and bytes identity serialisers
+               that streams the same bytes in the same 1 MiB chunks; no hashing, no
+               validation, no disk.
+
+Both sides use common.wire.grpc_options(). The adapter is the real one the federation trains
+on SmolLM2-135M (rank 16 on all seven projections; layout from the model config only).
+fedserver.validation.validate_update is also timed on the same payload, to say how much of
+an upload is the coordinator's validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from common import PROTOCOL_VERSION, __version__
+from common.lora import LoraSettings, TensorSpec, expected_layout
+from common.messages import Capabilities, UploadHeader
+from common.models import load_config
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
+from common.serde import capabilities_to_pb, command_from_pb
+from common.wire import MAX_CHUNK_BYTES, grpc_options, sha256_hex, tensors_to_bytes
+from fedclient.transfer import download, upload
+from fedserver.auth import hash_token
+from fedserver.config import (
+    CoordinatorConfig, LoraSection, ModelSection, RoundsSection, SchoolEntry, ServerSection,
+)
+from fedserver.validation import validate_update
+
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+TARGET_RATIO = 0.80   # the issue's target: the project's path at >= 80% of plain streaming
+
+PLAIN_SERVICE = "bench.Plain"
+PLAIN_DOWNLOAD = f"/{PLAIN_SERVICE}/Download"
+PLAIN_UPLOAD = f"/{PLAIN_SERVICE}/Upload"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One transfer: wall seconds, and CPU seconds of this whole process (client, server and
+    gRPC's threads together; steadier than wall time on a busy machine)."""
+
+    wall: float
+    cpu: float
+
+
+class _Clock:
+    def __enter__(self) -> _Clock:
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sample = Sample(time.perf_counter() - self._w, time.process_time() - self._c)
+
+
+# ------------------------------------------------------------------ layout and payload
+def load_layout(model_spec: str, cache_dir: Path | None, settings: LoraSettings | None = None) -> dict[str, TensorSpec]:
+    """The adapter's tensor names and shapes from the model config alone (no weights)."""
+    cfg = load_config(model_spec, cache_dir)
+    return expected_layout(cfg, settings or LoraSettings())
+
+
+def make_delta(layout: Mapping[str, TensorSpec], seed: int = 1, scale: float = 1e-3) -> bytes:
+    """Safetensors bytes of a plausible update: small Gaussian noise in every tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    return tensors_to_bytes({name: torch.randn(spec.shape, generator=gen, dtype=spec.dtype) * scale
+                             for name, spec in sorted(layout.items())})
+
+
+def num_params(layout: Mapping[str, TensorSpec]) -> int:
+    return sum(math.prod(s.shape) for s in layout.values())
+
+
+# ------------------------------------------------------------------ (A) the project's path
+@dataclass
+class _School:
+    school_id: str
+    token: str
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    call: Any = None   # the Session stream
+
+
+class ProjectPath:
+    """A real coordinator with round 1 open for `uploads + 1` schools that joined over gRPC
+    and hold Session streams; each upload comes from a school that has not uploaded yet, and
+    the last school never uploads, so the round stays open for the whole run."""
+
+    def __init__(self, workdir: Path, model_spec: str, cache_dir: Path | None, uploads: int) -> None:
+        self.workdir = workdir
+        self.model_spec = model_spec
+        self.cache_dir = cache_dir
+        self.schools = [_School(f"bench-{i:03d}", secrets.token_urlsafe(24)) for i in range(uploads + 1)]
+        self._next_uploader = 0
+        self._hold = asyncio.Event()
+        self.coord: Any = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: pb_grpc.FederationStub | None = None
+        self.run_task: asyncio.Task[None] | None = None
+        self.round = 0
+        self.global_sha = ""
+        self.global_size = 0
+        self.cfg: CoordinatorConfig | None = None
+
+    def config(self) -> CoordinatorConfig:
+        n = len(self.schools)
+        return CoordinatorConfig(
+            # Heartbeats are not what is measured: long intervals keep the idle Session streams quiet.
+            server=ServerSection(listen="127.0.0.1:0", state_dir=self.workdir / "coordinator",
+                                 heartbeat_interval_s=3600.0, session_timeout_s=7200.0),
+            model=ModelSection(base=self.model_spec, cache_dir=self.cache_dir),
+            lora=LoraSection(),   # rank 16, alpha 32, all seven projections: the federation's adapter
+            # Every school takes part; the round needs them all, so it stays open while the
+            # benchmark uploads as one fresh school after another.
+            rounds=RoundsSection(total=1, min_schools=n, quorum=n, fraction=1.0, deadline_s=86_400.0),
+            schools=tuple(SchoolEntry(s.school_id, hash_token(s.token)) for s in self.schools),
+        )
+
+    async def start(self) -> None:
+        from fedserver.app import create_server
+
+        self.cfg = self.config()
+        self.coord = await create_server(self.cfg)
+        await self.coord.engine.start()
+        await self.coord.server.start()
+        self.run_task = asyncio.create_task(self.coord.engine.run())
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.coord.port}", options=grpc_options())
+        self.stub = pb_grpc.FederationStub(self.channel)
+        caps = capabilities_to_pb(Capabilities(self.model_spec, 16, 100, "benchmark", __version__))
+        for s in self.schools:
+            resp = await self.stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=caps),
+                                        metadata=[("authorization", f"Bearer {s.token}")], timeout=30)
+            s.metadata = [("x-session-token", resp.session_token)]
+            s.call = self.stub.Session(self._quiet_events(), metadata=s.metadata)
+        for s in self.schools:   # the round opens once all have attached; each gets a train command
+            cmd = command_from_pb(await asyncio.wait_for(s.call.read(), timeout=60))
+            if cmd.kind != "train" or cmd.adapter is None:
+                raise RuntimeError(f"{s.school_id} expected a train command, got {cmd.kind!r}")
+            self.round, self.global_sha, self.global_size = cmd.round, cmd.adapter.sha256, cmd.adapter.size
+
+    async def _quiet_events(self) -> AsyncIterator[pb.ClientEvent]:
+        await self._hold.wait()   # keep the client side of the Session open, send nothing
+        return
+        yield  # pragma: no cover - makes this an async generator
+
+    def artefact_bytes(self) -> bytes:
+        return self.coord.engine.artifacts.get(self.global_sha)
+
+    async def download(self) -> Sample:
+        assert self.stub is not None
+        md = self.schools[0].metadata
+        buf = bytearray()
+        with _Clock() as clock:
+            data = await download(self.stub, self.global_sha, md, buf)
+        if len(data) != self.global_size:
+            raise RuntimeError(f"downloaded {len(data)} of {self.global_size} bytes")
+        return clock.sample
+
+    async def upload(self, payload: bytes, payload_sha: str) -> Sample:
+        """One accepted upload, as the next school that has not uploaded yet."""
+        assert self.stub is not None
+        if self._next_uploader >= len(self.schools) - 1:
+            raise RuntimeError("no school left that may upload in the open round")
+        s = self.schools[self._next_uploader]
+        self._next_uploader += 1
+        header = UploadHeader(self.round, f"bench-{s.school_id}-{payload_sha[:16]}", 100, payload_sha,
+                              len(payload), 0, self.global_sha, {"loss": 1.0})
+        with _Clock() as clock:
+            receipt = await upload(self.stub, header, payload, s.metadata)
+        if receipt is None or receipt.received_bytes != len(payload) or receipt.sha256 != payload_sha:
+            raise RuntimeError(f"upload by {s.school_id} not accepted as expected: {receipt}")
+        return clock.sample
+
+    async def stop(self) -> None:
+        self._hold.set()
+        for s in self.schools:
+            if s.call is not None:
+                s.call.cancel()
+        if self.run_task is not None:
+            self.run_task.cancel()
+            await asyncio.gather(self.run_task, return_exceptions=True)
+        if self.channel is not None:
+            await self.channel.close()
+        if self.coord is not None:
+            await self.coord.stop(grace=0.5)
+
+
+# ------------------------------------------------------------------ (B) plain gRPC streaming
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+class PlainPath:
+    """The same bytes in the same chunks through a bare grpc.aio generic handler."""
+
+    def __init__(self, download_bytes: bytes) -> None:
+        self.download_bytes = download_bytes
+        self.server: grpc.aio.Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    async def _serve_download(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        view = memoryview(self.download_bytes)
+        for start in range(0, len(view), MAX_CHUNK_BYTES):
+            yield bytes(view[start : start + MAX_CHUNK_BYTES])
+
+    async def _serve_upload(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        received = 0
+        async for chunk in request_iterator:
+            received += len(chunk)
+        return str(received).encode()
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(options=grpc_options())
+        handler = grpc.method_handlers_generic_handler(PLAIN_SERVICE, {
+            "Download": grpc.unary_stream_rpc_method_handler(self._serve_download, request_deserializer=_identity,
+                                                             response_serializer=_identity),
+            "Upload": grpc.stream_unary_rpc_method_handler(self._serve_upload, request_deserializer=_identity,
+                                                           response_serializer=_identity),
+        })
+        self.server.add_generic_rpc_handlers((handler,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options())
+        self._download = self.channel.unary_stream(PLAIN_DOWNLOAD, request_serializer=_identity, response_deserializer=_identity)
+        self._upload = self.channel.stream_unary(PLAIN_UPLOAD, request_serializer=_identity, response_deserializer=_identity)
+
+    async def download(self) -> Sample:
+        buf = bytearray()
+        with _Clock() as clock:
+            async for chunk in self._download(b""):
+                buf.extend(chunk)
+            data = bytes(buf)
+        if len(data) != len(self.download_bytes):
+            raise RuntimeError(f"plain download got {len(data)} of {len(self.download_bytes)} bytes")
+        return clock.sample
+
+    async def upload(self, payload: bytes) -> Sample:
+        async def chunks() -> AsyncIterator[bytes]:
+            view = memoryview(payload)
+            for start in range(0, len(view), MAX_CHUNK_BYTES):
+                yield bytes(view[start : start + MAX_CHUNK_BYTES])
+
+        with _Clock() as clock:
+            reply = await self._upload(chunks())
+        if int(reply) != len(payload):
+            raise RuntimeError(f"plain upload: server got {int(reply)} of {len(payload)} bytes")
+        return clock.sample
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            await self.server.stop(0.5)
+
+
+# ------------------------------------------------------------------ the run
+SERIES = ("download_project", "download_plain", "upload_project", "upload_plain", "validate_update")
+
+
+def _summary(samples: list[Sample], nbytes: int) -> dict[str, float]:
+    wall = [s.wall for s in samples]
+    med = statistics.median(wall)
+    return {"median_s": med, "min_s": min(wall), "max_s": max(wall),
+            "mb_per_s_median": nbytes / med / 1e6, "mb_per_s_best": nbytes / min(wall) / 1e6,
+            "cpu_median_s": statistics.median(s.cpu for s in samples)}
+
+
+async def _interleave(first: Callable[[], Awaitable[Sample]], second: Callable[[], Awaitable[Sample]],
+                      flip: bool) -> tuple[Sample, Sample]:
+    """Run A and B back to back; `flip` runs B first (so neither always goes first)."""
+    if flip:
+        b = await second()
+        a = await first()
+    else:
+        a = await first()
+        b = await second()
+    return a, b
+
+
+async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None = DEFAULT_CACHE, repeats: int = 7,
+                        warmup: int = 1, workdir: Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure both paths in this event loop; returns a JSON-able dict of raw times and summaries."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    say = progress or (lambda _msg: None)
+    settings = LoraSettings()
+    layout = await asyncio.to_thread(load_layout, model_spec, cache_dir, settings)
+    payload = await asyncio.to_thread(make_delta, layout)
+    payload_sha = sha256_hex(payload)
+    say(f"adapter: {len(layout)} tensors, {num_params(layout):,} parameters, upload payload {len(payload):,} bytes")
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="transfer-bench-") if workdir is None else None
+    root = Path(tmp_ctx.name) if tmp_ctx is not None else workdir
+    assert root is not None
+    project = ProjectPath(root, model_spec, cache_dir, uploads=warmup + repeats)
+    plain: PlainPath | None = None
+    samples: dict[str, list[Sample]] = {k: [] for k in SERIES}
+    try:
+        await project.start()
+        assert project.cfg is not None
+        max_norm = project.cfg.rounds.max_norm
+        plain = PlainPath(project.artefact_bytes())
+        await plain.start()
+        say(f"coordinator on port {project.coord.port}, round {project.round} open with {len(project.schools)} schools; "
+            f"global adapter {project.global_size:,} bytes")
+        for i in range(warmup + repeats):
+            flip = i % 2 == 1
+            dl_a, dl_b = await _interleave(project.download, plain.download, flip)
+            up_a, up_b = await _interleave(lambda: project.upload(payload, payload_sha), lambda: plain.upload(payload), flip)
+            with _Clock() as clock:   # what the coordinator runs on every upload, on the same bytes
+                validate_update(payload, payload_sha, layout, max_norm)
+            val = clock.sample
+            tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
+            say(f"{tag}: download A {dl_a.wall:.3f}s B {dl_b.wall:.3f}s | upload A {up_a.wall:.3f}s B {up_b.wall:.3f}s"
+                f" | validate_update {val.wall:.3f}s")
+            if i >= warmup:
+                for key, sample in zip(SERIES, (dl_a, dl_b, up_a, up_b, val)):
+                    samples[key].append(sample)
+        engine = project.coord.engine
+        accepted = len(engine.current.accepted) if engine.current is not None else -1
+    finally:
+        if plain is not None:
+            await plain.stop()
+        await project.stop()
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+
+    down_bytes, up_bytes = project.global_size, len(payload)
+    summary: dict[str, Any] = {}
+    for direction, nbytes in (("download", down_bytes), ("upload", up_bytes)):
+        a = _summary(samples[f"{direction}_project"], nbytes)
+        b = _summary(samples[f"{direction}_plain"], nbytes)
+        summary[direction] = {"project": a, "plain": b,
+                              "ratio_median": a["mb_per_s_median"] / b["mb_per_s_median"],
+                              "ratio_best": a["mb_per_s_best"] / b["mb_per_s_best"]}
+    v = _summary(samples["validate_update"], up_bytes)
+    v["share_of_project_upload"] = v["median_s"] / summary["upload"]["project"]["median_s"]
+    summary["validate_update"] = v
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "grpcio": grpc.__version__, "torch": torch.__version__,
+                    "loadavg_1m_at_end": os.getloadavg()[0]},
+        "model": model_spec, "lora": json.loads(settings.to_json()),
+        "tensors": len(layout), "parameters": num_params(layout),
+        "download_bytes": down_bytes, "upload_bytes": up_bytes, "chunk_bytes": MAX_CHUNK_BYTES,
+        "repeats": repeats, "warmup": warmup, "accepted_uploads": accepted,
+        "wall_s": {k: [s.wall for s in v] for k, v in samples.items()},
+        "cpu_s": {k: [s.cpu for s in v] for k, v in samples.items()},
+        "summary": summary,
+    }
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    s = result["summary"]
+    lines = [
+        f"{result['model']}: LoRA r={result['lora']['rank']} on {len(result['lora']['target_modules'])} projections, "
+        f"{result['parameters']:,} float32 parameters = {result['upload_bytes']:,} bytes of safetensors; "
+        f"{result['repeats']} repeats (+{result['warmup']} warm-up), A and B interleaved",
+        "",
+        f"{'direction':<9} {'path':<24} {'median s':>8} {'min s':>7} {'MB/s':>7} {'A/B':>5} {'A/B best':>8} {'CPU ms':>7}",
+    ]
+    for direction in ("download", "upload"):
+        d = s[direction]
+        for label, key in (("A project", "project"), ("B plain gRPC", "plain")):
+            r = d[key]
+            ratio = f"{d['ratio_median']:.2f}" if key == "project" else ""
+            best = f"{d['ratio_best']:.2f}" if key == "project" else ""
+            lines.append(f"{direction:<9} {label:<24} {r['median_s']:>8.3f} {r['min_s']:>7.3f} {r['mb_per_s_median']:>7.0f} "
+                         f"{ratio:>5} {best:>8} {r['cpu_median_s'] * 1000:>7.0f}")
+    v = s["validate_update"]
+    lines.append(f"{'upload':<9} {'(validate_update alone)':<24} {v['median_s']:>8.3f} {v['min_s']:>7.3f} {'':>7} {'':>5} {'':>8} "
+                 f"{v['cpu_median_s'] * 1000:>7.0f}   = {v['share_of_project_upload']:.0%} of A's median upload")
+    lines.append("")
+    lines.append("MB/s = 1e6 bytes/s at the median; A/B = throughput(A)/throughput(B) at the medians (best: at the minima);")
+    lines.append("CPU ms = process CPU time (client + server + gRPC threads) per transfer, median.")
+    for direction in ("download", "upload"):
+        ratio = s[direction]["ratio_median"]
+        verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+        lines.append(f"{direction}: project path at {ratio:.0%} of plain streaming - {verdict} the {TARGET_RATIO:.0%} target")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.transfer_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=7, help="measured repeats per path and direction (default 7)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up repeats (default 1)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec whose config gives the adapter layout (default {DEFAULT_MODEL})")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"converted-model cache (default {DEFAULT_CACHE})")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw times and summary here")
+    p.add_argument("--quiet", action="store_true", help="no per-repeat lines")
+    args = p.parse_args(argv)
+
+    from common.logs import configure_logging
+
+    configure_logging("warning", json=False)   # the coordinator's per-upload INFO lines would swamp the table
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
+    result = asyncio.run(run_benchmark(args.model, args.cache_dir, args.repeats, args.warmup, progress=say))
+    print()
+    print(format_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Keeps benchmarks/transfer_bench.py from rotting: one repeat over a tiny synthetic adapter
+(a few hundred KB, layout from a small LlamaConfig; no model weights, no real SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+from benchmarks import transfer_bench as tb
+
+
+def _tiny_config_dir(tmp: Path) -> str:
+    """A config.json is all load_config/expected_layout need (`dir:` specs read no weights)."""
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    out = tmp / "tiny-config"
+    cfg.save_pretrained(out)
+    return f"dir:{out}"
+
+
+async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
+    spec = _tiny_config_dir(tmp_path)
+    lines: list[str] = []
+    result = await tb.run_benchmark(spec, cache_dir=None, repeats=1, warmup=0, workdir=tmp_path / "work",
+                                    progress=lines.append)
+
+    # r=16 on q,k,v,o (128->128, 128->64 twice, 128->128) and gate,up,down (128<->512), 2 layers
+    per_layer = 16 * (128 + 128) + 2 * 16 * (128 + 64) + 16 * (128 + 128) + 3 * 16 * (128 + 512)
+    assert result["tensors"] == 2 * 7 * 2
+    assert result["parameters"] == tb.num_params(tb.load_layout(spec, None)) == 2 * per_layer
+    assert 100_000 < result["upload_bytes"] < 1_500_000          # "a few hundred KB"
+    assert result["download_bytes"] == result["upload_bytes"]    # same layout, same safetensors size
+    assert result["accepted_uploads"] == 1                       # the upload reached a receipt
+    for series in tb.SERIES:
+        assert len(result["wall_s"][series]) == 1 and result["wall_s"][series][0] > 0
+    for direction in ("download", "upload"):
+        d = result["summary"][direction]
+        assert d["project"]["median_s"] > 0 and d["plain"]["median_s"] > 0
+        assert d["ratio_median"] > 0
+    assert 0 < result["summary"]["validate_update"]["share_of_project_upload"]
+
+    table = tb.format_table(result)
+    assert "A project" in table and "B plain gRPC" in table and "validate_update" in table
+    json.dumps(result)   # --json must be able to write it
+    assert any(line.startswith("repeat 1/1") for line in lines)
