@@ -70,6 +70,27 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Score a base model, with or without a saved PEFT adapter, on a JSONL question file."""
+    import torch
+    from peft import PeftModel
+
+    from common.data import read_jsonl
+    from common.evaluation import evaluate_choices
+    from common.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = read_jsonl(args.eval_file)[: args.max_examples or None]
+    model, tok = load_model(args.model, args.cache_dir)
+    if args.adapter is not None:
+        model = PeftModel.from_pretrained(model, str(args.adapter))
+    r = evaluate_choices(model, tok, questions)
+    print(json.dumps({"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
+                      "eval_file": str(args.eval_file), "count": r.count, "accuracy": r.accuracy, "loss": r.loss}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fedserver.demo import DemoOptions, run_demo
 
@@ -108,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", choices=["group", "iid"], default="group")
     pr.add_argument("--max-per-school", type=int, default=None)
     pr.set_defaults(fn=_prepare)
+    e = sub.add_parser("evaluate", help="score a base model (and optionally a saved adapter) on held-out questions")
+    e.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    e.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter directory, e.g. demo-out/rounds/3/adapter")
+    e.add_argument("--eval-file", type=Path, required=True)
+    e.add_argument("--max-examples", type=int, default=0, help="0 = all")
+    e.add_argument("--cache-dir", type=Path, default=None)
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(fn=_evaluate)
     d = sub.add_parser("demo", help="a whole localhost federation on the packaged SmolLM2 and real data")
     d.add_argument("--schools", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)

@@ -37,6 +37,14 @@ def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model):
     # The operator's read-only view of the same state.
     status = run("fedserver.cli", "status", "--state-dir", str(out / "coordinator"))
     assert status.returncode == 0 and "school-1" in status.stdout, status.stderr
+    # Anyone can check a saved adapter independently, through peft.
+    ev = run("fedserver.cli", "evaluate", "--model", tiny_model, "--adapter", str(out / "rounds" / "2" / "adapter"),
+             "--eval-file", str(out / "data" / "eval" / "eval.jsonl"))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    scored = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert scored["count"] == 6
+    assert scored["accuracy"] == report["rounds"][-1]["eval_accuracy"]
+    assert abs(scored["loss"] - report["rounds"][-1]["eval_loss"]) < 1e-4
     # A second run refuses to overwrite the first.
     again = run("fedserver.cli", "demo", "--model", tiny_model, "--out", str(out))
     assert again.returncode == 2 and "earlier run" in again.stderr
