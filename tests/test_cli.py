@@ -65,3 +65,33 @@ async def test_daemon_exit_codes(tmp_path, tiny_model, fed_data, start_coordinat
     proc = await asyncio.to_thread(run, "fedclient.cli", "run", "--config", str(bad), timeout=60)
     assert proc.returncode == 78
     assert "colour: unknown key" in proc.stderr and "coordinator: expected host:port" in proc.stderr
+
+
+async def test_sigterm_stops_coordinator_and_daemon_gracefully(tmp_path, tiny_model, fed_data):
+    """systemd stops services with SIGTERM: both exit 0; the coordinator keeps its open round."""
+    import asyncio
+    import signal
+
+    from tests.test_coordinator_restart import start as start_server
+    from tests.test_coordinator_restart import write_config
+    from tests.test_daemon_processes import spawn
+
+    cfg = write_config(tmp_path, tiny_model)
+    server, address = await asyncio.to_thread(start_server, cfg, tmp_path, 1)
+    school = spawn(write_school_toml(tmp_path, address, "school-1", fed_data, tiny_model), tmp_path / "school.log")
+    try:
+        log = tmp_path / "school.log"
+        for _ in range(600):   # until the school has joined
+            if log.exists() and "joined" in log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        school.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(school.wait, 30) == 0, log.read_text()[-2000:]
+        assert "stopped" in log.read_text()
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.wait, 30) == 0
+        assert "stopping on signal" in (tmp_path / "coordinator-1.log").read_text()
+    finally:
+        for p in (school, server):
+            if p.poll() is None:
+                p.kill()
