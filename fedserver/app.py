@@ -90,6 +90,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     notifier("READY=1")
     watchdog = asyncio.create_task(_watchdog(notifier))
     rounds = asyncio.create_task(coord.engine.run())
+    live = asyncio.create_task(coord.engine.publish_status(cfg.server.state_dir / "live.json"))
     stopper = asyncio.create_task(stop.wait())
     code = 0
     done, _ = await asyncio.wait({rounds, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -106,6 +107,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
         rounds.cancel()
     notifier("STOPPING=1")
     watchdog.cancel()
+    live.cancel()
     stopper.cancel()
     await coord.stop()
     return code

@@ -58,6 +58,11 @@ def _status(args: argparse.Namespace) -> int:
     report = build_report(store, model="", eval_name="")
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     print(f"schools: {', '.join(s['id'] for s in store.schools()) or '(none yet)'}")
+    live = args.state_dir / "live.json"
+    if live.exists():
+        now = json.loads(live.read_text())
+        if now.get("round"):
+            print(f"round {now['round']} open: " + ", ".join(f"{k}: {v}" for k, v in now["schools"].items()))
     return 0
 
 

@@ -181,7 +181,9 @@ def run_demo(opts: DemoOptions) -> int:
 
 def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: DemoOptions, t0: float) -> None:
     db = out / "coordinator" / "state.sqlite"
+    live = out / "coordinator" / "live.json"
     seen: set[str] = set()
+    last_live = 0.0
     with console.status("waiting for schools to join…") as status:
         while coord.poll() is None:
             if time.monotonic() - t0 > opts.timeout_s:
@@ -208,6 +210,15 @@ def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: De
                     console.print(f"  [{time.monotonic() - t0:5.0f}s] round {r.round} {r.status}: "
                                   f"{int(r.metrics.get('updates', 0))}/{len(r.participants)} updates, "
                                   f"train loss {r.metrics.get('train_loss', float('nan')):.3f}, {r.metrics.get('seconds', 0):.0f} s")
+            if time.monotonic() - last_live > 20 and live.exists():   # a heartbeat line during long rounds
+                last_live = time.monotonic()
+                try:
+                    now = json.loads(live.read_text())
+                except ValueError:
+                    now = {}
+                if now.get("round"):
+                    console.print(f"  [{time.monotonic() - t0:5.0f}s] round {now['round']}: "
+                                  + ", ".join(f"{k} {v}" for k, v in now["schools"].items()))
             current = [r for r in rounds if r.status == "open"]
             status.update(f"round {current[0].round} open: training at {len(current[0].participants)} schools…" if current
                           else "between rounds / evaluating…")

@@ -4,6 +4,8 @@ strategy, closes rounds at quorum or deadline, and checkpoints. The only place r
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import shutil
 import time
@@ -125,6 +127,27 @@ class RoundEngine:
             self._changed.set()
             self.log.info("school detached", school=sess.school_id, connected=len(self.sessions))
 
+    def live_status(self) -> dict[str, Any]:
+        """What is happening now (for `fedserver status` and the demo); not durable state."""
+        rnd = self.current
+        return {
+            "time": time.time(),
+            "round": rnd.number if rnd else None,
+            "participants": rnd.participants if rnd else [],
+            "accepted": sorted(rnd.accepted) if rnd else [],
+            "failed": dict(rnd.failed) if rnd else {},
+            "deadline_in_s": round(rnd.deadline - time.time(), 1) if rnd else None,
+            "schools": {sid: s.progress or "connected" for sid, s in sorted(self.sessions.items())},
+        }
+
+    async def publish_status(self, path: Path, every_s: float = 2.0) -> None:
+        """Write live_status() to `path` atomically every few seconds until cancelled."""
+        tmp = path.with_suffix(".tmp")
+        while True:
+            data = json.dumps(self.live_status())
+            await asyncio.to_thread(lambda: (tmp.write_text(data), os.replace(tmp, path)))
+            await asyncio.sleep(every_s)
+
     def count_bytes(self, up: int = 0, down: int = 0) -> None:
         rnd = self.current.number if self.current else self.store.last_round_number()
         acc = self._bytes.setdefault(rnd, [0, 0])
@@ -179,6 +202,8 @@ class RoundEngine:
             update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics))
             await asyncio.to_thread(self.strategy.accumulate, update)
             rnd.accepted.add(school_id)
+            if school_id in self.sessions:
+                self.sessions[school_id].progress = f"update accepted for round {rnd.number}"
             self.log.info("update accepted", school=school_id, round=rnd.number, examples=h.num_examples,
                           accepted=len(rnd.accepted), participants=len(rnd.participants))
             self._changed.set()

@@ -37,6 +37,8 @@ def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model):
     # The operator's read-only view of the same state.
     status = run("fedserver.cli", "status", "--state-dir", str(out / "coordinator"))
     assert status.returncode == 0 and "school-1" in status.stdout, status.stderr
+    live = json.loads((out / "coordinator" / "live.json").read_text())   # the live view the demo prints
+    assert set(live) >= {"round", "schools", "participants", "accepted"}
     # Anyone can check a saved adapter independently, through peft.
     ev = run("fedserver.cli", "evaluate", "--model", tiny_model, "--adapter", str(out / "rounds" / "2" / "adapter"),
              "--eval-file", str(out / "data" / "eval" / "eval.jsonl"))
