@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from common import systemd
 from common.config import load_toml
 from common.errors import ConfigError
 from common.logs import configure_logging, get_logger
@@ -31,29 +32,14 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notify = _notifier()
+    notify = systemd.notifier()
     notify("READY=1")
-
-    async def watchdog() -> None:
-        while True:
-            notify("WATCHDOG=1")
-            await asyncio.sleep(10)
-
-    dog = asyncio.create_task(watchdog())
+    dog = asyncio.create_task(systemd.watchdog(notify))
     try:
         return await daemon.run(stop)
     finally:
         notify("STOPPING=1")
         dog.cancel()
-
-
-def _notifier():  # type: ignore[no-untyped-def]
-    try:
-        import sdnotify
-
-        return sdnotify.SystemdNotifier().notify
-    except Exception:  # pragma: no cover
-        return lambda _m: None
 
 
 def main(argv: list[str] | None = None) -> int:

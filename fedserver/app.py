@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common import systemd
 from common.logs import get_logger
 from common.models import load_config
 from common.lora import expected_layout
@@ -86,9 +87,9 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notifier = _systemd_notifier()
+    notifier = systemd.notifier()
     notifier("READY=1")
-    watchdog = asyncio.create_task(_watchdog(notifier))
+    watchdog = asyncio.create_task(systemd.watchdog(notifier))
     rounds = asyncio.create_task(coord.engine.run())
     live = asyncio.create_task(coord.engine.publish_status(cfg.server.state_dir / "live.json"))
     stopper = asyncio.create_task(stop.wait())
@@ -111,19 +112,3 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     stopper.cancel()
     await coord.stop()
     return code
-
-
-def _systemd_notifier():  # type: ignore[no-untyped-def]
-    try:
-        import sdnotify
-
-        n = sdnotify.SystemdNotifier()
-        return n.notify
-    except Exception:  # pragma: no cover - sdnotify is a dependency; stay up without it
-        return lambda _msg: None
-
-
-async def _watchdog(notify) -> None:  # type: ignore[no-untyped-def]
-    while True:   # WatchdogSec=60 in the unit; ping well inside it while the loop is alive
-        notify("WATCHDOG=1")
-        await asyncio.sleep(10)
