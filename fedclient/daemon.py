@@ -213,7 +213,7 @@ class SchoolDaemon:
                 header = UploadHeader(cmd.round, "", len(self.model.train_questions), sha256_hex(delta), len(delta),
                                       0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
                                                               "steps": float(result.steps), "tokens": float(result.tokens),
-                                                              "train_seconds": result.seconds})
+                                                              "seconds": result.seconds})
                 header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
                 self._save_pending(header, delta)
                 log.info("trained", loss=round(result.mean_loss, 4), seconds=round(result.seconds, 1))
