@@ -209,3 +209,24 @@ def test_store_receipts_are_unique_and_durable(tmp_path):
     assert again.open_round_row() is None and again.last_round_number() == 1
     ro = Store(tmp_path / "s.sqlite", readonly=True)
     assert ro.committed_rounds() == 1
+
+
+# ---------------------------------------------------------------- daemon pending uploads
+
+
+def test_pending_upload_survives_a_daemon_restart_and_is_checked(tmp_path):
+    """A trained delta is kept on disk until delivered; a stale or corrupt one is dropped."""
+    from fedclient.config import SchoolConfig, SchoolSection
+    from fedclient.daemon import SchoolDaemon
+
+    cfg = SchoolConfig(school=SchoolSection(state_dir=tmp_path))
+    payload = tensors_to_bytes({"a": torch.ones(3)})
+    h = UploadHeader(4, "r4-x", 10, sha256_hex(payload), len(payload), 0, "b" * 64, {"loss": 1.0})
+    SchoolDaemon(cfg, "tok", model=None)._save_pending(h, payload)          # type: ignore[arg-type]
+    again = SchoolDaemon(cfg, "tok", model=None)                            # type: ignore[arg-type]
+    assert again._load_pending(4, "b" * 64) == (h, payload)
+    assert again._load_pending(4, "c" * 64) is None                          # trained on another adapter
+    assert again._load_pending(4, "b" * 64) is None                          # ... and so it was dropped
+    again._save_pending(h, payload)
+    (tmp_path / "pending" / "round-4.safetensors").write_bytes(payload[:-1] + b"x")
+    assert again._load_pending(4, "b" * 64) is None                          # corrupt on disk
