@@ -55,9 +55,15 @@ def _spec(model: str) -> str:
 def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map the domain exception tree to a gRPC status, for unary and streaming handlers."""
 
-    async def _abort(context: grpc.aio.ServicerContext, exc: FederationError, name: str) -> None:
-        log.info("rpc refused", rpc=name, status=exc.status, error=str(exc))
-        await context.abort(grpc.StatusCode[exc.status], str(exc))
+    async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
+        if isinstance(exc, FederationError):
+            log.info("rpc refused", rpc=name, status=exc.status, error=str(exc))
+            await context.abort(grpc.StatusCode[exc.status], str(exc))
+        # A bug, not bad input: keep the traceback here, tell the school only that it happened.
+        log.error("rpc failed", rpc=name, error=repr(exc), exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"coordinator error in {name}; the operator can find it in the coordinator's log")
+
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
 
     if getattr(fn, "_streaming", False):
         @functools.wraps(fn)
@@ -65,7 +71,9 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except FederationError as exc:
+            except passthrough:
+                raise
+            except Exception as exc:
                 await _abort(context, exc, fn.__name__)
         return gen_wrapper
 
@@ -73,7 +81,9 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await fn(self, request, context)
-        except FederationError as exc:
+        except passthrough:
+            raise
+        except Exception as exc:
             await _abort(context, exc, fn.__name__)
     return wrapper
 

@@ -243,17 +243,34 @@ async def test_rounds_failing_in_a_row_stop_the_engine(tmp_path, tiny_model, sta
             yield await outbox.get()
 
     call = stub.Session(events(), metadata=md)
-    try:
+
+    async def answer_with_failures() -> None:
         async for cmd in call:
-            if cmd.WhichOneof("command") == "train":   # answer every round with a failure
+            if cmd.WhichOneof("command") == "train":   # every round fails at this school
                 outbox.put_nowait(pb.ClientEvent(failure=pb.Failure(round=cmd.round, phase="train", message="disk full")))
-            if rc.run_task.done():
-                break
-    except grpc.aio.AioRpcError:
-        pass
+
+    answering = asyncio.create_task(answer_with_failures())
+    try:
+        await asyncio.wait({rc.run_task}, timeout=60)
     finally:
+        answering.cancel()
         call.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
         await channel.close()
     with pytest.raises(RuntimeError, match="2 rounds in a row failed"):
         await rc.run_task
     assert [r.status for r in rc.store.rounds()] == ["failed", "failed"]
+
+
+async def test_a_coordinator_bug_is_internal_not_a_crash(open_round, monkeypatch):
+    rc, stub, sessions = open_round
+
+    def broken(*_a, **_k):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr(rc.store, "receipt_for_upload", broken)
+    await expect_status(stub.UploadStatus(pb.UploadStatusRequest(upload_id="u1"), metadata=sessions["school-1"]),
+                        grpc.StatusCode.INTERNAL, "coordinator's log")
+    monkeypatch.undo()
+    good = tensors_to_bytes(good_delta(rc))   # and the coordinator keeps serving
+    assert await upload(stub, header_for(rc, good), good, sessions["school-1"]) is not None
