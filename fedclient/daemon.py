@@ -204,18 +204,19 @@ class SchoolDaemon:
         self._active_round = cmd.round
         try:
             log = self.log.bind(round=cmd.round)
-            pending = self._load_pending(cmd.round, cmd.adapter.sha256)
+            pending = await asyncio.to_thread(self._load_pending, cmd.round, cmd.adapter.sha256)
             if pending is None:
                 global_bytes = await self._fetch(cmd)
                 await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
                 log.info("training", steps=cmd.params.local_steps, examples=len(self.model.train_questions))
                 delta, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
-                header = UploadHeader(cmd.round, "", len(self.model.train_questions), sha256_hex(delta), len(delta),
+                digest = await asyncio.to_thread(sha256_hex, delta)
+                header = UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta),
                                       0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
                                                               "steps": float(result.steps), "tokens": float(result.tokens),
                                                               "seconds": result.seconds})
                 header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
-                self._save_pending(header, delta)
+                await asyncio.to_thread(self._save_pending, header, delta)
                 log.info("trained", loss=round(result.mean_loss, 4), seconds=round(result.seconds, 1))
             else:
                 header, delta = pending
@@ -223,7 +224,7 @@ class SchoolDaemon:
             receipt = await self._rpc(lambda s, md: upload(s, header, delta, md), cmd.deadline_unix)
             log.info("update delivered", upload_id=header.upload_id, bytes=len(delta), resent=receipt is None)
             self._finished_rounds.add(cmd.round)
-            self._drop_pending(cmd.round)
+            await asyncio.to_thread(self._drop_pending, cmd.round)
         finally:
             self._active_round = 0
 

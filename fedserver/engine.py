@@ -82,8 +82,8 @@ class RoundEngine:
         re-folding every receipted update from disk exactly once."""
         sha = self.store.get_meta("global_sha256")
         if sha is None:
-            state = initial_state(self.layout, self.cfg.lora.seed)
-            data = tensors_to_bytes(state)
+            state = await asyncio.to_thread(initial_state, self.layout, self.cfg.lora.seed)
+            data = await asyncio.to_thread(tensors_to_bytes, state)
             sha = await asyncio.to_thread(self.artifacts.put, data)
             await asyncio.to_thread(self._checkpoint, 0, state, {"round": 0, "note": "initial adapter (B = 0)"})
             await asyncio.to_thread(self.store.set_meta, "global_sha256", sha)
