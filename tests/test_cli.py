@@ -87,6 +87,14 @@ async def test_sigterm_stops_coordinator_and_daemon_gracefully(tmp_path, tiny_mo
             if log.exists() and "joined" in log.read_text():
                 break
             await asyncio.sleep(0.1)
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(address) as channel:   # the standard health service
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "schoolfed.v1.Federation"):
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
         school.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(school.wait, 30) == 0, log.read_text()[-2000:]
         assert "stopped" in log.read_text()
