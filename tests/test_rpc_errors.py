@@ -36,6 +36,9 @@ async def open_round(tmp_path, tiny_model, start_coordinator):
     yield rc, stub, sessions
     for c in calls:
         c.cancel()
+    # Stop the server first: it ends the streams, so the client close cannot wait on them
+    # (a close-first teardown hung once in CI). Stopping twice is harmless.
+    await rc.stop()
     await channel.close()
 
 
