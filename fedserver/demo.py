@@ -137,6 +137,7 @@ def run_demo(opts: DemoOptions) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     port_file = out / "coordinator.addr"
+    port_file.unlink(missing_ok=True)    # a stale address from an earlier run must not be read
     try:
         log = open(out / "logs" / "coordinator.log", "wb")
         coord = subprocess.Popen([sys.executable, "-m", "fedserver.cli", "serve", "--config", str(coord_cfg),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from common.errors import DuplicateUploadError, WrongRoundError
+from common.files import atomic_write_text
 from common.lora import LoraSettings, TensorSpec, initial_state, write_peft_dir
 from common.logs import get_logger
 from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
@@ -142,10 +142,9 @@ class RoundEngine:
 
     async def publish_status(self, path: Path, every_s: float = 2.0) -> None:
         """Write live_status() to `path` atomically every few seconds until cancelled."""
-        tmp = path.with_suffix(".tmp")
         while True:
             data = json.dumps(self.live_status())
-            await asyncio.to_thread(lambda: (tmp.write_text(data), os.replace(tmp, path)))
+            await asyncio.to_thread(atomic_write_text, path, data, fsync=False)
             await asyncio.sleep(every_s)
 
     def count_bytes(self, up: int = 0, down: int = 0) -> None:

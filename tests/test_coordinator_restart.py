@@ -63,6 +63,7 @@ class School:
         self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
         self.stub = pb_grpc.FederationStub(self.channel)
         self.sid = sid
+        self.call: grpc.aio.StreamStreamCall | None = None
 
     async def join(self) -> None:
         resp = await self.stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=[("authorization", f"Bearer {TOKENS[self.sid]}")])
@@ -82,7 +83,8 @@ class School:
         raise AssertionError("session ended without a train command")
 
     async def close(self) -> None:
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
         await self.channel.close()
 
 

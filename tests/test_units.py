@@ -230,3 +230,17 @@ def test_pending_upload_survives_a_daemon_restart_and_is_checked(tmp_path):
     again._save_pending(h, payload)
     (tmp_path / "pending" / "round-4.safetensors").write_bytes(payload[:-1] + b"x")
     assert again._load_pending(4, "b" * 64) is None                          # corrupt on disk
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_debris(tmp_path):
+    from common.files import atomic_write_bytes, atomic_write_text
+
+    target = tmp_path / "sub" / "addr"
+    atomic_write_text(target, "127.0.0.1:1\n")
+    atomic_write_text(target, "127.0.0.1:2\n", fsync=False)
+    assert target.read_text() == "127.0.0.1:2\n"
+
+    with pytest.raises(TypeError):     # fails after the temp file exists
+        atomic_write_bytes(target, object())  # type: ignore[arg-type]
+    assert target.read_text() == "127.0.0.1:2\n"          # the old content survives a failed write
+    assert sorted(p.name for p in target.parent.iterdir()) == ["addr"]
