@@ -26,6 +26,11 @@ def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a table, got {type(value).__name__}")
             return None
         return _build(tp, value, where, errors)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a table, got {type(value).__name__}")
+            return {}
+        return dict(value)
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if not isinstance(value, list):

@@ -3,6 +3,7 @@ the expected tensor layout (from the model config alone), and atomic PEFT direct
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,39 @@ def add_states(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tenso
 
 def sub_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: a[k] - b[k] for k in a}
+
+
+def at_rank(settings: LoraSettings, rank: int) -> LoraSettings:
+    """The settings a school of a smaller rank trains with (HetLoRA). alpha scales with the
+    rank so s = alpha/r, and with it every factor's meaning, is the same for all schools."""
+    if rank <= 0 or rank == settings.rank:
+        return settings
+    if rank > settings.rank:
+        raise ValueError(f"rank {rank} is above the federation's rank {settings.rank}")
+    return dataclasses.replace(settings, rank=rank, alpha=settings.alpha * rank / settings.rank)
+
+
+def truncate_rank(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Keep the first `rank` components: rows of each A (r x in), columns of each B (out x r)."""
+    out = {}
+    for k, v in state.items():
+        if "lora_A" in k:
+            out[k] = v[:rank].clone()
+        elif "lora_B" in k:
+            out[k] = v[:, :rank].clone()
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def pad_rank(state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero-pad a lower-rank state to the shapes of `like` (the inverse of truncate_rank)."""
+    out = {}
+    for k, v in state.items():
+        full = torch.zeros_like(like[k])
+        full[tuple(slice(0, n) for n in v.shape)] = v
+        out[k] = full
+    return out
 
 
 def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: LoraSettings,

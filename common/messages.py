@@ -87,3 +87,4 @@ class UploadHeader:
     offset: int = 0
     base_sha256: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
+    encoding: str = ""     # "" = dense float32 delta; "int8" / "topk" = common.compression codec

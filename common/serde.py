@@ -33,11 +33,13 @@ def settings_from_pb(m: pb.JoinResponse) -> SessionSettings:
 
 def _params_to_pb(p: TrainParams) -> pb.TrainParams:
     return pb.TrainParams(local_steps=p.local_steps, batch_size=p.batch_size, learning_rate=p.learning_rate,
-                          max_seq_len=p.max_seq_len, seed=p.seed, proximal_mu=p.proximal_mu)
+                          max_seq_len=p.max_seq_len, seed=p.seed, proximal_mu=p.proximal_mu,
+                          freeze=list(p.freeze), personal=list(p.personal), rank=p.rank, compression=p.compression)
 
 
 def _params_from_pb(m: pb.TrainParams) -> TrainParams:
-    return TrainParams(m.local_steps, m.batch_size, m.learning_rate, m.max_seq_len, m.seed, m.proximal_mu)
+    return TrainParams(m.local_steps, m.batch_size, m.learning_rate, m.max_seq_len, m.seed, m.proximal_mu,
+                       tuple(m.freeze), tuple(m.personal), m.rank, m.compression)
 
 
 def _artifact_to_pb(a: ArtifactRef | None) -> pb.Artifact | None:
@@ -108,8 +110,9 @@ def event_from_pb(m: pb.ClientEvent) -> Event:
 
 def header_to_pb(h: UploadHeader) -> pb.UploadHeader:
     return pb.UploadHeader(round=h.round, upload_id=h.upload_id, num_examples=h.num_examples, metrics=dict(h.metrics),
-                           sha256=h.sha256, total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256)
+                           sha256=h.sha256, total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256,
+                           encoding=h.encoding)
 
 
 def header_from_pb(m: pb.UploadHeader) -> UploadHeader:
-    return UploadHeader(m.round, m.upload_id, m.num_examples, m.sha256, m.total_size, m.offset, m.base_sha256, dict(m.metrics))
+    return UploadHeader(m.round, m.upload_id, m.num_examples, m.sha256, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding)

@@ -21,6 +21,10 @@ class TrainParams:
     max_seq_len: int = 256      # tokens; longer examples are cut from the left of the prompt
     seed: int = 0
     proximal_mu: float = 0.0    # FedProx: (mu/2)·||w - w_global||² over the LoRA tensors
+    freeze: tuple[str, ...] = ()    # adapter tensors whose name contains one of these stay fixed (FFA: "lora_A")
+    personal: tuple[str, ...] = ()  # tensors the school keeps for itself across rounds (FedSA: "lora_B")
+    rank: int = 0                   # LoRA rank this school trains at; 0 = the federation's (HetLoRA)
+    compression: str = ""           # JSON CompressionSpec for the upload; "" = dense float32
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,22 @@ def train_lora(
         raise ValueError("no training questions: the school's data folder is empty")
     if params.local_steps < 1 or params.batch_size < 1:
         raise ValueError("local_steps and batch_size must be >= 1")
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and any(f in n for f in params.freeze)]
+    for p in frozen:   # FFA-LoRA: A stays at the shared init for this run
+        p.requires_grad_(False)
+    try:
+        return _train(model, tok, questions, params, progress, should_stop)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train(model: Any, tok: Any, questions: Sequence[Question], params: TrainParams,
+           progress: Callable[[int, int, float], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("model has no trainable parameters; wrap it with common.lora.wrap first")
+        raise ValueError("model has no trainable parameters; wrap it with common.lora.wrap first "
+                         f"(or TrainParams.freeze={params.freeze!r} froze all of them)")
     anchor = [p.detach().clone() for p in trainable] if params.proximal_mu > 0 else None
     opt = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
     order = list(range(len(questions)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -49,9 +51,9 @@ def iter_chunks(data: bytes, offset: int = 0, chunk_size: int = MAX_CHUNK_BYTES)
         yield start, bytes(view[start : start + chunk_size])
 
 
-def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Safetensors bytes (never pickle) of a flat name -> tensor mapping."""
-    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, dict(metadata) if metadata else None)
 
 
 def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -60,6 +62,17 @@ def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
         return st_load(data)
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise ValidationError(f"payload is not valid safetensors: {exc}") from exc
+
+
+def bytes_to_tensors_with_metadata(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors plus the safetensors header's string metadata."""
+    tensors = bytes_to_tensors(data)
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (struct.error, ValueError) as exc:
+        raise ValidationError(f"safetensors header is unreadable: {exc}") from exc
+    return tensors, dict(meta)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

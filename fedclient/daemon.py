@@ -12,16 +12,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from common import PROTOCOL_VERSION, __version__
 from common.backoff import Backoff
+from common.compression import CompressionSpec, ErrorFeedback
+from common.files import atomic_write_bytes
 from common.lora import LoraSettings
 from common.logs import get_logger
 from common.messages import Capabilities, Command, EvalReport, Event, Failure, Heartbeat, Progress, UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
-from common.wire import grpc_options, sha256_hex
+from common.training import TrainParams
+from common.wire import bytes_to_tensors, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.config import SchoolConfig
 from fedclient.transfer import download, upload
 from fedclient.worker import SchoolModel
@@ -47,6 +51,7 @@ class SchoolDaemon:
         self._link: tuple[pb_grpc.FederationStub, list[tuple[str, str]]] | None = None
         self._link_ready = asyncio.Event()
         self._adapter_settings: LoraSettings | None = None
+        self._last_params: TrainParams | None = None   # personal tensors / rank apply to evaluation too
         self._active_round = 0
         self._finished_rounds: set[int] = set()
         self._adapters: dict[str, bytes] = {}      # sha256 -> bytes, newest only
@@ -202,6 +207,7 @@ class SchoolDaemon:
         if cmd.round in self._finished_rounds or cmd.round == self._active_round:
             return   # a re-sent command after a reconnect; the work is done or under way
         self._active_round = cmd.round
+        self._last_params = cmd.params
         try:
             log = self.log.bind(round=cmd.round)
             pending = await asyncio.to_thread(self._load_pending, cmd.round, cmd.adapter.sha256)
@@ -209,12 +215,13 @@ class SchoolDaemon:
                 global_bytes = await self._fetch(cmd)
                 await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
                 log.info("training", steps=cmd.params.local_steps, examples=len(self.model.train_questions))
-                delta, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
+                tensors, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
+                delta, encoding = await asyncio.to_thread(self._encode, tensors, cmd.params.compression)
                 digest = await asyncio.to_thread(sha256_hex, delta)
                 header = UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta),
                                       0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
                                                               "steps": float(result.steps), "tokens": float(result.tokens),
-                                                              "seconds": result.seconds})
+                                                              "seconds": result.seconds}, encoding)
                 header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
                 await asyncio.to_thread(self._save_pending, header, delta)
                 log.info("trained", loss=round(result.mean_loss, 4), seconds=round(result.seconds, 1))
@@ -228,11 +235,27 @@ class SchoolDaemon:
         finally:
             self._active_round = 0
 
+    def _encode(self, delta: dict[str, torch.Tensor], compression: str) -> tuple[bytes, str]:
+        """The upload payload: dense float32, or compressed with this school's error feedback
+        (its residual is kept on disk, so a restart does not lose what was not yet sent)."""
+        if not compression:
+            return tensors_to_bytes(delta), ""
+        spec = CompressionSpec.from_json(compression)
+        if spec.kind == "none":
+            return tensors_to_bytes(delta), ""
+        feedback = ErrorFeedback(spec)
+        path = self.cfg.school.state_dir / f"feedback-{spec.kind}.safetensors"
+        if path.exists():
+            feedback.load_state_dict(bytes_to_tensors(path.read_bytes()))
+        encoded = feedback.compress(delta)
+        atomic_write_bytes(path, tensors_to_bytes(feedback.state_dict()))
+        return tensors_to_bytes(encoded), spec.kind
+
     async def _evaluate(self, cmd: Command) -> None:
         assert self._adapter_settings is not None
         data = await self._fetch(cmd)
         await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
-        result = await asyncio.to_thread(self.model.evaluate, data, cmd.max_examples)
+        result = await asyncio.to_thread(self.model.evaluate, data, cmd.max_examples, self._last_params)
         if result is not None:
             self.events.put_nowait(EvalReport(cmd.round, result.count, result.metrics()))
 

@@ -11,7 +11,8 @@ import torch
 
 from common.data import Question, read_jsonl
 from common.evaluation import EvalResult, evaluate_choices
-from common.lora import LoraSettings, adapter_state, load_adapter_state, sub_states, wrap
+from common.files import atomic_write_bytes
+from common.lora import LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, sub_states, truncate_rank, wrap
 from common.models import load_model
 from common.training import TrainParams, TrainResult, train_lora
 from common.wire import bytes_to_tensors, tensors_to_bytes
@@ -19,7 +20,7 @@ from common.wire import bytes_to_tensors, tensors_to_bytes
 
 class SchoolModel:
     def __init__(self, base: str, cache_dir: Path | None, data_dir: Path, heldout_file: Path | None,
-                 torch_threads: int = 0) -> None:
+                 torch_threads: int = 0, state_dir: Path | None = None) -> None:
         self.base = base
         self.cache_dir = cache_dir
         self.train_questions: list[Question] = read_jsonl(data_dir)
@@ -31,8 +32,16 @@ class SchoolModel:
         self._tok: Any = None
         self._settings: LoraSettings | None = None
         self.stop_flag = threading.Event()
+        self._federation: LoraSettings | None = None
+        # Tensors this school keeps for itself (FedSA-LoRA's B), kept on disk across restarts.
+        self.personal_file = state_dir / "personal.safetensors" if state_dir is not None else None
 
     def ensure_loaded(self, settings: LoraSettings) -> None:
+        """Load the base model and wrap it with the federation's LoRA settings (once)."""
+        self._federation = settings
+        self._load(settings)
+
+    def _load(self, settings: LoraSettings) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         if self._model is not None and settings == self._settings:
@@ -41,17 +50,43 @@ class SchoolModel:
         self._model = wrap(base, settings)
         self._settings = settings
 
+    def _start_state(self, global_payload: bytes, params: TrainParams) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(global adapter, this school's starting point): the global adapter cut to the
+        school's rank, with the school's personal tensors in place of the shared ones."""
+        assert self._federation is not None, "ensure_loaded() first"
+        glob = bytes_to_tensors(global_payload)
+        self._load(at_rank(self._federation, params.rank))
+        start = truncate_rank(glob, params.rank) if params.rank and params.rank != self._federation.rank else dict(glob)
+        if params.personal:
+            for k, v in self._personal().items():
+                if k in start and any(p in k for p in params.personal) and v.shape == start[k].shape:
+                    start[k] = v
+        return glob, start
+
+    def _personal(self) -> dict[str, torch.Tensor]:
+        if self.personal_file is None or not self.personal_file.exists():
+            return {}
+        return bytes_to_tensors(self.personal_file.read_bytes())
+
     def train(self, global_payload: bytes, params: TrainParams,
-              progress: Callable[[int, int, float], None]) -> tuple[bytes, TrainResult]:
-        """Start from the global adapter, train locally, return the delta as safetensors bytes."""
-        start = bytes_to_tensors(global_payload)
+              progress: Callable[[int, int, float], None]) -> tuple[dict[str, torch.Tensor], TrainResult]:
+        """Start from the global adapter, train locally, return the delta (in the global
+        adapter's shapes) against where this school started."""
+        glob, start = self._start_state(global_payload, params)
         load_adapter_state(self._model, start)
         result = train_lora(self._model, self._tok, self.train_questions, params, progress, self.stop_flag.is_set)
-        delta = sub_states(adapter_state(self._model), start)
-        return tensors_to_bytes(delta), result
+        final = adapter_state(self._model)
+        if params.personal and self.personal_file is not None:
+            mine = {k: v for k, v in final.items() if any(p in k for p in params.personal)}
+            atomic_write_bytes(self.personal_file, tensors_to_bytes(mine))
+        delta = sub_states(final, start)
+        if params.rank and self._federation is not None and params.rank != self._federation.rank:
+            delta = pad_rank(delta, glob)
+        return delta, result
 
-    def evaluate(self, global_payload: bytes, max_examples: int) -> EvalResult | None:
+    def evaluate(self, global_payload: bytes, max_examples: int, params: TrainParams | None = None) -> EvalResult | None:
         if not self.heldout or max_examples <= 0:
             return None
-        load_adapter_state(self._model, bytes_to_tensors(global_payload))
+        _, start = self._start_state(global_payload, params or TrainParams())
+        load_adapter_state(self._model, start)
         return evaluate_choices(self._model, self._tok, self.heldout[:max_examples])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
+from common.errors import ConfigError
 from common.lora import ALL_PROJECTIONS, LoraSettings
 from common.training import TrainParams
 
@@ -108,7 +110,13 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class StrategySection:
+    """`name` picks a registered strategy (`fedserver strategies` lists them), `options` are
+    its keys, and each `[[strategy.wrappers]]` table (name + its keys) composes around it,
+    the first listed innermost."""
+
     name: str = "fedavg"
+    options: dict[str, Any] = field(default_factory=dict)
+    wrappers: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,8 +161,15 @@ class CoordinatorConfig:
             out.append("schools: two schools share a token; give each school its own")
         if not self.schools:
             out.append("schools: no school is enrolled; add [[schools]] entries (fedserver token --school ID)")
-        from fedserver.strategy import STRATEGIES
+        from fedserver.strategy import build
 
-        if self.strategy.name not in STRATEGIES:
-            out.append(f"strategy.name: unknown {self.strategy.name!r}; choose one of {sorted(STRATEGIES)}")
+        try:
+            strategy = build(self.strategy)
+        except ConfigError as exc:
+            out.append(str(exc))
+        else:
+            need = strategy.min_updates()
+            if self.rounds.quorum < need:
+                out.append(f"rounds.quorum: {self.strategy.name} needs at least {need} updates per round "
+                           f"(options {self.strategy.options}); raise quorum and min_schools to {need} or change its options")
         return out

@@ -16,15 +16,15 @@ from typing import Any
 import torch
 
 from common.errors import DuplicateUploadError, WrongRoundError
-from common.files import atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import LoraSettings, TensorSpec, initial_state, write_peft_dir
 from common.logs import get_logger
 from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
-from common.wire import bytes_to_tensors, tensors_to_bytes
+from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
 from fedserver.store import Receipt, Store
-from fedserver.strategy import ClientFailure, ClientUpdate, Strategy
+from fedserver.strategy import ClientFailure, ClientUpdate, Strategy, StrategyContext
 from fedserver.validation import validate_update
 
 
@@ -72,6 +72,7 @@ class RoundEngine:
         self._lock = asyncio.Lock()         # serialises accept/close of the open round
         self._changed = asyncio.Event()     # poked on join, leave, upload, failure
         self._bytes: dict[int, list[int]] = {}
+        self._dense_bytes: dict[int, list[int]] = {}   # round -> [compressed bytes received, dense payload bytes they stand for]
         self._eval_tasks: set[asyncio.Task[Any]] = set()
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
@@ -90,6 +91,9 @@ class RoundEngine:
             self.log.info("initial adapter created", sha256=sha[:12], tensors=len(state))
         self.global_sha = sha
         self.global_state = bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, sha))
+        self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
+                                            self.cfg.server.state_dir / "strategy" / "scratch"))
+        await asyncio.to_thread(self._load_strategy_state)
         row = self.store.open_round_row()
         if row is not None:
             rnd = OpenRound(row.round, row.participants, row.global_in,
@@ -105,7 +109,38 @@ class RoundEngine:
 
     def _fold(self, rc: Receipt) -> None:
         tensors = bytes_to_tensors(Path(rc.path).read_bytes())
-        self.strategy.accumulate(ClientUpdate(rc.school_id, rc.round, rc.num_examples, tensors, rc.metrics))
+        self.strategy.accumulate(ClientUpdate(rc.school_id, rc.round, rc.num_examples, tensors, rc.metrics, Path(rc.path)))
+
+    # ---------------------------------------------------------------- strategy memory
+    def _strategy_state_path(self, number: int) -> Path:
+        return self.cfg.server.state_dir / "strategy" / f"round-{number}.safetensors"
+
+    def _save_strategy_state(self, number: int) -> None:
+        """Keyed by round: a crash before the commit is recorded resumes from round N-1's state."""
+        tensors, meta = self.strategy.state()
+        header = {"strategy": json.dumps(self.strategy.describe()), "meta": json.dumps(meta)}
+        atomic_write_bytes(self._strategy_state_path(number), tensors_to_bytes(tensors, header))
+        for old in self._strategy_state_path(number).parent.glob("round-*.safetensors"):
+            if old.stem != f"round-{number}" and old.stem.split("-")[-1].isdigit() and int(old.stem.split("-")[-1]) < number - 1:
+                old.unlink(missing_ok=True)
+
+    def _load_strategy_state(self) -> None:
+        last = self.store.last_committed_round()
+        if last == 0:
+            return
+        path = self._strategy_state_path(last)
+        if not path.exists():
+            self.log.warning("no saved strategy state for the last committed round; server moments start from zero",
+                             round=last, path=str(path))
+            return
+        tensors, header = bytes_to_tensors_with_metadata(path.read_bytes())
+        saved = json.loads(header.get("strategy", "{}"))
+        if saved != self.strategy.describe():
+            self.log.warning("strategy or its options changed since the last round; its saved state is not loaded",
+                             saved=saved, now=self.strategy.describe())
+            return
+        self.strategy.load_state(tensors, json.loads(header.get("meta", "{}")))
+        self.log.info("strategy state restored", round=last, tensors=len(tensors))
 
     # ---------------------------------------------------------------- sessions
     def attach(self, school_id: str, caps: Capabilities) -> SchoolSession:
@@ -116,7 +151,7 @@ class RoundEngine:
         self.sessions[school_id] = sess
         rnd = self.current
         if rnd is not None and school_id in rnd.pending():
-            sess.queue.put_nowait(self._train_command(rnd))
+            sess.queue.put_nowait(self._train_command(rnd, school_id))
         self._changed.set()
         self.log.info("school attached", school=school_id, connected=len(self.sessions))
         return sess
@@ -192,13 +227,21 @@ class RoundEngine:
             assert rnd is not None
             payload = await asyncio.to_thread(payload_path.read_bytes)
             tensors = await asyncio.to_thread(validate_update, payload, h.sha256, self.layout, self.cfg.rounds.max_norm,
-                                              received_sha256)
+                                              received_sha256, h.encoding)
             final = self.updates_dir / f"round-{rnd.number}" / f"{school_id}.safetensors"
             final.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(payload_path.replace, final)
+            if h.encoding:   # keep the decoded, dense update: restarts and spilling buffers read it back
+                dense = await asyncio.to_thread(tensors_to_bytes, tensors)
+                await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
+                payload_path.unlink(missing_ok=True)
+                acc = self._dense_bytes.setdefault(rnd.number, [0, 0])
+                acc[0] += h.total_size
+                acc[1] += len(dense)
+            else:
+                await asyncio.to_thread(payload_path.replace, final)
             rc = Receipt(rnd.number, school_id, h.upload_id, h.sha256, h.num_examples, dict(h.metrics), str(final))
             await asyncio.to_thread(self.store.add_receipt, rc)
-            update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics))
+            update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics), final, h.total_size)
             await asyncio.to_thread(self.strategy.accumulate, update)
             rnd.accepted.add(school_id)
             if school_id in self.sessions:
@@ -209,8 +252,9 @@ class RoundEngine:
             return rc
 
     # ---------------------------------------------------------------- the loop
-    def _train_command(self, rnd: OpenRound) -> Command:
+    def _train_command(self, rnd: OpenRound, school_id: str) -> Command:
         params = self.strategy.configure_round(rnd.number, self.cfg.train.params(rnd.number))
+        params = self.strategy.configure_school(rnd.number, school_id, params)
         ref = ArtifactRef(rnd.global_sha, self.artifacts.size(rnd.global_sha))
         return Command("train", rnd.number, rnd.deadline, ref, params)
 
@@ -262,9 +306,8 @@ class RoundEngine:
         rnd = OpenRound(number, participants, self.global_sha, self.global_state, deadline)
         self.strategy.begin_round(number, self.global_state)
         self.current = rnd
-        cmd = self._train_command(rnd)
         for sid in participants:
-            self.sessions[sid].queue.put_nowait(cmd)
+            self.sessions[sid].queue.put_nowait(self._train_command(rnd, sid))
         for sid in set(connected) - set(participants):
             self.sessions[sid].queue.put_nowait(Command("idle", number, reason="not selected this round"))
         self.log.info("round opened", round=number, participants=participants, deadline_s=self.cfg.rounds.deadline_s)
@@ -288,11 +331,23 @@ class RoundEngine:
                 await asyncio.to_thread(self.store.add_bytes, rnd.number, up, down)
             seconds = time.monotonic() - rnd.started
             committed = len(rnd.accepted) >= self.cfg.rounds.quorum
+            sent, dense = self._dense_bytes.pop(rnd.number, [0, 0])
+            result = None
             if committed:
-                result = await asyncio.to_thread(self.strategy.finalize)
+                try:
+                    result = await asyncio.to_thread(self.strategy.finalize)
+                except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
+                    self.log.error("strategy could not aggregate; the round fails and the global adapter is kept",
+                                   round=rnd.number, strategy=self.strategy.name, error=str(exc))
+                    rnd.failed["strategy"] = f"{self.strategy.name}: {exc}"
+                    committed = False
+            if committed and result is not None:
                 data = await asyncio.to_thread(tensors_to_bytes, result.state)
                 sha = await asyncio.to_thread(self.artifacts.put, data)
-                metrics = {**result.metrics, "seconds": seconds}
+                await asyncio.to_thread(self._save_strategy_state, rnd.number)
+                metrics = {**self._school_metrics(rnd.number), **result.metrics, "seconds": seconds}
+                if dense:   # some uploads were compressed: what they cost against dense float32 payloads
+                    metrics.update(upload_bytes=float(sent), upload_bytes_dense=float(dense), upload_bytes_saved=float(dense - sent))
                 await asyncio.to_thread(self._checkpoint, rnd.number, result.state,
                                         {"round": rnd.number, "sha256": sha, "participants": rnd.participants,
                                          "accepted": sorted(rnd.accepted), "metrics": metrics})
@@ -304,11 +359,21 @@ class RoundEngine:
             else:
                 await asyncio.to_thread(self.store.close_round, rnd.number, "failed", None,
                                         {"seconds": seconds, "updates": float(len(rnd.accepted))}, rnd.failed)
-                self.log.warning("round failed: quorum not reached", round=rnd.number, accepted=len(rnd.accepted),
+                self.log.warning("round failed", round=rnd.number, accepted=len(rnd.accepted),
                                  quorum=self.cfg.rounds.quorum, failed=rnd.failed)
             self.current = None
             shutil.rmtree(self.updates_dir / f"round-{rnd.number}", ignore_errors=True)
             return committed
+
+    def _school_metrics(self, number: int) -> dict[str, float]:
+        """train_<name>: the example-weighted mean of what the schools reported (loss, tokens...)."""
+        sums: dict[str, float] = {}
+        total = 0
+        for rc in self.store.receipts(number):
+            total += rc.num_examples
+            for k, v in rc.metrics.items():
+                sums[k] = sums.get(k, 0.0) + rc.num_examples * float(v)
+        return {f"train_{k}": v / total for k, v in sums.items()} if total else {}
 
     def _after_commit(self, number: int, sha: str) -> None:
         if self._evaluate is not None:

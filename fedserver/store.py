@@ -172,6 +172,9 @@ class Store:
         rows = self._query("SELECT COALESCE(MAX(round), 0) FROM rounds")
         return int(rows[0][0])
 
+    def last_committed_round(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(round), 0) FROM rounds WHERE status='committed'")[0][0])
+
     def committed_rounds(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM rounds WHERE status='committed'")[0][0])
 

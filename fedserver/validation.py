@@ -7,20 +7,35 @@ from collections.abc import Mapping
 
 import torch
 
+from common.compression import decode
 from common.errors import ChecksumError, ValidationError
 from common.lora import TensorSpec
 from common.wire import bytes_to_tensors, sha256_hex
 
+CODECS = ("int8", "topk")
+
 
 def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, TensorSpec],
-                    max_norm: float = 0.0, payload_sha256: str | None = None) -> dict[str, torch.Tensor]:
+                    max_norm: float = 0.0, payload_sha256: str | None = None, encoding: str = "") -> dict[str, torch.Tensor]:
     """Parse and check an update; returns its tensors. Raises with a message that says what
     was wrong and what the school should do, so a bad upload changes nothing.
-    `payload_sha256`: the digest already computed while the bytes arrived (saves a pass)."""
+    `payload_sha256`: the digest already computed while the bytes arrived (saves a pass).
+    `encoding`: a compressed upload is decoded (with its own checks) before the dense checks."""
     actual = payload_sha256 or sha256_hex(payload)
     if actual != announced_sha256:
         raise ChecksumError(f"payload sha256 {actual[:12]}… does not match the announced {announced_sha256[:12]}…; re-send the upload")
     tensors = bytes_to_tensors(payload)
+    if encoding:
+        if encoding not in CODECS:
+            raise ValidationError(f"unknown upload encoding {encoding!r}; this coordinator decodes {sorted(CODECS)}. Upgrade the school")
+        budget = sum(math.prod(spec.shape) for spec in layout.values())
+        tensors = decode(tensors, encoding, max_numel=budget)
+    return check_tensors(tensors, layout, max_norm)
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, TensorSpec],
+                  max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """Names, shapes, dtypes, finiteness and the norm bound of a dense update."""
     missing = sorted(set(layout) - set(tensors))
     unexpected = sorted(set(tensors) - set(layout))
     if missing or unexpected:
@@ -46,4 +61,4 @@ def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, 
     norm = sq**0.5
     if max_norm > 0 and norm > max_norm:
         raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")
-    return tensors
+    return dict(tensors)

@@ -117,7 +117,7 @@ async def start_school() -> AsyncIterator[Callable[..., Any]]:
 
     async def factory(cfg: Any) -> tuple[Any, asyncio.Event, asyncio.Task[int]]:
         s = cfg.school
-        model = await asyncio.to_thread(SchoolModel, cfg.model.base, None, s.data_dir, s.heldout_file, s.torch_threads)
+        model = await asyncio.to_thread(SchoolModel, cfg.model.base, None, s.data_dir, s.heldout_file, s.torch_threads, s.state_dir)
         daemon = SchoolDaemon(cfg, s.token_file.read_text().strip(), model)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dschoolfed/v1/federation.proto\x12\x0cschoolfed.v1\"p\n\x0c\x43\x61pabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x10\n\x08hardware\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\"Y\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x30\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1a.schoolfed.v1.Capabilities\"\xa9\x01\n\x0cJoinResponse\x12\x11\n\tschool_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1b\n\x13\x63oordinator_version\x18\x05 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x06 \x01(\t\"\x1e\n\tHeartbeat\x12\x11\n\tunix_time\x18\x01 \x01(\x01\"J\n\x08Progress\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"8\n\x07\x46\x61ilure\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x99\x01\n\nEvalReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.schoolfed.v1.EvalReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcb\x01\n\x0b\x43lientEvent\x12,\n\theartbeat\x18\x01 \x01(\x0b\x32\x17.schoolfed.v1.HeartbeatH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.schoolfed.v1.ProgressH\x00\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.schoolfed.v1.FailureH\x00\x12/\n\x0b\x65val_report\x18\x04 \x01(\x0b\x32\x18.schoolfed.v1.EvalReportH\x00\x42\x07\n\x05\x65vent\"6\n\x08\x41rtifact\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x85\x01\n\x0bTrainParams\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\"i\n\x0cTrainCommand\x12.\n\x0eglobal_adapter\x18\x01 \x01(\x0b\x32\x16.schoolfed.v1.Artifact\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.schoolfed.v1.TrainParams\"W\n\x0f\x45valuateCommand\x12.\n\x0eglobal_adapter\x18\x01 \x01(\x0b\x32\x16.schoolfed.v1.Artifact\x12\x14\n\x0cmax_examples\x18\x02 \x01(\r\"\x1d\n\x0bIdleCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"!\n\x0fShutdownCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xfe\x01\n\rServerCommand\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rdeadline_unix\x18\x02 \x01(\x01\x12+\n\x05train\x18\x03 \x01(\x0b\x32\x1a.schoolfed.v1.TrainCommandH\x00\x12\x31\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1d.schoolfed.v1.EvaluateCommandH\x00\x12)\n\x04idle\x18\x05 \x01(\x0b\x32\x19.schoolfed.v1.IdleCommandH\x00\x12\x31\n\x08shutdown\x18\x06 \x01(\x0b\x32\x1d.schoolfed.v1.ShutdownCommandH\x00\x42\t\n\x07\x63ommand\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xf9\x01\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.schoolfed.v1.UploadHeader.MetricsEntry\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x13\n\x0b\x62\x61se_sha256\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\rUploadMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.schoolfed.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.schoolfed.v1.ChunkH\x00\x42\t\n\x07message\"T\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12*\n\x06header\x18\x02 \x01(\x0b\x32\x1a.schoolfed.v1.UploadHeader\"@\n\x14UploadStatusResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"Y\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x32\xf1\x02\n\nFederation\x12=\n\x04Join\x12\x19.schoolfed.v1.JoinRequest\x1a\x1a.schoolfed.v1.JoinResponse\x12\x45\n\x07Session\x12\x19.schoolfed.v1.ClientEvent\x1a\x1b.schoolfed.v1.ServerCommand(\x01\x30\x01\x12@\n\x08\x44ownload\x12\x1d.schoolfed.v1.DownloadRequest\x1a\x13.schoolfed.v1.Chunk0\x01\x12U\n\x0cUploadStatus\x12!.schoolfed.v1.UploadStatusRequest\x1a\".schoolfed.v1.UploadStatusResponse\x12\x44\n\x06Upload\x12\x1b.schoolfed.v1.UploadMessage\x1a\x1b.schoolfed.v1.UploadReceipt(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dschoolfed/v1/federation.proto\x12\x0cschoolfed.v1\"p\n\x0c\x43\x61pabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x10\n\x08hardware\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\"Y\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x30\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1a.schoolfed.v1.Capabilities\"\xa9\x01\n\x0cJoinResponse\x12\x11\n\tschool_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1b\n\x13\x63oordinator_version\x18\x05 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x06 \x01(\t\"\x1e\n\tHeartbeat\x12\x11\n\tunix_time\x18\x01 \x01(\x01\"J\n\x08Progress\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"8\n\x07\x46\x61ilure\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x99\x01\n\nEvalReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.schoolfed.v1.EvalReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcb\x01\n\x0b\x43lientEvent\x12,\n\theartbeat\x18\x01 \x01(\x0b\x32\x17.schoolfed.v1.HeartbeatH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.schoolfed.v1.ProgressH\x00\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.schoolfed.v1.FailureH\x00\x12/\n\x0b\x65val_report\x18\x04 \x01(\x0b\x32\x18.schoolfed.v1.EvalReportH\x00\x42\x07\n\x05\x65vent\"6\n\x08\x41rtifact\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\xca\x01\n\x0bTrainParams\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x0e\n\x06\x66reeze\x18\x07 \x03(\t\x12\x10\n\x08personal\x18\x08 \x03(\t\x12\x0c\n\x04rank\x18\t \x01(\r\x12\x13\n\x0b\x63ompression\x18\n \x01(\t\"i\n\x0cTrainCommand\x12.\n\x0eglobal_adapter\x18\x01 \x01(\x0b\x32\x16.schoolfed.v1.Artifact\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.schoolfed.v1.TrainParams\"W\n\x0f\x45valuateCommand\x12.\n\x0eglobal_adapter\x18\x01 \x01(\x0b\x32\x16.schoolfed.v1.Artifact\x12\x14\n\x0cmax_examples\x18\x02 \x01(\r\"\x1d\n\x0bIdleCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"!\n\x0fShutdownCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xfe\x01\n\rServerCommand\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rdeadline_unix\x18\x02 \x01(\x01\x12+\n\x05train\x18\x03 \x01(\x0b\x32\x1a.schoolfed.v1.TrainCommandH\x00\x12\x31\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1d.schoolfed.v1.EvaluateCommandH\x00\x12)\n\x04idle\x18\x05 \x01(\x0b\x32\x19.schoolfed.v1.IdleCommandH\x00\x12\x31\n\x08shutdown\x18\x06 \x01(\x0b\x32\x1d.schoolfed.v1.ShutdownCommandH\x00\x42\t\n\x07\x63ommand\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x8b\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.schoolfed.v1.UploadHeader.MetricsEntry\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x13\n\x0b\x62\x61se_sha256\x18\x08 \x01(\t\x12\x10\n\x08\x65ncoding\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\rUploadMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.schoolfed.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.schoolfed.v1.ChunkH\x00\x42\t\n\x07message\"T\n\x13UploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12*\n\x06header\x18\x02 \x01(\x0b\x32\x1a.schoolfed.v1.UploadHeader\"@\n\x14UploadStatusResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"Y\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x32\xf1\x02\n\nFederation\x12=\n\x04Join\x12\x19.schoolfed.v1.JoinRequest\x1a\x1a.schoolfed.v1.JoinResponse\x12\x45\n\x07Session\x12\x19.schoolfed.v1.ClientEvent\x1a\x1b.schoolfed.v1.ServerCommand(\x01\x30\x01\x12@\n\x08\x44ownload\x12\x1d.schoolfed.v1.DownloadRequest\x1a\x13.schoolfed.v1.Chunk0\x01\x12U\n\x0cUploadStatus\x12!.schoolfed.v1.UploadStatusRequest\x1a\".schoolfed.v1.UploadStatusResponse\x12\x44\n\x06Upload\x12\x1b.schoolfed.v1.UploadMessage\x1a\x1b.schoolfed.v1.UploadReceipt(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,33 +56,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACT']._serialized_start=952
   _globals['_ARTIFACT']._serialized_end=1006
   _globals['_TRAINPARAMS']._serialized_start=1009
-  _globals['_TRAINPARAMS']._serialized_end=1142
-  _globals['_TRAINCOMMAND']._serialized_start=1144
-  _globals['_TRAINCOMMAND']._serialized_end=1249
-  _globals['_EVALUATECOMMAND']._serialized_start=1251
-  _globals['_EVALUATECOMMAND']._serialized_end=1338
-  _globals['_IDLECOMMAND']._serialized_start=1340
-  _globals['_IDLECOMMAND']._serialized_end=1369
-  _globals['_SHUTDOWNCOMMAND']._serialized_start=1371
-  _globals['_SHUTDOWNCOMMAND']._serialized_end=1404
-  _globals['_SERVERCOMMAND']._serialized_start=1407
-  _globals['_SERVERCOMMAND']._serialized_end=1661
-  _globals['_DOWNLOADREQUEST']._serialized_start=1663
-  _globals['_DOWNLOADREQUEST']._serialized_end=1712
-  _globals['_CHUNK']._serialized_start=1714
-  _globals['_CHUNK']._serialized_end=1771
-  _globals['_UPLOADHEADER']._serialized_start=1774
-  _globals['_UPLOADHEADER']._serialized_end=2023
+  _globals['_TRAINPARAMS']._serialized_end=1211
+  _globals['_TRAINCOMMAND']._serialized_start=1213
+  _globals['_TRAINCOMMAND']._serialized_end=1318
+  _globals['_EVALUATECOMMAND']._serialized_start=1320
+  _globals['_EVALUATECOMMAND']._serialized_end=1407
+  _globals['_IDLECOMMAND']._serialized_start=1409
+  _globals['_IDLECOMMAND']._serialized_end=1438
+  _globals['_SHUTDOWNCOMMAND']._serialized_start=1440
+  _globals['_SHUTDOWNCOMMAND']._serialized_end=1473
+  _globals['_SERVERCOMMAND']._serialized_start=1476
+  _globals['_SERVERCOMMAND']._serialized_end=1730
+  _globals['_DOWNLOADREQUEST']._serialized_start=1732
+  _globals['_DOWNLOADREQUEST']._serialized_end=1781
+  _globals['_CHUNK']._serialized_start=1783
+  _globals['_CHUNK']._serialized_end=1840
+  _globals['_UPLOADHEADER']._serialized_start=1843
+  _globals['_UPLOADHEADER']._serialized_end=2110
   _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=698
   _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=744
-  _globals['_UPLOADMESSAGE']._serialized_start=2025
-  _globals['_UPLOADMESSAGE']._serialized_end=2135
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=2137
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=2221
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=2223
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=2287
-  _globals['_UPLOADRECEIPT']._serialized_start=2289
-  _globals['_UPLOADRECEIPT']._serialized_end=2378
-  _globals['_FEDERATION']._serialized_start=2381
-  _globals['_FEDERATION']._serialized_end=2750
+  _globals['_UPLOADMESSAGE']._serialized_start=2112
+  _globals['_UPLOADMESSAGE']._serialized_end=2222
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=2224
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=2308
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=2310
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=2374
+  _globals['_UPLOADRECEIPT']._serialized_start=2376
+  _globals['_UPLOADRECEIPT']._serialized_end=2465
+  _globals['_FEDERATION']._serialized_start=2468
+  _globals['_FEDERATION']._serialized_end=2837
 # @@protoc_insertion_point(module_scope)

@@ -319,6 +319,10 @@ class TrainParams(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
+    FREEZE_FIELD_NUMBER: _builtins.int
+    PERSONAL_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -326,6 +330,18 @@ class TrainParams(_message.Message):
     seed: _builtins.int
     proximal_mu: _builtins.float
     """FedProx term; 0 disables"""
+    rank: _builtins.int
+    """LoRA rank this school trains at (HetLoRA/FlexLoRA); 0 = federation's"""
+    compression: _builtins.str
+    """JSON compression spec for the upload; empty = dense float32"""
+    @_builtins.property
+    def freeze(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """adapter tensors containing one of these stay fixed (FFA-LoRA: "lora_A")"""
+
+    @_builtins.property
+    def personal(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tensors the school keeps across rounds, never overwritten (FedSA-LoRA: "lora_B")"""
+
     def __init__(
         self,
         *,
@@ -335,10 +351,14 @@ class TrainParams(_message.Message):
         max_seq_len: _builtins.int = ...,
         seed: _builtins.int = ...,
         proximal_mu: _builtins.float = ...,
+        freeze: _abc.Iterable[_builtins.str] | None = ...,
+        personal: _abc.Iterable[_builtins.str] | None = ...,
+        rank: _builtins.int = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "max_seq_len", b"max_seq_len", "proximal_mu", b"proximal_mu", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compression", b"compression", "freeze", b"freeze", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "max_seq_len", b"max_seq_len", "personal", b"personal", "proximal_mu", b"proximal_mu", "rank", b"rank", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,6 +571,7 @@ class UploadHeader(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     BASE_SHA256_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     upload_id: _builtins.str
     """chosen by the school; stable across resumes of one upload"""
@@ -562,6 +583,8 @@ class UploadHeader(_message.Message):
     """where the following chunks start (from UploadStatus)"""
     base_sha256: _builtins.str
     """the global adapter the delta was computed against"""
+    encoding: _builtins.str
+    """"" = dense float32 safetensors; "int8" | "topk" = compressed (common/compression.py)"""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -575,10 +598,11 @@ class UploadHeader(_message.Message):
         total_size: _builtins.int = ...,
         offset: _builtins.int = ...,
         base_sha256: _builtins.str = ...,
+        encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "metrics", b"metrics", "num_examples", b"num_examples", "offset", b"offset", "round", b"round", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "encoding", b"encoding", "metrics", b"metrics", "num_examples", b"num_examples", "offset", b"offset", "round", b"round", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

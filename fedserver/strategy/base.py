@@ -1,14 +1,29 @@
-"""The strategy interface: the round engine calls these hooks; a strategy only does math."""
+"""The strategy interface: the round engine calls these hooks; a strategy only does math.
+
+Lifecycle, per coordinator process:
+    setup(ctx)                    once, before anything else (LoRA scale, layout, spill dir)
+    load_state(tensors, meta)     once, if a state was saved after the last committed round
+and per round:
+    configure_school(...)         hyper-parameters and client-side mode for each participant
+    begin_round(round, global)
+    accumulate(update)*           as each upload is accepted (may be out of order, any time)
+    record_failure(failure)*      stragglers, drop-outs and rejected uploads
+    finalize() -> AggregateResult once the round closes with at least a quorum
+    state() -> (tensors, meta)    saved with the commit, so a restart resumes server moments
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+from common.lora import LoraSettings, TensorSpec
 from common.training import TrainParams
 
 State = Mapping[str, torch.Tensor]
@@ -23,6 +38,8 @@ class ClientUpdate:
     num_examples: int
     delta: State
     metrics: Mapping[str, float] = field(default_factory=dict)
+    path: Path | None = None     # where the engine keeps the payload (spilling buffers read it back)
+    wire_bytes: int = 0          # bytes the school actually sent (after compression)
 
 
 @dataclass(frozen=True)
@@ -40,17 +57,63 @@ class AggregateResult:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class StrategyContext:
+    """What a strategy may know about the federation it serves."""
+
+    settings: LoraSettings
+    layout: Mapping[str, TensorSpec]
+    enrolled: tuple[str, ...] = ()          # school ids in the coordinator's config
+    work_dir: Path | None = None            # scratch space (spill files), inside the state dir
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r: the product a LoRA pair contributes is s * B @ A."""
+        return self.settings.alpha / self.settings.rank
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
 class Strategy(ABC):
-    """Lifecycle per round: configure_round -> begin_round -> (accumulate | record_failure)* ->
-    finalize. `accumulate` is called as each upload is accepted, so a strategy whose math
-    allows it keeps only a running sum: memory O(adapter), not O(schools x adapter)."""
+    """A registered aggregation rule. Subclasses set `name`, `summary` and, if they take
+    options, `Options` (a frozen dataclass whose fields are the `[strategy.options]` keys,
+    with a `problems()` method that lists bad values)."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    needs_all_updates: ClassVar[bool] = False    # True: keeps every update until finalize (buffered)
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+        self.ctx: StrategyContext | None = None
+
+    # ------------------------------------------------------------ set-up and config
+    def setup(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def context(self) -> StrategyContext:
+        if self.ctx is None:
+            raise RuntimeError(f"strategy {self.name!r} used before setup(); the round engine calls it at start")
+        return self.ctx
 
     def configure_round(self, round_: int, params: TrainParams) -> TrainParams:
-        """Hyper-parameters sent to the schools this round (default: unchanged)."""
+        """Hyper-parameters sent to every participant this round (default: unchanged)."""
         return params
 
+    def configure_school(self, round_: int, school_id: str, params: TrainParams) -> TrainParams:
+        """Per-school refinement of configure_round (ranks, compression, personal tensors)."""
+        return params
+
+    def min_updates(self) -> int:
+        """Fewest accepted updates the rule is defined for (Krum: f + 3); checked against quorum."""
+        return 1
+
+    # ------------------------------------------------------------ the round
     @abstractmethod
     def begin_round(self, round_: int, global_state: State) -> None: ...
 
@@ -63,3 +126,89 @@ class Strategy(ABC):
     @abstractmethod
     def finalize(self) -> AggregateResult:
         """Called once the round closes with at least a quorum of accepted updates."""
+
+    # ------------------------------------------------------------ persistence
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Server-side memory carried between rounds (momentum, accountant): tensors + JSON."""
+        return {}, {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what state() returned after the last committed round."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dataclasses.asdict(self.options)}
+
+
+class Wrapper(Strategy):
+    """Composes around another strategy: by default every hook is passed through."""
+
+    def __init__(self, inner: Strategy, options: Any = None) -> None:
+        super().__init__(options)
+        self.inner = inner
+
+    @property
+    def needs_all_updates(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_all_updates
+
+    def min_updates(self) -> int:
+        return self.inner.min_updates()
+
+    def compatibility(self) -> list[str]:
+        """Reasons this wrapper cannot go around `inner` (checked when the config is read)."""
+        return []
+
+    def innermost(self) -> Strategy:
+        s: Strategy = self.inner
+        while isinstance(s, Wrapper):
+            s = s.inner
+        return s
+
+    def setup(self, ctx: StrategyContext) -> None:
+        super().setup(ctx)
+        self.inner.setup(ctx)
+
+    def configure_round(self, round_: int, params: TrainParams) -> TrainParams:
+        return self.inner.configure_round(round_, params)
+
+    def configure_school(self, round_: int, school_id: str, params: TrainParams) -> TrainParams:
+        return self.inner.configure_school(round_, school_id, params)
+
+    def begin_round(self, round_: int, global_state: State) -> None:
+        self.inner.begin_round(round_, global_state)
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        self.inner.accumulate(update)
+
+    def record_failure(self, failure: ClientFailure) -> None:
+        self.inner.record_failure(failure)
+
+    def finalize(self) -> AggregateResult:
+        return self.inner.finalize()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = self.inner.state()
+        own_t, own_m = self.own_state()
+        return {**tensors, **{f"{self.name}::{k}": v for k, v in own_t.items()}}, {**meta, **({self.name: own_m} if own_m else {})}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        prefix = f"{self.name}::"
+        self.inner.load_state({k: v for k, v in tensors.items() if not k.startswith(prefix)},
+                              {k: v for k, v in meta.items() if k != self.name})
+        self.load_own_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta.get(self.name, {}))
+
+    def own_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_own_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "inner": self.inner.describe()}
+
+
+def flat_norm(state: State) -> float:
+    """L2 norm over every tensor of a state dict, accumulated in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for v in state.values():
+        total += torch.linalg.vector_norm(v.to(torch.float64)) ** 2
+    return float(total.sqrt())

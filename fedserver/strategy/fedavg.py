@@ -1,53 +1,277 @@
-"""FedAvg over LoRA factor deltas (FedIT, ALGORITHMS.md C.2), weighted by example counts."""
+"""The averaging family (ALGORITHMS.md C.2, C.4, C.5): FedAvg over LoRA factor deltas and the
+server optimisers FedAvgM, FedAdagrad, FedAdam and FedYogi, which all start from the same
+weighted mean delta and differ only in how they step. They fold uploads into running sums
+as they arrive (memory O(adapter), whatever the number of schools).
+
+Two client-side modes make the factor-space math exact or personal:
+  lora_a = "frozen"  FFA-LoRA: A stays at the shared seeded init; only B trains and is
+                     averaged, so the average of products equals the product of averages.
+  personal_b = true  FedSA-LoRA: each school keeps its own B; A is shared and averaged.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from common.training import TrainParams
+from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy
+
+LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+@dataclass(frozen=True)
+class AvgOptions:
+    weighting: str = "examples"   # "examples": p_k ∝ n_k; "uniform": p_k = 1/K
+    lora_a: str = "train"         # "train" | "frozen" (FFA-LoRA)
+    personal_b: bool = False      # FedSA-LoRA: schools keep their own B
+    server_lr: float = 1.0        # η: w ← w + η·step
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.weighting not in ("examples", "uniform"):
+            out.append(f"weighting: {self.weighting!r} is not 'examples' or 'uniform'")
+        if self.lora_a not in ("train", "frozen"):
+            out.append(f"lora_a: {self.lora_a!r} is not 'train' or 'frozen'")
+        if self.lora_a == "frozen" and self.personal_b:
+            out.append("lora_a = 'frozen' with personal_b = true leaves nothing to share; pick one")
+        if not self.server_lr > 0:
+            out.append("server_lr: must be > 0")
+        return out
 
 
 class FedAvg(Strategy):
-    """w_{t+1} = w_t + sum_k p_k delta_k with p_k = n_k / sum_j n_j over the schools that
-    delivered. Averages A and B separately (FedIT); the cross-term bias of C.2 remains."""
+    """w ← w + η Σ_k p_k Δ_k with p_k = n_k / Σ_j n_j over the schools that delivered
+    (FedIT: A and B averaged separately; the cross-term bias of C.2 remains unless A is frozen)."""
 
     name = "fedavg"
+    summary = "Weighted mean of the factor deltas (FedIT). The baseline; cross-term bias on B·A."
+    Options = AvgOptions
 
-    def __init__(self) -> None:
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
         self._global: dict[str, torch.Tensor] = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._weight = 0.0
         self._count = 0
-        self._metric_sums: dict[str, float] = {}
         self._failures = 0
+        self._round = 0
+        # Hooks a wrapper (DP noise) applies to the mean delta before the server step.
+        self.mean_hooks: list[Callable[[dict[str, torch.Tensor], int], dict[str, float]]] = []
 
+    # --------------------------------------------------------------- client modes
+    def shared(self, key: str) -> bool:
+        """Is this tensor aggregated (True) or left to the schools / frozen (False)?"""
+        if self.options.lora_a == "frozen" and LORA_A in key:
+            return False
+        return True
+
+    def configure_round(self, round_: int, params: TrainParams) -> TrainParams:
+        freeze = (LORA_A,) if self.options.lora_a == "frozen" else ()
+        personal = (LORA_B,) if self.options.personal_b else ()
+        return dataclasses.replace(params, freeze=tuple(sorted({*params.freeze, *freeze})),
+                                   personal=tuple(sorted({*params.personal, *personal})))
+
+    # --------------------------------------------------------------- the round
     def begin_round(self, round_: int, global_state: State) -> None:
+        self._round = round_
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
-        self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._global.items()}
+        self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._global.items() if self.shared(k)}
         self._weight, self._count, self._failures = 0.0, 0, 0
-        self._metric_sums = {}
+
+    def weight_of(self, update: ClientUpdate) -> float:
+        if update.num_examples <= 0:
+            raise ValueError(f"update from {update.school_id} claims {update.num_examples} examples")
+        return 1.0 if self.options.weighting == "uniform" else float(update.num_examples)
 
     def accumulate(self, update: ClientUpdate) -> None:
-        w = float(update.num_examples)
-        if w <= 0:
-            raise ValueError(f"update from {update.school_id} claims {update.num_examples} examples")
+        w = self.weight_of(update)
         for k, acc in self._sum.items():
             acc.add_(update.delta[k].to(torch.float64), alpha=w)  # float64 sums: order-independent to ~1e-12
         self._weight += w
         self._count += 1
-        for name, value in update.metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + w * float(value)
 
     def record_failure(self, failure: ClientFailure) -> None:
         self._failures += 1
 
-    def finalize(self) -> AggregateResult:
+    def mean_delta(self) -> dict[str, torch.Tensor]:
         if self._count == 0:
             raise ValueError("finalize() with no accepted updates")
-        state = {k: (self._global[k].to(torch.float64) + s / self._weight).to(self._global[k].dtype)
-                 for k, s in self._sum.items()}
-        step_norm = float(torch.sqrt(sum(((s / self._weight) ** 2).sum() for s in self._sum.values())))
-        metrics = {f"train_{k}": v / self._weight for k, v in self._metric_sums.items()}
+        return {k: s / self._weight for k, s in self._sum.items()}
+
+    def step(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The server step from the (float64) mean delta; FedAvg: η·mean."""
+        return {k: self.options.server_lr * v for k, v in mean.items()}
+
+    def finalize(self) -> AggregateResult:
+        mean = self.mean_delta()
+        metrics: dict[str, float] = {}
+        for hook in self.mean_hooks:
+            metrics.update(hook(mean, self._count))
+        step = self.step(mean)
+        state = {k: (g.to(torch.float64) + step[k]).to(g.dtype) if k in step else g.clone()
+                 for k, g in self._global.items()}
+        step_norm = float(torch.sqrt(sum((v ** 2).sum() for v in step.values())))
         metrics.update(updates=float(self._count), failures=float(self._failures),
-                       examples=self._weight, update_norm=step_norm)
+                       examples=self._weight if self.options.weighting == "examples" else float(self._count),
+                       update_norm=step_norm)
+        if self.ctx is not None:
+            metrics["step_norm"] = lowrank.step_norm(self._global, state, self.ctx.scale)
         return AggregateResult(state, metrics)
+
+
+# ------------------------------------------------------------------ server momentum
+
+
+@dataclass(frozen=True)
+class AvgMOptions(AvgOptions):
+    momentum: float = 0.9         # β: m ← β m + Δ; w ← w + η m
+
+    def problems(self) -> list[str]:
+        return super().problems() + ([] if 0 <= self.momentum < 1 else ["momentum: must be in [0, 1)"])
+
+
+class FedAvgM(FedAvg):
+    """FedAvg with server momentum (Hsu et al. 2019): m ← β m + Δ, w ← w + η m."""
+
+    name = "fedavgm"
+    summary = "FedAvg plus server momentum; smooths noisy rounds, helps under non-IID data."
+    Options = AvgMOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.m: dict[str, torch.Tensor] = {}
+
+    def step(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        beta = self.options.momentum
+        self.m = {k: beta * self.m[k] + d if k in self.m else d.clone() for k, d in mean.items()}
+        return {k: self.options.server_lr * v for k, v in self.m.items()}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {f"m::{k}": v.to(torch.float32) for k, v in self.m.items()}, {}
+
+    def load_state(self, tensors: State, meta: Any) -> None:
+        self.m = {k[3:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("m::")}
+
+
+# ------------------------------------------------------------------ adaptive server optimisers
+
+
+@dataclass(frozen=True)
+class OptOptions(AvgOptions):
+    server_lr: float = 1e-2       # η (C.5: start at 1e-2 for LoRA deltas)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3             # adaptivity: larger τ → closer to FedAvgM
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            out.append("beta1, beta2: must be in [0, 1)")
+        if not self.tau > 0:
+            out.append("tau: must be > 0")
+        return out
+
+
+class _FedOpt(FedAvg):
+    """Reddi et al. (ICLR 2021): m ← β₁m + (1−β₁)Δ; v by the subclass rule;
+    w ← w + η m / (√v + τ), elementwise on the factor deltas."""
+
+    Options = OptOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def second_moment(self, v: torch.Tensor | None, d2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        o = self.options
+        out = {}
+        for k, d in mean.items():
+            m = o.beta1 * self.m[k] + (1 - o.beta1) * d if k in self.m else (1 - o.beta1) * d
+            v = self.second_moment(self.v.get(k), d * d)
+            self.m[k], self.v[k] = m, v
+            out[k] = o.server_lr * m / (v.sqrt() + o.tau)
+        return out
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        t = {f"m::{k}": v.to(torch.float32) for k, v in self.m.items()}
+        t.update({f"v::{k}": v.to(torch.float32) for k, v in self.v.items()})
+        return t, {}
+
+    def load_state(self, tensors: State, meta: Any) -> None:
+        self.m = {k[3:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("m::")}
+        self.v = {k[3:]: v.to(torch.float64) for k, v in tensors.items() if k.startswith("v::")}
+
+
+class FedAdagrad(_FedOpt):
+    name = "fedadagrad"
+    summary = "Adaptive server step, v ← v + Δ²; per-coordinate learning rates that only shrink."
+
+    def second_moment(self, v: torch.Tensor | None, d2: torch.Tensor) -> torch.Tensor:
+        # v⁰ = τ² (Reddi et al.), so the first step is bounded by η·(1−β₁)|Δ|/(|Δ|+2τ)-ish, not η.
+        return (v if v is not None else torch.full_like(d2, self.options.tau ** 2)) + d2
+
+
+class FedAdam(_FedOpt):
+    name = "fedadam"
+    summary = "Adam on the server's pseudo-gradient; robust to heterogeneous update scales."
+
+    def second_moment(self, v: torch.Tensor | None, d2: torch.Tensor) -> torch.Tensor:
+        b2 = self.options.beta2
+        return b2 * (v if v is not None else torch.full_like(d2, self.options.tau ** 2)) + (1 - b2) * d2
+
+
+class FedYogi(_FedOpt):
+    name = "fedyogi"
+    summary = "Yogi on the server: additive second moment, slower to forget than Adam."
+
+    def second_moment(self, v: torch.Tensor | None, d2: torch.Tensor) -> torch.Tensor:
+        b2 = self.options.beta2
+        v = v if v is not None else torch.full_like(d2, self.options.tau ** 2)
+        return v - (1 - b2) * d2 * torch.sign(v - d2)
+
+
+# ------------------------------------------------------------------ LoRA modes as named presets
+
+
+@dataclass(frozen=True)
+class FFAOptions(AvgOptions):
+    lora_a: str = "frozen"
+
+    def problems(self) -> list[str]:
+        return super().problems() + ([] if self.lora_a == "frozen" else ["lora_a: FFA-LoRA freezes A by definition; use fedavg for trainable A"])
+
+
+class FFALoRA(FedAvg):
+    """FFA-LoRA (Sun et al. 2024): A frozen at the shared seeded init, only B trains and is
+    averaged, so ΔW = s·B̄·A₀ is the exact average. Use a larger alpha for the frozen A."""
+
+    name = "ffa_lora"
+    summary = "Freeze A at the shared init, average B: exact product average, half the upload."
+    Options = FFAOptions
+
+
+@dataclass(frozen=True)
+class FedSAOptions(AvgOptions):
+    personal_b: bool = True
+
+    def problems(self) -> list[str]:
+        return super().problems() + ([] if self.personal_b else ["personal_b: FedSA-LoRA keeps B at the schools by definition; use fedavg otherwise"])
+
+
+class FedSALoRA(FedAvg):
+    """FedSA-LoRA (Guo et al. 2025): A is shared and averaged, each school keeps its own B
+    (personalisation). The global B the coordinator keeps is a reference average only."""
+
+    name = "fedsa_lora"
+    summary = "Share A, keep B at each school: personalised models for non-IID schools."
+    Options = FedSAOptions
