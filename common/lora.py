@@ -164,3 +164,55 @@ def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: Lora
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- merged base deltas (FLoRA, FedEx-LoRA)
+# Some strategies fold part of the federation's learning into the frozen base weights:
+# W ← W₀ + B_m A_m per adapted module. The global artifact carries B_m, A_m under these names
+# next to the LoRA tensors; every party applies the difference to what it applied before.
+MERGED_A, MERGED_B = ".merged_A.", ".merged_B."
+
+
+def is_merge_key(key: str) -> bool:
+    return MERGED_A in key or MERGED_B in key
+
+
+def merge_keys(lora_a_key: str) -> tuple[str, str]:
+    """(A_m, B_m) names for the module of a lora_A tensor."""
+    return lora_a_key.replace(".lora_A.", MERGED_A), lora_a_key.replace(".lora_A.", MERGED_B)
+
+
+def split_merge(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA tensors, merged-base tensors) of a global artifact."""
+    lora = {k: v for k, v in state.items() if not is_merge_key(k)}
+    return lora, {k: v for k, v in state.items() if is_merge_key(k)}
+
+
+class BaseMerge:
+    """What a PeftModel's base weights hold beyond W₀, kept in step with the global artifact.
+    sync() adds B_new A_new − B_old A_old to each base weight, so a model loaded once follows
+    the federation round after round; a freshly loaded model starts from nothing applied."""
+
+    def __init__(self) -> None:
+        self.applied: dict[str, torch.Tensor] = {}
+
+    def sync(self, model: Any, merge: Mapping[str, torch.Tensor]) -> None:
+        if set(merge) == set(self.applied) and all(torch.equal(merge[k], self.applied[k]) for k in merge):
+            return
+        modules = {k.split(MERGED_A)[0] for k in [*merge, *self.applied] if MERGED_A in k}
+        for path in sorted(modules):
+            a_key, b_key = f"{path}{MERGED_A}weight", f"{path}{MERGED_B}weight"
+            layer = model.get_submodule(path)
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            weight = base.weight
+            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise ValueError(f"{path}: merging into a {weight.dtype} (quantized) base weight is not supported; "
+                                 "run FLoRA / FedEx-LoRA with an unquantized base model")
+            delta = torch.zeros(weight.shape, dtype=torch.float32)
+            if a_key in merge:
+                delta += merge[b_key].float() @ merge[a_key].float()
+            if a_key in self.applied:
+                delta -= self.applied[b_key].float() @ self.applied[a_key].float()
+            with torch.no_grad():
+                weight.add_(delta.to(weight.dtype))
+        self.applied = {k: v.clone() for k, v in merge.items()}

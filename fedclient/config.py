@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,27 @@ class ClientModelSection:
 
 
 @dataclass(frozen=True)
+class SimulationSection:
+    """For research only: make this school a Byzantine attacker, to measure how far an
+    aggregation strategy limits the damage. Never set on a real school."""
+
+    attack: str = ""        # "" | "sign_flip" (send −scale·Δ) | "scale" (send scale·Δ)
+    scale: float = 1.0
+
+    def problems(self) -> list[str]:
+        if self.attack not in ("", "sign_flip", "scale"):
+            return [f"attack: {self.attack!r} is not '', 'sign_flip' or 'scale'"]
+        return [] if self.scale > 0 else ["scale: must be > 0"]
+
+    def apply(self, delta: dict[str, Any]) -> dict[str, Any]:
+        if not self.attack:
+            return delta
+        factor = -self.scale if self.attack == "sign_flip" else self.scale
+        return {k: v * factor for k, v in delta.items()}
+
+
+@dataclass(frozen=True)
 class SchoolConfig:
     school: SchoolSection = field(default_factory=SchoolSection)
     model: ClientModelSection = field(default_factory=ClientModelSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)

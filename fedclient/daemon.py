@@ -25,7 +25,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
 from common.training import TrainParams
-from common.wire import bytes_to_tensors, grpc_options, sha256_hex, tensors_to_bytes
+from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.config import SchoolConfig
 from fedclient.transfer import download, upload
 from fedclient.worker import SchoolModel
@@ -63,6 +63,9 @@ class SchoolDaemon:
     # ------------------------------------------------------------ connection loop
     async def run(self, stop: asyncio.Event) -> int:
         backoff = Backoff(initial_s=0.5, max_s=self.cfg.school.max_backoff_s)
+        if self.cfg.simulation.attack:
+            self.log.warning("SIMULATION: this school sends attacked updates (research only)",
+                             attack=self.cfg.simulation.attack, scale=self.cfg.simulation.scale)
         worker = asyncio.create_task(self._work())
         try:
             while not stop.is_set() and self.shutdown_reason is None:
@@ -216,7 +219,8 @@ class SchoolDaemon:
                 await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
                 log.info("training", steps=cmd.params.local_steps, examples=len(self.model.train_questions))
                 tensors, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
-                delta, encoding = await asyncio.to_thread(self._encode, tensors, cmd.params.compression)
+                tensors = self.cfg.simulation.apply(tensors)   # research only: a simulated Byzantine school
+                delta, encoding = await asyncio.to_thread(self._encode, tensors, cmd.params.compression, cmd.round)
                 digest = await asyncio.to_thread(sha256_hex, delta)
                 header = UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta),
                                       0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
@@ -235,9 +239,10 @@ class SchoolDaemon:
         finally:
             self._active_round = 0
 
-    def _encode(self, delta: dict[str, torch.Tensor], compression: str) -> tuple[bytes, str]:
+    def _encode(self, delta: dict[str, torch.Tensor], compression: str, round_: int) -> tuple[bytes, str]:
         """The upload payload: dense float32, or compressed with this school's error feedback
-        (its residual is kept on disk, so a restart does not lose what was not yet sent)."""
+        (its residual is kept on disk, so a restart does not lose what was not yet sent; it
+        decays by feedback_decay for every round this school sat out)."""
         if not compression:
             return tensors_to_bytes(delta), ""
         spec = CompressionSpec.from_json(compression)
@@ -246,9 +251,21 @@ class SchoolDaemon:
         feedback = ErrorFeedback(spec)
         path = self.cfg.school.state_dir / f"feedback-{spec.kind}.safetensors"
         if path.exists():
-            feedback.load_state_dict(bytes_to_tensors(path.read_bytes()))
-        encoded = feedback.compress(delta)
-        atomic_write_bytes(path, tensors_to_bytes(feedback.state_dict()))
+            state, meta = bytes_to_tensors_with_metadata(path.read_bytes())
+            try:
+                feedback.load_state_dict(state)
+                for _ in range(max(0, round_ - int(meta.get("round", round_ - 1)) - 1)):
+                    feedback.missed_round()
+            except ValueError as exc:   # unreadable residual: start afresh rather than refuse to train
+                self.log.warning("discarding the compression residual", error=str(exc))
+                feedback = ErrorFeedback(spec)
+        try:
+            encoded = feedback.compress(delta)
+        except ValueError as exc:   # the residual is for another adapter layout (LoRA settings changed)
+            self.log.warning("discarding the compression residual", error=str(exc))
+            feedback = ErrorFeedback(spec)
+            encoded = feedback.compress(delta)
+        atomic_write_bytes(path, tensors_to_bytes(feedback.state_dict(), {"round": str(round_)}))
         return tensors_to_bytes(encoded), spec.kind
 
     async def _evaluate(self, cmd: Command) -> None:

@@ -12,7 +12,8 @@ import torch
 from common.data import Question, read_jsonl
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
-from common.lora import LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, sub_states, truncate_rank, wrap
+from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
+                         sub_states, truncate_rank, wrap)
 from common.models import load_model
 from common.training import TrainParams, TrainResult, train_lora
 from common.wire import bytes_to_tensors, tensors_to_bytes
@@ -33,6 +34,7 @@ class SchoolModel:
         self._settings: LoraSettings | None = None
         self.stop_flag = threading.Event()
         self._federation: LoraSettings | None = None
+        self._merge = BaseMerge()
         # Tensors this school keeps for itself (FedSA-LoRA's B), kept on disk across restarts.
         self.personal_file = state_dir / "personal.safetensors" if state_dir is not None else None
 
@@ -49,13 +51,15 @@ class SchoolModel:
         base, self._tok = load_model(self.base, self.cache_dir)
         self._model = wrap(base, settings)
         self._settings = settings
+        self._merge = BaseMerge()   # a fresh base has nothing merged into it
 
     def _start_state(self, global_payload: bytes, params: TrainParams) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(global adapter, this school's starting point): the global adapter cut to the
         school's rank, with the school's personal tensors in place of the shared ones."""
         assert self._federation is not None, "ensure_loaded() first"
-        glob = bytes_to_tensors(global_payload)
+        glob, merged = split_merge(bytes_to_tensors(global_payload))
         self._load(at_rank(self._federation, params.rank))
+        self._merge.sync(self._model, merged)    # FLoRA / FedEx-LoRA: W₀ + what the federation merged
         start = truncate_rank(glob, params.rank) if params.rank and params.rank != self._federation.rank else dict(glob)
         if params.personal:
             for k, v in self._personal().items():

@@ -4,10 +4,12 @@ Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration erro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from common.config import load_toml
 from common.errors import ConfigError
@@ -101,13 +103,39 @@ def _demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(schools=args.schools, rounds=args.rounds, out=args.out, model=args.model,
                        local_steps=args.local_steps, eval_size=args.eval_size, train_per_school=args.train_per_school,
-                       seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy, learning_rate=args.learning_rate)
+                       seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy, learning_rate=args.learning_rate,
+                       strategy_options=_json_arg(args.strategy_options, dict, "--strategy-options"),
+                       wrappers=tuple(_json_arg(args.wrappers, list, "--wrappers")), proximal_mu=args.proximal_mu,
+                       attackers=args.attackers, attack=args.attack, attack_scale=args.attack_scale)
     return run_demo(opts)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fedserver.strategy import STRATEGIES
+def _json_arg(text: str, kind: type, flag: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: not valid JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{flag}: expected a JSON {kind.__name__}")
+    return value
 
+
+def _strategies(args: argparse.Namespace) -> int:
+    from fedserver.strategy import available, lookup
+
+    for group, wrapper in (("schoolfed.strategies", False), ("schoolfed.wrappers", True)):
+        print("wrappers:" if wrapper else "strategies:")
+        for name in available(group):
+            cls = lookup(name, wrapper=wrapper)
+            fields = ", ".join(f"{f.name}={(f.default if f.default is not dataclasses.MISSING else f.default_factory())!r}"  # type: ignore[misc]
+                               for f in dataclasses.fields(cls.Options))
+            print(f"  {name:<18} {cls.summary}")
+            if fields:
+                print(f"  {'':<18} options: {fields}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedserver", description="School federation: the coordinator")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the coordinator")
@@ -152,9 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-size", type=int, default=200)
     d.add_argument("--train-per-school", type=int, default=None, help="cap each school's training questions")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
+    d.add_argument("--strategy", default="fedavg", help="a registered strategy (`fedserver strategies` lists them)")
+    d.add_argument("--strategy-options", default="{}", help='JSON table for [strategy.options], e.g. \'{"server_lr": 0.01}\'')
+    d.add_argument("--wrappers", default="[]", help='JSON list of [[strategy.wrappers]], e.g. \'[{"name": "clip", "max_norm": 1.0}]\'')
+    d.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: the schools' proximal term (0 = off)")
+    d.add_argument("--attackers", type=int, default=0, help="research: how many schools send attacked updates")
+    d.add_argument("--attack", choices=["sign_flip", "scale"], default="sign_flip")
+    d.add_argument("--attack-scale", type=float, default=1.0)
     d.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache")
     d.set_defaults(fn=_demo)
+    ls = sub.add_parser("strategies", help="list the registered strategies and wrappers with their options")
+    ls.set_defaults(fn=_strategies)
     return p
 
 

@@ -161,10 +161,11 @@ class CoordinatorConfig:
             out.append("schools: two schools share a token; give each school its own")
         if not self.schools:
             out.append("schools: no school is enrolled; add [[schools]] entries (fedserver token --school ID)")
-        from fedserver.strategy import build
+        from fedserver.strategy import StrategyContext, build
 
         try:
             strategy = build(self.strategy)
+            strategy.setup(StrategyContext(self.lora.settings(), {}, tuple(ids)))   # rank- and school-dependent checks
         except ConfigError as exc:
             out.append(str(exc))
         else:

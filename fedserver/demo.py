@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -34,7 +35,30 @@ class DemoOptions:
     seed: int = 0
     cache_dir: Path | None = None
     strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    wrappers: tuple[dict[str, Any], ...] = ()
+    proximal_mu: float = 0.0
+    attackers: int = 0            # research: the last N schools send attacked updates
+    attack: str = "sign_flip"
+    attack_scale: float = 1.0
     timeout_s: float = 3600.0
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)   # strings, numbers and true/false are spelled the same in JSON and TOML
+
+
+def strategy_toml(name: str, options: dict[str, Any], wrappers: tuple[dict[str, Any], ...]) -> str:
+    out = [f"[strategy]\nname = {json.dumps(name)}\n"]
+    if options:
+        out.append("[strategy.options]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in options.items()))
+    for w in wrappers:
+        out.append("[[strategy.wrappers]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in w.items()))
+    return "\n".join(out)
 
 
 def _toml_str(p: Path | str) -> str:
@@ -80,10 +104,9 @@ start_timeout_s = 600.0
 local_steps = {opts.local_steps}
 batch_size = 8
 learning_rate = {opts.learning_rate}
+proximal_mu = {opts.proximal_mu}
 
-[strategy]
-name = "{opts.strategy}"
-
+{strategy_toml(opts.strategy, opts.strategy_options, opts.wrappers)}
 [evaluation]
 eval_file = {_toml_str(out / "data" / "eval" / "eval.jsonl")}
 max_examples = {opts.eval_size}
@@ -92,8 +115,10 @@ threads = 1
 
 """ + "\n".join(entries))
     paths = []
+    attackers = {sid for sid, _ in school_cfgs[len(school_cfgs) - opts.attackers:]} if opts.attackers else set()
     for sid, token_file in school_cfgs:
         p = cfg_dir / f"{sid}.toml"
+        attack = (f'\n[simulation]\nattack = "{opts.attack}"\nscale = {opts.attack_scale}\n' if sid in attackers else "")
         p.write_text(f"""# written by `fedserver demo`
 [school]
 coordinator = "COORDINATOR"
@@ -107,7 +132,7 @@ max_backoff_s = 5.0
 [model]
 base = {_toml_str(opts.model)}
 cache_dir = {_toml_str(cache)}
-""")
+{attack}""")
         paths.append(p)
     return coord, paths
 

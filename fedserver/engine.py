@@ -17,7 +17,7 @@ import torch
 
 from common.errors import DuplicateUploadError, WrongRoundError
 from common.files import atomic_write_bytes, atomic_write_text
-from common.lora import LoraSettings, TensorSpec, initial_state, write_peft_dir
+from common.lora import LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
 from common.logs import get_logger
 from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
 from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
@@ -135,7 +135,7 @@ class RoundEngine:
             return
         tensors, header = bytes_to_tensors_with_metadata(path.read_bytes())
         saved = json.loads(header.get("strategy", "{}"))
-        if saved != self.strategy.describe():
+        if saved != json.loads(json.dumps(self.strategy.describe())):
             self.log.warning("strategy or its options changed since the last round; its saved state is not loaded",
                              saved=saved, now=self.strategy.describe())
             return
@@ -345,7 +345,8 @@ class RoundEngine:
                 data = await asyncio.to_thread(tensors_to_bytes, result.state)
                 sha = await asyncio.to_thread(self.artifacts.put, data)
                 await asyncio.to_thread(self._save_strategy_state, rnd.number)
-                metrics = {**self._school_metrics(rnd.number), **result.metrics, "seconds": seconds}
+                school_metrics = await asyncio.to_thread(self._school_metrics, rnd.number)
+                metrics = {**school_metrics, **result.metrics, "seconds": seconds}
                 if dense:   # some uploads were compressed: what they cost against dense float32 payloads
                     metrics.update(upload_bytes=float(sent), upload_bytes_dense=float(dense), upload_bytes_saved=float(dense - sent))
                 await asyncio.to_thread(self._checkpoint, rnd.number, result.state,
@@ -393,4 +394,7 @@ class RoundEngine:
     def _checkpoint(self, number: int, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
         path = self.checkpoint_dir / str(number) / "adapter"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_peft_dir(path, state, self.settings, self.cfg.model.base, extra=info)
+        lora, merged = split_merge(state)
+        if merged:   # FLoRA / FedEx-LoRA: the model is W₀ + B_m A_m + the adapter; PEFT cannot hold B_m A_m
+            atomic_write_bytes(path.parent / "merged_base_delta.safetensors", tensors_to_bytes(merged))
+        write_peft_dir(path, lora, self.settings, self.cfg.model.base, extra=info)

@@ -11,7 +11,7 @@ import torch
 
 from common.data import read_jsonl
 from common.evaluation import EvalResult, evaluate_choices
-from common.lora import LoraSettings, load_adapter_state, wrap
+from common.lora import BaseMerge, LoraSettings, load_adapter_state, split_merge, wrap
 from common.logs import get_logger
 from common.models import load_model
 from fedserver.config import CoordinatorConfig
@@ -26,6 +26,7 @@ class ServerEvaluator:
         self.settings: LoraSettings = cfg.lora.settings()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-eval")
         self._model: Any = None
+        self._merge = BaseMerge()
         self._tok: Any = None
         self._questions = read_jsonl(cfg.evaluation.eval_file)[: cfg.evaluation.max_examples]
         self.log = get_logger("evaluator", eval_file=str(cfg.evaluation.eval_file), count=len(self._questions))
@@ -36,10 +37,14 @@ class ServerEvaluator:
         if self._model is None:
             base, self._tok = load_model(self.cfg.model.base, self.cfg.model.cache_dir)
             self._model = wrap(base, self.settings)
+            self._merge = BaseMerge()
         if state is None:
+            self._merge.sync(self._model, {})
             with self._model.disable_adapter():   # the untuned base model
                 return evaluate_choices(self._model, self._tok, self._questions)
-        load_adapter_state(self._model, state)
+        lora, merged = split_merge(state)
+        self._merge.sync(self._model, merged)
+        load_adapter_state(self._model, lora)
         return evaluate_choices(self._model, self._tok, self._questions)
 
     async def __call__(self, round_: int, state: dict[str, torch.Tensor] | None) -> None:

@@ -463,3 +463,31 @@ def test_residual_must_match_the_adapter():
         ef.load_state_dict({A + "::q": torch.zeros(2)})
     ef.load_state_dict({})
     assert ef.residual_norm() == 0.0
+
+
+async def test_daemon_keeps_the_residual_on_disk_and_decays_it_for_missed_rounds(tmp_path):
+    """The school's error-feedback residual survives a restart (it is on disk) and shrinks
+    by feedback_decay for every round the school sat out."""
+    from common.compression import CompressionSpec, ErrorFeedback
+    from common.wire import bytes_to_tensors, tensors_to_bytes
+    from fedclient.config import SchoolConfig, SchoolSection
+    from fedclient.daemon import SchoolDaemon
+
+    cfg = SchoolConfig(school=SchoolSection(state_dir=tmp_path))
+    spec = CompressionSpec("topk", topk_fraction=0.1, error_feedback=True, feedback_decay=0.5)
+    gen = torch.Generator().manual_seed(0)
+    d1 = {"m.lora_A.weight": torch.randn(4, 10, generator=gen), "m.lora_B.weight": torch.randn(6, 4, generator=gen)}
+    zero = {k: torch.zeros_like(v) for k, v in d1.items()}
+
+    SchoolDaemon(cfg, "t", None)._encode(d1, spec.to_json(), 1)     # type: ignore[arg-type]
+    # A new daemon process (restart), two rounds later: the residual was decayed twice.
+    payload, kind = SchoolDaemon(cfg, "t", None)._encode(zero, spec.to_json(), 4)   # type: ignore[arg-type]
+    ref = ErrorFeedback(spec)
+    ref.compress(d1)
+    ref.missed_round()
+    ref.missed_round()
+    want = ref.compress(zero)
+    got = bytes_to_tensors(payload)
+    assert kind == "topk" and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert payload == tensors_to_bytes(want)

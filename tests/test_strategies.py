@@ -1,6 +1,5 @@
-"""The strategy library: one contract every registered strategy passes, numeric checks of each
-formula against a direct dense computation, and attacks showing how far the robust rules
-limit a malicious minority compared with FedAvg."""
+"""The strategy library: one contract every registered strategy passes and numeric checks of
+each formula against a direct dense computation (attacks: tests/test_attacks.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.lora import LoraSettings, TensorSpec
+from common.lora import LoraSettings, TensorSpec, merge_keys, split_merge
 from fedserver import strategy as S
 from fedserver.strategy import ClientFailure, ClientUpdate, StrategyContext, lowrank
 
@@ -49,7 +48,15 @@ def run_round(strat: S.Strategy, glob, updates, failures=(), rnd: int = 1) -> S.
 
 
 def product(state) -> torch.Tensor:
-    return torch.cat([(SCALE * state[b].double() @ state[a].double()).flatten() for a, b in lowrank.pairs(state)])
+    """The effective change to the base weights: s·B·A plus any merged base delta B_m A_m."""
+    parts = []
+    for a, b in lowrank.pairs(state):
+        p = SCALE * state[b].double() @ state[a].double()
+        ma, mb = merge_keys(a)
+        if ma in state:
+            p = p + state[mb].double() @ state[ma].double()
+        parts.append(p.flatten())
+    return torch.cat(parts)
 
 
 def min_k(name: str) -> int:
@@ -84,7 +91,9 @@ def test_contract(name, wrappers, data, tmp_path):
 
     base = run_round(make(name, wrappers, tmp_path), glob, ups)
     # Output: the adapter's names, shapes and dtypes, all finite.
-    assert {k: (tuple(v.shape), v.dtype) for k, v in base.state.items()} == {k: (v, torch.float32) for k, v in SHAPES.items()}
+    lora, merged = split_merge(base.state)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in lora.items()} == {k: (v, torch.float32) for k, v in SHAPES.items()}
+    assert all(v.dtype == torch.float32 for v in merged.values())
     assert all(bool(torch.isfinite(v).all()) for v in base.state.values())
     assert base.metrics["updates"] == k
 
@@ -142,7 +151,7 @@ def test_state_round_trip_resumes_identically(name, wrappers, data, tmp_path):
 def test_averaging_strategies_match_the_identical_update_exactly(data):
     """Where every school sends the same Δ, an averaging rule returns global + Δ."""
     glob, deltas = data
-    for name in ("fedavg", "fedavgm", "ffa_lora", "fedsa_lora", "flexlora", "median", "trimmed_mean", "krum",
+    for name in ("fedavg", "fedavgm", "ffa_lora", "fedsa_lora", "flexlora", "flora", "fedex_lora", "median", "trimmed_mean", "krum",
                  "multi_krum", "bulyan", "geometric_median", "centred_clipping"):
         k = max(min_k(name), 3)
         res = run_round(make(name), glob, [(SCHOOLS[i], 10 + i, deltas[0]) for i in range(k)])
@@ -169,8 +178,9 @@ def test_fedavg_is_the_example_weighted_mean(data):
 def test_fedavg_weight_two_equals_two_copies(data):
     glob, deltas = data
     for name in ("fedavg", "fedadam", "flexlora", "geometric_median"):
-        one = run_round(make(name), glob, [("a", 20, deltas[0]), ("b", 10, deltas[1]), ("c", 10, deltas[2])])
-        two = run_round(make(name), glob, [("a", 10, deltas[0]), ("a2", 10, deltas[0]), ("b", 10, deltas[1]), ("c", 10, deltas[2])])
+        opts = {"weighting": "examples"} if name == "geometric_median" else {}   # robust rules default to uniform
+        one = run_round(make(name, **opts), glob, [("a", 20, deltas[0]), ("b", 10, deltas[1]), ("c", 10, deltas[2])])
+        two = run_round(make(name, **opts), glob, [("a", 10, deltas[0]), ("a2", 10, deltas[0]), ("b", 10, deltas[1]), ("c", 10, deltas[2])])
         torch.testing.assert_close(product(one.state), product(two.state), atol=1e-5, rtol=1e-5, msg=name)
 
 
@@ -246,7 +256,8 @@ def _truncated(glob, target_flat):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "flexlora", "geometric_median", "krum", "multi_krum"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "flexlora", "geometric_median", "krum", "multi_krum",
+                                  "flora", "fedex_lora"])
 def test_product_space_rules_match_a_dense_reference(name, data):
     glob, deltas = data
     k = 7
@@ -259,7 +270,7 @@ def test_product_space_rules_match_a_dense_reference(name, data):
     elif name == "trimmed_mean":
         cut = math.floor(0.1 * k)
         agg = dw.sort(dim=0).values[cut : k - cut].mean(dim=0)
-    elif name == "flexlora":
+    elif name in ("flexlora", "flora", "fedex_lora"):
         agg = (p[:, None] * dw).sum(0)
     elif name == "geometric_median":
         z = (p[:, None] * dw).sum(0)
@@ -276,8 +287,9 @@ def test_product_space_rules_match_a_dense_reference(name, data):
         else:
             sel = scores.argsort()[: k - 1]
             agg = (p[sel, None] * dw[sel]).sum(0) / p[sel].sum()
-    want = _truncated(glob, product(glob) + agg)
-    got = product(run_round(make(name), glob, ups).state)
+    want = _truncated(glob, product(glob) + agg) if name not in ("flora", "fedex_lora") else product(glob) + agg   # exact
+    opts = {"weighting": "examples"} if name in ("geometric_median", "multi_krum") else {}
+    got = product(run_round(make(name, **opts), glob, ups).state)
     tol = 2e-3 if name == "geometric_median" else 1e-4
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
@@ -403,6 +415,8 @@ def test_coordinator_config_checks_quorum_against_the_rule(tmp_path):
     problems = CoordinatorConfig(strategy=StrategySection("krum", {"f": 1}), **cfg).problems()
     assert any("needs at least 4 updates" in p for p in problems)
     assert not CoordinatorConfig(strategy=StrategySection("median"), **cfg).problems()
+    problems = CoordinatorConfig(strategy=StrategySection("hetlora", {"ranks": {"a": 64, "zz": 2}}), **cfg).problems()
+    assert any("exceed the federation's LoRA rank" in p for p in problems)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -417,3 +431,45 @@ def test_buffer_spills_to_disk_and_gives_the_same_answer(data, tmp_path):
     assert spilled.metrics["spilled"] == 7
     torch.testing.assert_close(spilled.state, in_memory.state)
     assert not list(tmp_path.rglob("*.safetensors"))    # spill files are removed after the round
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex_lora"])
+def test_merging_strategies_are_exact_over_rounds_and_can_cap_the_rank(name, data):
+    glob, deltas = data
+    strat = make(name)
+    state = glob
+    for rnd in (1, 2):
+        ups = [(SCHOOLS[i], 5 + i, deltas[3 * (rnd - 1) + i]) for i in range(3)]
+        want = sum((5 + i) * product({k: state[k] + d[k] if k in d else state[k] for k in state}) for i, (_, _, d) in enumerate(ups)) / sum(5 + i for i in range(3))
+        res = run_round(strat, state, ups, rnd=rnd)
+        torch.testing.assert_close(product(res.state), want, atol=1e-5, rtol=1e-5)
+        state = res.state
+    grow = 3 * R if name == "flora" else 4 * R
+    assert res.metrics["merge_rank"] == 2 * grow
+    capped = run_round(make(name, max_merge_rank=5), glob, [(SCHOOLS[i], 5, deltas[i]) for i in range(3)])
+    assert capped.metrics["merge_rank"] == 5 and capped.metrics["merge_truncation_error"] > 0
+    if name == "flora":   # the next round starts from a fresh LoRA: B = 0
+        assert all(float(v.abs().max()) == 0 for k, v in res.state.items() if "lora_B" in k)
+
+
+def test_base_merge_follows_the_artifact(tiny_model):
+    """A school's model applies the merged base delta, and only the change from what it
+    applied before, round after round (and removes it on request)."""
+    from common.lora import BaseMerge, wrap
+    from common.models import load_model
+
+    base, _ = load_model(tiny_model)
+    model = wrap(base, LoraSettings(rank=2, alpha=4.0))
+    path = "base_model.model.model.layers.0.self_attn.q_proj"
+    w0 = model.get_submodule(path).get_base_layer().weight.detach().clone()
+    d_out, d_in = w0.shape
+    gen = torch.Generator().manual_seed(0)
+    m1 = {f"{path}.merged_A.weight": torch.randn(3, d_in, generator=gen), f"{path}.merged_B.weight": torch.randn(d_out, 3, generator=gen)}
+    m2 = {k: 2 * v for k, v in m1.items()}
+    bm = BaseMerge()
+    bm.sync(model, m1)
+    bm.sync(model, m2)
+    w = model.get_submodule(path).get_base_layer().weight
+    torch.testing.assert_close(w, w0 + m2[f"{path}.merged_B.weight"] @ m2[f"{path}.merged_A.weight"], atol=1e-4, rtol=1e-4)
+    bm.sync(model, {})
+    torch.testing.assert_close(w, w0, atol=1e-4, rtol=1e-4)

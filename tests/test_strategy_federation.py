@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from common.lora import split_merge
 from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata
 from fedserver.config import StrategySection
 from tests.conftest import coordinator_config, school_config
@@ -21,6 +22,7 @@ CASES = {
     "median+clip": StrategySection("median", {}, ({"name": "clip", "max_norm": 5.0},)),
     "dp": StrategySection("fedavg", {"weighting": "uniform"}, ({"name": "dp", "clip_norm": 1.0, "noise_multiplier": 0.5},)),
     "flexlora": StrategySection("flexlora"),
+    "fedex_lora": StrategySection("fedex_lora"),
 }
 
 
@@ -43,7 +45,8 @@ async def test_strategy_runs_a_real_federation(case, tmp_path, tiny_model, fed_d
     cfg, rc, rounds = await run_federation(tmp_path, tiny_model, fed_data, start_coordinator, start_school, CASES[case])
     art = rc.coord.engine.artifacts
     first = bytes_to_tensors(art.get(rounds[0].global_in))
-    last = bytes_to_tensors(art.get(rounds[-1].global_out))
+    last, merged = split_merge(bytes_to_tensors(art.get(rounds[-1].global_out)))
+    assert bool(merged) == (case == "fedex_lora")
     assert first.keys() == last.keys() and all(first[k].shape == last[k].shape for k in first)
     moved = {k for k in first if not bool((first[k] == last[k]).all())}
     assert moved, "two rounds left the global adapter unchanged"
@@ -68,6 +71,25 @@ async def test_strategy_runs_a_real_federation(case, tmp_path, tiny_model, fed_d
         assert 0 < eps[0] < eps[1]
     if case in ("flexlora", "median+clip"):
         assert "truncation_error" in m
+
+
+async def test_flora_merges_reach_schools_and_the_evaluator(tmp_path, tiny_model, fed_data, start_coordinator, start_school):
+    cfg = coordinator_config(tmp_path, tiny_model, eval_file=fed_data / "eval" / "eval.jsonl", strategy=dict(name="flora"),
+                             rounds=dict(total=2, min_schools=3, quorum=3))
+    rc = await start_coordinator(cfg)
+    for k in (1, 2, 3):
+        await start_school(school_config(tmp_path, rc.address, f"school-{k}", fed_data, tiny_model))
+    await asyncio.wait_for(rc.run_task, timeout=180)
+    rounds = rc.store.rounds()
+    assert [r.status for r in rounds] == ["committed", "committed"]
+    assert rounds[1].metrics["merge_rank"] == 2 * 3 * cfg.lora.rank      # K·r per round, exact
+    last = bytes_to_tensors(rc.coord.engine.artifacts.get(rounds[1].global_out))
+    assert any(".merged_A." in k for k in last)
+    assert (cfg.server.state_dir / "rounds" / "2" / "merged_base_delta.safetensors").exists()
+    for task in list(rc.engine._eval_tasks):
+        await task
+    sources = {e["source"] for e in rc.store.evals(2)}
+    assert {"server", "school-1"} <= sources     # both the coordinator and the schools applied the merge
 
 
 async def test_restarted_coordinator_restores_server_moments(tmp_path, tiny_model, fed_data, start_coordinator, start_school):

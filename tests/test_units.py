@@ -243,3 +243,13 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_debris(tmp_path):
         atomic_write_bytes(target, object())  # type: ignore[arg-type]
     assert target.read_text() == "127.0.0.1:2\n"          # the old content survives a failed write
     assert sorted(p.name for p in target.parent.iterdir()) == ["addr"]
+
+
+def test_simulated_attacker_section():
+    from fedclient.config import SimulationSection
+
+    d = {"a": torch.ones(2)}
+    assert SimulationSection().apply(d) is d      # off by default: the update is untouched
+    assert torch.equal(SimulationSection("sign_flip", 3.0).apply(d)["a"], torch.full((2,), -3.0))
+    assert torch.equal(SimulationSection("scale", 100.0).apply(d)["a"], torch.full((2,), 100.0))
+    assert SimulationSection("poison").problems() and SimulationSection("scale", 0.0).problems()

@@ -18,7 +18,7 @@ from common.errors import ConfigError
 from fedserver.strategy.base import (AggregateResult, ClientFailure, ClientUpdate, State, Strategy, StrategyContext,
                                      Wrapper)
 from fedserver.strategy.fedavg import FFALoRA, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedSALoRA, FedYogi
-from fedserver.strategy.lora_aware import FlexLoRA, HetLoRA
+from fedserver.strategy.lora_aware import FedExLoRA, FLoRA, FlexLoRA, HetLoRA
 from fedserver.strategy.robust import Bulyan, CentredClipping, GeometricMedian, Krum, Median, MultiKrum, TrimmedMean
 from fedserver.strategy.wrappers import Clip, Compress, DifferentialPrivacy
 
@@ -37,7 +37,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FFALoRA, FedSALoRA, FlexLoRA, HetLoRA,
+for _cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FFALoRA, FedSALoRA, FlexLoRA, HetLoRA, FLoRA, FedExLoRA,
              Median, TrimmedMean, Krum, MultiKrum, Bulyan, GeometricMedian, CentredClipping,
              Clip, DifferentialPrivacy, Compress):
     register(_cls)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy
@@ -67,6 +68,8 @@ class FedAvg(Strategy):
     # --------------------------------------------------------------- client modes
     def shared(self, key: str) -> bool:
         """Is this tensor aggregated (True) or left to the schools / frozen (False)?"""
+        if is_merge_key(key):    # merged base deltas of an earlier FLoRA / FedEx round are kept as they are
+            return False
         if self.options.lora_a == "frozen" and LORA_A in key:
             return False
         return True
@@ -256,7 +259,7 @@ class FFALoRA(FedAvg):
     averaged, so ΔW = s·B̄·A₀ is the exact average. Use a larger alpha for the frozen A."""
 
     name = "ffa_lora"
-    summary = "Freeze A at the shared init, average B: exact product average, half the upload."
+    summary = "Freeze A at the shared init, train and average only B: the product average is exact."
     Options = FFAOptions
 
 

@@ -6,6 +6,13 @@
   hetlora   schools at different ranks; zero-padded factors averaged with weights
             ω_k ∝ ‖B_k A_k‖_F; each school takes the first r_k components back.
 
+  flora       FLoRA stacking: Σ p_k s B_k A_k exactly, merged into the base weights every
+              round; the next round starts from a fresh LoRA (new A from a shared seed, B = 0).
+  fedex_lora  FedEx-LoRA: FedAvg's (Ā, B̄) stay the adapter; the residual Σ p_k s B_k A_k − s B̄ Ā
+              is merged into the base, so the model is the exact average.
+Merged terms travel in the global artifact (common.lora MERGED_A / MERGED_B, rank growing by
+K·r or (K+1)·r a round unless max_merge_rank caps it) and every party applies them.
+
 FFA-LoRA and FedSA-LoRA are client-side modes of the averaging family (fedavg.py).
 Lower-rank schools keep s = alpha/r fixed (common.lora.at_rank), so factors of every school
 mean the same thing and can be padded and averaged.
@@ -14,20 +21,22 @@ mean the same thing and can be padded and averaged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import ConfigError
-from common.lora import pad_rank, truncate_rank
+from common.lora import MERGED_A, MERGED_B, TensorSpec, initial_state, is_merge_key, merge_keys, pad_rank, split_merge, truncate_rank
 from common.training import TrainParams
 from fedserver.strategy import lowrank
-from fedserver.strategy.base import StrategyContext
+from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, StrategyContext
 from fedserver.strategy.robust import ProductStrategy, RobustOptions
 
 
 @dataclass(frozen=True)
 class RankOptions(RobustOptions):
+    weighting: str = "examples"   # averaging rules: p_k ∝ n_k
     ranks: dict[str, int] = field(default_factory=dict)   # school id -> LoRA rank (others: the federation's)
 
     def problems(self) -> list[str]:
@@ -85,8 +94,136 @@ class HetLoRA(_Ranked):
         omega = norms / norms.sum() if float(norms.sum()) > 0 else torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
         state = {}
         for key, g0 in self.global_state.items():
+            if is_merge_key(key):
+                state[key] = g0.clone()
+                continue
             acc = torch.zeros_like(g0, dtype=torch.float64)
             for i in range(self.k):
                 acc += float(omega[i]) * self.load(i + 1, key).to(torch.float64)
             state[key] = acc.to(g0.dtype)
         return state, {"omega_min": float(omega.min()), "omega_max": float(omega.max())}
+
+
+# ------------------------------------------------------------------ exact aggregation by merging
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    weighting: str = "examples"   # "examples" | "uniform"
+    max_merge_rank: int = 0       # cap on the merged base delta's rank per module; 0 = exact (grows every round)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.weighting not in ("examples", "uniform"):
+            out.append(f"weighting: {self.weighting!r} is not 'examples' or 'uniform'")
+        if self.max_merge_rank < 0:
+            out.append("max_merge_rank: must be >= 0")
+        return out
+
+
+class _Merging(Strategy):
+    """Streams each school's resulting factors into per-module stacks (the stacks are the
+    output, so memory is what the downlink carries anyway) and appends an exact low-rank
+    term to the merged base delta W₀ ← W₀ + B_m A_m that every party applies."""
+
+    Options = MergeOptions
+
+    def begin_round(self, round_: int, global_state: State) -> None:
+        self.round = round_
+        self.lora, self.merged = split_merge({k: v.detach().clone() for k, v in global_state.items()})
+        self.stack_b: dict[str, list[torch.Tensor]] = {}
+        self.stack_a: dict[str, list[torch.Tensor]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight, self.count, self.failures = 0.0, 0, 0
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        if update.num_examples <= 0:
+            raise ValueError(f"update from {update.school_id} claims {update.num_examples} examples")
+        w = 1.0 if self.options.weighting == "uniform" else float(update.num_examples)
+        s = self.context.scale
+        for a_key, b_key in lowrank.pairs(self.lora):
+            a = (self.lora[a_key] + update.delta[a_key]).to(torch.float64)
+            b = (self.lora[b_key] + update.delta[b_key]).to(torch.float64)
+            self.stack_a.setdefault(a_key, []).append(a)
+            self.stack_b.setdefault(a_key, []).append(w * s * b)     # divided by Σw at finalize
+            for key, t in ((a_key, a), (b_key, b)):
+                self.sums[key] = self.sums.get(key, 0) + w * t
+        self.weight += w
+        self.count += 1
+
+    def record_failure(self, failure: ClientFailure) -> None:
+        self.failures += 1
+
+    def append_merge(self, extra: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """merged ⊕ extra per module ((B, A) with s folded into B), capped at max_merge_rank."""
+        out: dict[str, torch.Tensor] = {}
+        dropped, rank = 0.0, 0
+        for a_key, (b_new, a_new) in extra.items():
+            ma, mb = merge_keys(a_key)
+            b = torch.cat([self.merged[mb].to(torch.float64), b_new], dim=1) if mb in self.merged else b_new
+            a = torch.cat([self.merged[ma].to(torch.float64), a_new], dim=0) if ma in self.merged else a_new
+            cap = self.options.max_merge_rank
+            if cap and a.shape[0] > cap:
+                u, sv, vh = lowrank.thin_svd(b, a)
+                dropped += float((sv[cap:] ** 2).sum())
+                b, a = u[:, :cap] * sv[:cap], vh[:cap]
+            out[ma], out[mb] = a.to(torch.float32), b.to(torch.float32)
+            rank = max(rank, a.shape[0])
+        return out, {"merge_rank": float(rank), "merge_truncation_error": math.sqrt(dropped)}
+
+    def result(self, lora: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], metrics: dict[str, float]) -> AggregateResult:
+        metrics.update(updates=float(self.count), failures=float(self.failures),
+                       merged_step_norm=_merged_step_norm(self.merged, merged))
+        return AggregateResult({**lora, **merged}, metrics)
+
+
+def _merged_step_norm(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    total = 0.0
+    for a_key in [k for k in new if MERGED_A in k]:
+        b_key = a_key.replace(MERGED_A, MERGED_B)
+        d = new[b_key].double() @ new[a_key].double()
+        if a_key in old:
+            d -= old[b_key].double() @ old[a_key].double()
+        total += float((d ** 2).sum())
+    return math.sqrt(total)
+
+
+class FLoRA(_Merging):
+    """FLoRA (Wang et al. 2024): stack [p_k s B_k] and [A_k] so B_stack A_stack = Σ p_k s B_k A_k
+    exactly, merge it into the base weights, and start the next round from a fresh LoRA
+    (A re-drawn from a seed every party can reproduce, B = 0)."""
+
+    name = "flora"
+    summary = "Stack every school's factors: the exact product average, merged into the base each round."
+
+    def finalize(self) -> AggregateResult:
+        if self.count == 0:
+            raise ValueError("finalize() with no accepted updates")
+        extra = {a_key: (torch.cat(self.stack_b[a_key], dim=1) / self.weight, torch.cat(self.stack_a[a_key], dim=0))
+                 for a_key in self.stack_a}
+        merged, metrics = self.append_merge(extra)
+        fresh = initial_state({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in self.lora.items()}, seed=104729 * self.round)
+        return self.result(fresh, merged, metrics)
+
+
+class FedExLoRA(_Merging):
+    """FedEx-LoRA (Singhal et al. 2025): keep FedAvg's (Ā, B̄) as the adapter and merge the
+    residual Σ p_k s B_k A_k − s B̄ Ā (a rank-(K+1)r factorisation) into the base, so the
+    model is the exact average."""
+
+    name = "fedex_lora"
+    summary = "FedAvg factors plus the exact residual Σp·BA − B̄Ā merged into the base weights."
+
+    def finalize(self) -> AggregateResult:
+        if self.count == 0:
+            raise ValueError("finalize() with no accepted updates")
+        mean = {k: v / self.weight for k, v in self.sums.items()}
+        s = self.context.scale
+        extra = {}
+        for a_key, b_key in lowrank.pairs(self.lora):
+            b = torch.cat([*self.stack_b[a_key], -s * self.weight * mean[b_key]], dim=1) / self.weight
+            a = torch.cat([*self.stack_a[a_key], mean[a_key]], dim=0)
+            extra[a_key] = (b, a)
+        merged, metrics = self.append_merge(extra)
+        lora = {k: mean[k].to(v.dtype) for k, v in self.lora.items()}
+        return self.result(lora, merged, metrics)

@@ -8,7 +8,7 @@ that spills to disk (strategy option buffer_mb).
   median          coordinate-wise median of the ΔW_k
   trimmed_mean    per coordinate, drop the ⌊βK⌋ largest and smallest, average the rest
   krum            the update with the smallest sum of squared distances to its K−f−2 nearest
-  multi_krum      the example-weighted mean of the m best Krum scores
+  multi_krum      the mean of the m best Krum scores
   bulyan          θ = K−2f picked by repeated Krum, then a trimmed mean (f each side)
   geometric_median  Weiszfeld iterations (RFA), distances from the Gram matrix
   centred_clipping  v ← v + mean_k clip_τ(ΔW_k − v) from last round's step (Karimireddy 2021)
@@ -29,11 +29,17 @@ from fedserver.strategy.buffer import UpdateBuffer
 
 @dataclass(frozen=True)
 class RobustOptions:
+    # "uniform" by default: a school's example count is its own claim, and a rule meant to
+    # resist attackers must not let a minority win by claiming more examples.
+    weighting: str = "uniform"    # "uniform" | "examples" (where a rule weights at all)
     buffer_mb: int = 512          # updates kept in memory; the rest are read back from disk
     dense_block_mb: int = 64      # working memory of coordinate-wise rules, per block of rows
 
     def problems(self) -> list[str]:
-        return [] if self.buffer_mb >= 0 and self.dense_block_mb > 0 else ["buffer_mb must be >= 0 and dense_block_mb > 0"]
+        out = [] if self.buffer_mb >= 0 and self.dense_block_mb > 0 else ["buffer_mb must be >= 0 and dense_block_mb > 0"]
+        if self.weighting not in ("uniform", "examples"):
+            out.append(f"weighting: {self.weighting!r} is not 'uniform' or 'examples'")
+        return out
 
 
 class ProductStrategy(Strategy):
@@ -83,6 +89,8 @@ class ProductStrategy(Strategy):
 
     def weights(self) -> torch.Tensor:
         assert self.buffer is not None
+        if self.options.weighting == "uniform":
+            return torch.full((len(self.buffer.entries),), 1.0 / len(self.buffer.entries), dtype=torch.float64)
         n = torch.tensor([float(e.num_examples) for e in self.buffer.entries], dtype=torch.float64)
         return n / n.sum()
 
@@ -235,7 +243,7 @@ class Krum(ProductStrategy):
 
 class MultiKrum(Krum):
     name = "multi_krum"
-    summary = "Example-weighted mean of the m updates with the best Krum scores."
+    summary = "Mean of the m updates with the best Krum scores."
 
     def select(self, dist: torch.Tensor) -> list[int]:
         m = self.options.m or max(1, self.k - self.options.f)
