@@ -107,6 +107,10 @@ def _demo(args: argparse.Namespace) -> int:
                        strategy_options=_json_arg(args.strategy_options, dict, "--strategy-options"),
                        wrappers=tuple(_json_arg(args.wrappers, list, "--wrappers")), proximal_mu=args.proximal_mu,
                        attackers=args.attackers, attack=args.attack, attack_scale=args.attack_scale)
+    from fedserver.config import StrategySection
+    from fedserver.strategy import build
+
+    build(StrategySection(opts.strategy, opts.strategy_options, opts.wrappers))   # fail before starting anything
     return run_demo(opts)
 
 

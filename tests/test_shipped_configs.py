@@ -277,13 +277,16 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- CLI <-> strategy registry
-def test_demo_strategy_choices_are_the_registry() -> None:
-    from fedserver.cli import build_parser
-    from fedserver.strategy import STRATEGIES
+def test_demo_accepts_registered_strategies_and_refuses_unknown_ones(tmp_path, capsys) -> None:
+    """`fedserver demo --strategy` takes any registered name (entry points included) and
+    checks the name, options and wrappers before it starts anything."""
+    from fedserver.cli import build_parser, main
 
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    demo = subparsers.choices["demo"]
-    strategy = next(a for a in demo._actions if a.dest == "strategy")
-    assert list(strategy.choices) == sorted(STRATEGIES)
-    assert strategy.default in STRATEGIES
+    args = build_parser().parse_args(["demo", "--strategy", "krum"])
+    assert args.strategy == "krum"
+    assert main(["demo", "--out", str(tmp_path / "o"), "--strategy", "nope"]) == 78
+    assert "unknown strategy 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "o"), "--strategy", "fedadam", "--strategy-options", '{"eta": 1}']) == 78
+    assert "unknown key" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "o"), "--wrappers", "{bad json"]) == 78
+    assert not (tmp_path / "o").exists()      # nothing was started or written

@@ -5,11 +5,13 @@ file written here), so coordinator memory stays bounded however many schools rep
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from common.files import atomic_write_bytes
 from common.wire import tensors_to_bytes
@@ -31,7 +33,7 @@ class UpdateBuffer:
         self.entries: list[_Entry] = []
         self.bytes_in_memory = 0
         self.spilled = 0
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, TensorFile] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -59,11 +61,55 @@ class UpdateBuffer:
         assert e.path is not None
         handle = self._handles.get(e.path)
         if handle is None:
-            handle = self._handles[e.path] = safe_open(str(e.path), framework="pt")
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+            handle = self._handles[e.path] = TensorFile(e.path)
+        return handle.read(key)
 
     def clear(self) -> None:
+        for h in self._handles.values():
+            h.close()
         for e in self.entries:
             if e.tensors is None and e.path is not None and self.spill_dir is not None and e.path.parent == self.spill_dir:
                 e.path.unlink(missing_ok=True)
         self.entries, self.bytes_in_memory, self.spilled, self._handles = [], 0, 0, {}
+
+
+_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+
+
+class TensorFile:
+    """One tensor at a time from a safetensors file, read with pread into fresh memory.
+    Not memory-mapped: a mapping would keep every page read so far resident (and counted
+    in the coordinator's RSS) until the file is closed, which defeats spilling."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (struct.error, ValueError) as exc:
+            os.close(self._fd)
+            raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._index = {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, (start, end) = self._index[key]
+        data = bytearray(end - start)
+        view = memoryview(data)
+        got = 0
+        while got < len(data):
+            chunk = os.preadv(self._fd, [view[got:]], self._base + start + got)
+            if chunk == 0:
+                raise ValueError(f"{self.path}: truncated while reading {key}")
+            got += chunk
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
