@@ -473,3 +473,40 @@ def test_base_merge_follows_the_artifact(tiny_model):
     torch.testing.assert_close(w, w0 + m2[f"{path}.merged_B.weight"] @ m2[f"{path}.merged_A.weight"], atol=1e-4, rtol=1e-4)
     bm.sync(model, {})
     torch.testing.assert_close(w, w0, atol=1e-4, rtol=1e-4)
+
+
+def test_tensor_file_reads_one_tensor_at_a_time_and_refuses_garbage(tmp_path):
+    from common.wire import tensors_to_bytes
+    from fedserver.strategy.buffer import TensorFile
+
+    d = {"a": torch.randn(3, 4), "b": torch.randn(5).double(), "empty": torch.zeros(0)}
+    path = tmp_path / "u.safetensors"
+    path.write_bytes(tensors_to_bytes(d, {"note": "x"}))
+    f = TensorFile(path)
+    assert all(torch.equal(f.read(k), d[k]) for k in d)
+    f.close()
+    path.write_bytes(path.read_bytes()[:-8])      # truncated
+    truncated = TensorFile(path)
+    with pytest.raises(ValueError, match="truncated"):
+        for k in d:
+            truncated.read(k)
+    truncated.close()
+    (tmp_path / "bad").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        TensorFile(tmp_path / "bad")
+
+
+def test_randomized_svd_is_close_to_exact():
+    shapes = {"m.q.lora_A.weight": (R, 96), "m.q.lora_B.weight": (64, R)}
+    ctx = StrategyContext(LoraSettings(rank=R, alpha=ALPHA), {k: TensorSpec(v) for k, v in shapes.items()}, SCHOOLS)
+    gen = torch.Generator().manual_seed(5)
+    glob = {k: torch.randn(v, generator=gen) * 0.3 for k, v in shapes.items()}
+    ups = [(SCHOOLS[i], 10, {k: torch.randn(v, generator=gen) * 0.05 for k, v in shapes.items()}) for i in range(7)]
+    results = []
+    for svd in ("exact", "randomized"):
+        strat = S.create("median", {"svd": svd})
+        strat.setup(ctx)
+        results.append(run_round(strat, glob, ups))
+    exact, fast = (product(r.state) for r in results)
+    assert float((fast - exact).norm() / exact.norm()) < 1e-3
+    assert results[1].metrics["truncation_error"] == pytest.approx(results[0].metrics["truncation_error"], rel=1e-3)

@@ -34,9 +34,15 @@ class RobustOptions:
     weighting: str = "uniform"    # "uniform" | "examples" (where a rule weights at all)
     buffer_mb: int = 512          # updates kept in memory; the rest are read back from disk
     dense_block_mb: int = 64      # working memory of coordinate-wise rules, per block of rows
+    # Coordinate-wise rules go back to rank r by an SVD of each layer's dense result:
+    # "exact" (LAPACK, ~0.35 s for a 576x1536 layer on one core) or "randomized" (Halko et al.,
+    # top r + 16 directions, 6 power iterations: ~5x faster, for big layers and many schools).
+    svd: str = "exact"
 
     def problems(self) -> list[str]:
         out = [] if self.buffer_mb >= 0 and self.dense_block_mb > 0 else ["buffer_mb must be >= 0 and dense_block_mb > 0"]
+        if self.svd not in ("exact", "randomized"):
+            out.append(f"svd: {self.svd!r} is not 'exact' or 'randomized'")
         if self.weighting not in ("uniform", "examples"):
             out.append(f"weighting: {self.weighting!r} is not 'uniform' or 'examples'")
         return out
@@ -124,9 +130,18 @@ class ProductStrategy(Strategy):
                 base = lowrank.dense_rows(self.load, 0, a_key, b_key, rows, ctx.scale)
                 stack = torch.stack([lowrank.dense_rows(self.load, i, a_key, b_key, rows, ctx.scale) - base for i in members])
                 target[rows] = base + reduce(stack)
-            u, s, vh = torch.linalg.svd(target.to(torch.float64) / ctx.scale, full_matrices=False)
             r = ctx.settings.rank
-            dropped += float((s[r:] ** 2).sum())
+            t = target.to(torch.float64) / ctx.scale
+            if self.options.svd == "randomized" and r + 16 < min(t.shape):
+                gen_state = torch.random.get_rng_state()
+                torch.manual_seed(self.round)      # deterministic per round: every replay gives the same adapter
+                u, s, v = torch.svd_lowrank(t, q=r + 16, niter=6)
+                torch.random.set_rng_state(gen_state)
+                vh = v.T
+                dropped += max(0.0, float((t ** 2).sum()) - float((s[:r] ** 2).sum()))
+            else:
+                u, s, vh = torch.linalg.svd(t, full_matrices=False)
+                dropped += float((s[r:] ** 2).sum())
             out[b_key] = (u[:, :r] * s[:r]).to(self.global_state[b_key].dtype)
             out[a_key] = vh[:r].to(self.global_state[a_key].dtype)
         return {k: out.get(k, v) for k, v in self.global_state.items()}, math.sqrt(dropped) * ctx.scale
