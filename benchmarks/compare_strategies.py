@@ -27,6 +27,7 @@ RUNS: dict[str, dict] = {
     "fedadam": {"args": ["--schools", "3", "--strategy", "fedadam"], "what": "FedAdam (η=1e-2, τ=1e-3)"},
     "ffa_lora": {"args": ["--schools", "3", "--strategy", "ffa_lora"], "what": "FFA-LoRA (A frozen)"},
     "flora": {"args": ["--schools", "3", "--strategy", "flora"], "what": "FLoRA (stacking, merged)"},
+    "fedavg_4": {"args": ["--schools", "4"], "what": "FedAvg, 4 honest schools (reference for the attacks)"},
     "fedavg_attacked": {"args": ["--schools", "4", "--attackers", "1", "--attack", "sign_flip", "--attack-scale", "3"],
                         "what": "FedAvg, 1 of 4 schools sends −3·Δ"},
     "median_attacked": {"args": ["--schools", "4", "--attackers", "1", "--attack", "sign_flip", "--attack-scale", "3",
@@ -50,12 +51,12 @@ def run(name: str, out: Path) -> Path:
 
 
 def table(out: Path) -> str:
-    lines = ["| run | configuration | base acc | final acc | Δ acc | final eval loss | train loss (last) | s/round | MB up/round |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | configuration | base acc | final acc | Δ acc | final eval loss | train loss (last) | s/round | MB up/round | MB down (last round) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, spec in RUNS.items():
         path = out / name / "report.json"
         if not path.exists():
-            lines.append(f"| {name} | {spec['what']} | — | — | — | — | — | — | not run |")
+            lines.append(f"| {name} | {spec['what']} | — | — | — | — | — | — | — | not run |")
             continue
         rep = json.loads(path.read_text())
         rounds = [r for r in rep["rounds"] if r["status"] == "committed"]
@@ -64,12 +65,13 @@ def table(out: Path) -> str:
         delta = f"{acc - base:+.3f}" if acc is not None and base is not None else "—"
         secs = sum(r.get("seconds") or 0 for r in rounds) / max(1, len(rounds))
         mb_up = sum(r.get("bytes_up") or 0 for r in rounds) / max(1, len(rounds)) / 1e6
+        mb_down = (last.get("bytes_down") or 0) / 1e6
 
         def f(x, fmt=".3f"):
             return format(x, fmt) if isinstance(x, (int, float)) else "—"
 
         lines.append(f"| {name} | {spec['what']} | {f(base)} | {f(acc)} | {delta} | {f(last.get('eval_loss'))} | "
-                     f"{f(last.get('train_loss'))} | {secs:.0f} | {mb_up:.1f} |")
+                     f"{f(last.get('train_loss'))} | {secs:.0f} | {mb_up:.1f} | {mb_down:.1f} |")
     return "\n".join(lines)
 
 

@@ -90,10 +90,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     questions = read_jsonl(args.eval_file)[: args.max_examples or None]
     model, tok = load_model(args.model, args.cache_dir)
+    merged_file = None
     if args.adapter is not None:
         model = PeftModel.from_pretrained(model, str(args.adapter))
+        merged_file = args.adapter.parent / "merged_base_delta.safetensors"
+        if merged_file.exists():   # FLoRA / FedEx-LoRA checkpoints: the base weights carry a merged delta
+            from common.lora import BaseMerge
+            from common.wire import bytes_to_tensors
+
+            BaseMerge().sync(model, bytes_to_tensors(merged_file.read_bytes()))
+        else:
+            merged_file = None
     r = evaluate_choices(model, tok, questions)
     print(json.dumps({"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
+                      "merged_base_delta": str(merged_file) if merged_file else None,
                       "eval_file": str(args.eval_file), "count": r.count, "accuracy": r.accuracy, "loss": r.loss}))
     return 0
 

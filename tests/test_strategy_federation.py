@@ -90,6 +90,20 @@ async def test_flora_merges_reach_schools_and_the_evaluator(tmp_path, tiny_model
         await task
     sources = {e["source"] for e in rc.store.evals(2)}
     assert {"server", "school-1"} <= sources     # both the coordinator and the schools applied the merge
+    # `fedserver evaluate` on the round-2 checkpoint (PEFT dir + merged base delta) scores what the coordinator scored.
+    import json
+    import subprocess
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "fedserver.cli", "evaluate", "--model", tiny_model, "--adapter",
+                           str(cfg.server.state_dir / "rounds" / "2" / "adapter"), "--eval-file", str(fed_data / "eval" / "eval.jsonl"),
+                           "--max-examples", str(cfg.evaluation.max_examples), "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli = json.loads(proc.stdout.strip().splitlines()[-1])
+    server = next(e for e in rc.store.evals(2) if e["source"] == "server")["metrics"]
+    assert cli["merged_base_delta"] and cli["loss"] == pytest.approx(server["loss"], rel=1e-4)
 
 
 async def test_restarted_coordinator_restores_server_moments(tmp_path, tiny_model, fed_data, start_coordinator, start_school):
