@@ -73,6 +73,23 @@ async def test_strategy_runs_a_real_federation(case, tmp_path, tiny_model, fed_d
         assert "truncation_error" in m
 
 
+def _remaining() -> list[str]:
+    from fedserver.strategy import STRATEGIES
+
+    covered = {c.name for c in CASES.values()} | {"flora"}
+    return sorted(set(STRATEGIES) - covered)
+
+
+@pytest.mark.parametrize("name", _remaining())
+async def test_every_other_registered_strategy_runs_a_round(name, tmp_path, tiny_model, fed_data, start_coordinator, start_school):
+    """Every built-in strategy not exercised above, selected by name, commits a real round
+    (three schools: the Krum family with f = 0, which three updates allow)."""
+    options = {"f": 0} if name in ("krum", "multi_krum", "bulyan") else {}
+    _, _, rounds = await run_federation(tmp_path, tiny_model, fed_data, start_coordinator, start_school,
+                                        StrategySection(name, options), rounds=1)
+    assert rounds[0].metrics["updates"] == 3
+
+
 async def test_flora_merges_reach_schools_and_the_evaluator(tmp_path, tiny_model, fed_data, start_coordinator, start_school):
     cfg = coordinator_config(tmp_path, tiny_model, eval_file=fed_data / "eval" / "eval.jsonl", strategy=dict(name="flora"),
                              rounds=dict(total=2, min_schools=3, quorum=3))
