@@ -45,6 +45,7 @@ class Command:
     params: TrainParams | None = None
     max_examples: int = 0
     reason: str = ""
+    final: bool = False     # shutdown only: the federation is over (else only this stream ends)
 
 
 @dataclass(frozen=True)

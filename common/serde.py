@@ -59,7 +59,7 @@ def command_to_pb(c: Command) -> pb.ServerCommand:
     elif c.kind == "idle":
         m.idle.CopyFrom(pb.IdleCommand(reason=c.reason))
     elif c.kind == "shutdown":
-        m.shutdown.CopyFrom(pb.ShutdownCommand(reason=c.reason))
+        m.shutdown.CopyFrom(pb.ShutdownCommand(reason=c.reason, final=c.final))
     else:
         raise ValueError(f"unknown command kind {c.kind!r}")
     return m
@@ -76,7 +76,7 @@ def command_from_pb(m: pb.ServerCommand) -> Command:
     if which == "idle":
         return Command("idle", m.round, m.deadline_unix, reason=m.idle.reason)
     if which == "shutdown":
-        return Command("shutdown", m.round, m.deadline_unix, reason=m.shutdown.reason)
+        return Command("shutdown", m.round, m.deadline_unix, reason=m.shutdown.reason, final=m.shutdown.final)
     raise ProtocolError("server command carries no command; is the client older than the coordinator?")
 
 

@@ -57,6 +57,7 @@ class SchoolDaemon:
         self._adapters: dict[str, bytes] = {}      # sha256 -> bytes, newest only
         self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
         self.shutdown_reason: str | None = None
+        self._superseded: list[float] = []          # when the coordinator replaced this school's stream
         self.pending_dir = cfg.school.state_dir / "pending"
         self.pending_dir.mkdir(parents=True, exist_ok=True)
 
@@ -134,9 +135,19 @@ class SchoolDaemon:
             async for msg in call:
                 cmd = command_from_pb(msg)
                 if cmd.kind == "shutdown":
-                    self.log.info("coordinator says shut down", reason=cmd.reason)
-                    if "superseded" not in cmd.reason:
+                    if cmd.final:
+                        self.log.info("coordinator says shut down", reason=cmd.reason)
                         self.shutdown_reason = cmd.reason
+                    else:
+                        self._superseded.append(time.monotonic())
+                        recent = [t for t in self._superseded if time.monotonic() - t < 300]
+                        self._superseded = recent
+                        if len(recent) >= 3:
+                            self.log.error("this school's session keeps being replaced: is a second daemon running "
+                                           "with the same token? Stop it; each school needs its own token",
+                                           times_in_5_min=len(recent), reason=cmd.reason)
+                        else:
+                            self.log.info("coordinator ended this stream; reconnecting", reason=cmd.reason)
                     return
                 if cmd.kind == "idle":
                     continue

@@ -293,7 +293,7 @@ class RoundEngine:
         for task in list(self._eval_tasks):
             await task
         for sess in list(self.sessions.values()):
-            sess.queue.put_nowait(Command("shutdown", reason=f"federation finished after {total} rounds"))
+            sess.queue.put_nowait(Command("shutdown", reason=f"federation finished after {total} rounds", final=True))
         self.finished.set()
 
     async def _open_next(self) -> None:

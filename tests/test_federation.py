@@ -52,3 +52,25 @@ async def test_school_joining_late_waits_for_min_schools(tmp_path, tiny_model, f
     await start_school(school_config(tmp_path, rc.address, "school-2", fed_data, tiny_model))
     await asyncio.wait_for(rc.run_task, timeout=120)
     assert [r.status for r in rc.store.rounds()] == ["committed"]
+
+
+async def test_replaced_stream_reconnects_and_only_the_finish_stops_the_daemon(tmp_path, tiny_model, fed_data,
+                                                                             start_coordinator, start_school):
+    """The coordinator ends a school's stream when a newer session of that school attaches
+    (shutdown with final = false): the daemon reconnects and keeps going. Only the federation's
+    end (final = true) stops it."""
+    from common.messages import Capabilities
+
+    cfg = coordinator_config(tmp_path, tiny_model, rounds=dict(total=1, min_schools=2, quorum=2))
+    rc = await start_coordinator(cfg)
+    daemon, _, task = await start_school(school_config(tmp_path, rc.address, "school-1", fed_data, tiny_model))
+    await wait_for(lambda: "school-1" in rc.engine.sessions, 20, "school-1 to attach")
+    first = rc.engine.sessions["school-1"]
+    intruder = rc.engine.attach("school-1", Capabilities())   # what a second session of school-1 does
+    await wait_for(lambda: rc.engine.sessions.get("school-1") not in (first, intruder), 20, "school-1 to reconnect")
+    assert not task.done() and daemon.shutdown_reason is None
+    await start_school(school_config(tmp_path, rc.address, "school-2", fed_data, tiny_model))
+    await asyncio.wait_for(rc.run_task, timeout=120)
+    assert [r.status for r in rc.store.rounds()] == ["committed"]
+    assert await asyncio.wait_for(task, timeout=20) == 0
+    assert daemon.shutdown_reason is not None and "finished" in daemon.shutdown_reason

@@ -31,6 +31,7 @@ from fedserver.validation import validate_update
     Command("evaluate", 2, 0.0, ArtifactRef("b" * 64, 10), max_examples=16),
     Command("idle", 4, reason="not selected"),
     Command("shutdown", 0, reason="done"),
+    Command("shutdown", 0, reason="finished", final=True),
 ])
 def test_command_round_trip(cmd):
     assert command_from_pb(command_to_pb(cmd)) == cmd
