@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 import torch
 
+from benchmarks import print_results
 from common import PROTOCOL_VERSION, __version__
 from common.lora import LoraSettings, TensorSpec, expected_layout
 from common.messages import Capabilities, UploadHeader
@@ -428,11 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning", json=False)   # the coordinator's per-upload INFO lines would swamp the table
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     result = asyncio.run(run_benchmark(args.model, args.cache_dir, args.repeats, args.warmup, progress=say))
-    print()
-    print(format_table(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    print_results(format_table(result), result, args.json)
     return 0
 
 

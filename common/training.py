@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from common.data import Question, answer_text, prompt_text
 
@@ -47,15 +51,78 @@ def encode(tok: Any, q: Question, max_len: int) -> tuple[list[int], list[int]]:
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left padding: every row's answer ends at the last column, so the logits that carry loss
+    are the last few columns and the vocabulary projection can skip the prompts. Positions
+    count real tokens only, so a padded row sees the same positions as an unpadded one."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):  # right padding: causal attention never sees the pads
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for i, (x, y) in enumerate(rows):
+        ids[i, width - len(x):] = torch.tensor(x)
+        labels[i, width - len(y):] = torch.tensor(y)
+        mask[i, width - len(x):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
+
+
+def micro_batches(rows: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Split a batch, in order, into groups whose padded size (rows × longest row) stays within
+    `max_tokens` (0 = one group). A row longer than the budget is a group of its own."""
+    groups: list[list[tuple[list[int], list[int]]]] = []
+    width = 0
+    for row in rows:
+        w = max(width, len(row[0]))
+        if groups and (max_tokens <= 0 or (len(groups[-1]) + 1) * w <= max_tokens):
+            groups[-1].append(row)
+            width = w
+        else:
+            groups.append([row])
+            width = len(row[0])
+    return groups
+
+
+def targets(inputs: dict[str, torch.Tensor]) -> int:
+    """Answer tokens that carry loss (a label in column 0 has no logit before it)."""
+    return int((inputs["labels"][:, 1:] != -100).sum())
+
+
+def answer_loss_sum(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens of a left-padded batch. Only the last k
+    positions (k = longest answer + 1) go through the vocabulary projection: for SmolLM2
+    that is the largest activation of the step (49,152 logits a position)."""
+    labels = inputs["labels"]
+    width = labels.shape[1]
+    k = min(width, int((labels != -100).sum(1).max()) + 1)
+    args = {n: inputs[n] for n in ("input_ids", "attention_mask", "position_ids")}
+    try:
+        logits = model(**args, logits_to_keep=k, use_cache=False).logits
+    except TypeError:   # an architecture without logits_to_keep: project everything, keep the tail
+        logits = model(**args, use_cache=False).logits
+    logits = logits[:, -k:][:, :-1].float()            # column j predicts token j + 1
+    tgt = labels[:, width - k + 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing on a transformers model (before or after PEFT wraps it): each
+    decoder layer's activations are recomputed in the backward pass instead of kept. Same
+    gradients; less memory, more time (see benchmarks/train_memory.py)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the operating system. torch's CPU allocator frees into
+    glibc malloc, which keeps the pages: after a training step a daemon would otherwise sit at
+    its peak RSS between rounds (measured: 3.2 GiB retained after SmolLM2 steps). True when
+    glibc's malloc_trim ran; other C libraries return memory on their own or not at all."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        return False
+    return True
 
 
 def train_lora(
@@ -65,25 +132,32 @@ def train_lora(
     params: TrainParams,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_batch_tokens: int = 0,
 ) -> TrainResult:
     """Run `params.local_steps` AdamW steps on the trainable (LoRA) parameters of `model`.
+    Each step's batch is split into micro-batches of at most `max_batch_tokens` padded tokens
+    (0 = no split) whose gradients add up to the whole batch's: the result does not depend on
+    it, the peak memory does (activations grow with the tokens in flight).
     Blocking and CPU-heavy: callers on an event loop run it in a worker thread."""
     if not questions:
         raise ValueError("no training questions: the school's data folder is empty")
     if params.local_steps < 1 or params.batch_size < 1:
         raise ValueError("local_steps and batch_size must be >= 1")
+    if max_batch_tokens < 0:
+        raise ValueError("max_batch_tokens must be >= 0 (0 = no micro-batches)")
     frozen = [p for n, p in model.named_parameters() if p.requires_grad and any(f in n for f in params.freeze)]
     for p in frozen:   # FFA-LoRA: A stays at the shared init for this run
         p.requires_grad_(False)
     try:
-        return _train(model, tok, questions, params, progress, should_stop)
+        return _train(model, tok, questions, params, progress, should_stop, max_batch_tokens)
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
 def _train(model: Any, tok: Any, questions: Sequence[Question], params: TrainParams,
-           progress: Callable[[int, int, float], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
+           progress: Callable[[int, int, float], None] | None, should_stop: Callable[[], bool] | None,
+           max_batch_tokens: int) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters; wrap it with common.lora.wrap first "
@@ -105,18 +179,24 @@ def _train(model: Any, tok: Any, questions: Sequence[Question], params: TrainPar
                 cursor = 0
             batch.append(encode(tok, questions[order[cursor]], params.max_seq_len))
             cursor += 1
-        inputs = collate(batch, tok.pad_token_id)
-        loss = model(**inputs).loss
+        groups = [collate(g, tok.pad_token_id) for g in micro_batches(batch, max_batch_tokens)]
+        count = sum(targets(g) for g in groups)
+        loss = 0.0
+        for inputs in groups:   # gradient accumulation: Σ_g (summed CE of g) / (targets in the batch)
+            part = answer_loss_sum(model, inputs) / count
+            if not torch.isfinite(part):
+                opt.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"training loss became {float(part)} at step {step}; lower the learning rate")
+            part.backward()
+            loss += float(part.detach())
         if anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
-            loss = loss + 0.5 * params.proximal_mu * prox
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
-        loss.backward()
+            prox = 0.5 * params.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
+            prox.backward()
+            loss += float(prox.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        tokens += int((inputs["labels"] != -100).sum())
+        losses.append(loss)
+        tokens += count
         if progress is not None:
             progress(step + 1, params.local_steps, losses[-1])
     model.eval()

@@ -24,7 +24,8 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     if heldout is None and (s.data_dir.parent / "heldout.jsonl").exists():
         heldout = s.data_dir.parent / "heldout.jsonl"
     try:
-        model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads, s.state_dir)
+        model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads, s.state_dir,
+                                    s.max_batch_tokens, s.gradient_checkpointing)
     except (ValueError, OSError) as exc:   # no data, unreadable data: a configuration problem
         raise ConfigError(f"school data: {exc}") from None
     daemon = SchoolDaemon(cfg, token, model)

@@ -15,6 +15,8 @@ class SchoolSection:
     data_dir: Path = Path("/srv/school-data")        # a JSONL file or a folder of *.jsonl questions; never sent anywhere
     heldout_file: Path | None = None    # local held-out questions for evaluation; default data_dir/../heldout.jsonl if present
     torch_threads: int = 0              # 0 = torch's default (all cores)
+    max_batch_tokens: int = 1024        # padded tokens per training micro-batch (bounds memory, not results); 0 = whole batch
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
     max_backoff_s: float = 30.0         # reconnect backoff cap, seconds
     log_level: str = "info"
     hardware: str = ""                  # free text reported at Join
@@ -25,6 +27,8 @@ class SchoolSection:
             out.append(f"coordinator: expected host:port, got {self.coordinator!r}")
         if self.torch_threads < 0:
             out.append("torch_threads: must be >= 0")
+        if self.max_batch_tokens < 0:
+            out.append("max_batch_tokens: must be >= 0 (0 = the whole batch at once)")
         if self.max_backoff_s <= 0:
             out.append("max_backoff_s: must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

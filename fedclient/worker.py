@@ -15,13 +15,14 @@ from common.files import atomic_write_bytes
 from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
                          sub_states, truncate_rank, wrap)
 from common.models import load_model
-from common.training import TrainParams, TrainResult, train_lora
+from common.training import TrainParams, TrainResult, enable_checkpointing, release_memory, train_lora
 from common.wire import bytes_to_tensors, tensors_to_bytes
 
 
 class SchoolModel:
     def __init__(self, base: str, cache_dir: Path | None, data_dir: Path, heldout_file: Path | None,
-                 torch_threads: int = 0, state_dir: Path | None = None) -> None:
+                 torch_threads: int = 0, state_dir: Path | None = None, max_batch_tokens: int = 0,
+                 gradient_checkpointing: bool = False) -> None:
         self.base = base
         self.cache_dir = cache_dir
         self.train_questions: list[Question] = read_jsonl(data_dir)
@@ -29,6 +30,8 @@ class SchoolModel:
             raise ValueError(f"no questions under {data_dir}; put the school's *.jsonl files there")
         self.heldout: list[Question] = read_jsonl(heldout_file) if heldout_file and heldout_file.exists() else []
         self.torch_threads = torch_threads
+        self.max_batch_tokens = max_batch_tokens
+        self.gradient_checkpointing = gradient_checkpointing
         self._model: Any = None
         self._tok: Any = None
         self._settings: LoraSettings | None = None
@@ -49,6 +52,8 @@ class SchoolModel:
         if self._model is not None and settings == self._settings:
             return
         base, self._tok = load_model(self.base, self.cache_dir)
+        if self.gradient_checkpointing:
+            enable_checkpointing(base)
         self._model = wrap(base, settings)
         self._settings = settings
         self._merge = BaseMerge()   # a fresh base has nothing merged into it
@@ -78,7 +83,11 @@ class SchoolModel:
         adapter's shapes) against where this school started."""
         glob, start = self._start_state(global_payload, params)
         load_adapter_state(self._model, start)
-        result = train_lora(self._model, self._tok, self.train_questions, params, progress, self.stop_flag.is_set)
+        try:
+            result = train_lora(self._model, self._tok, self.train_questions, params, progress, self.stop_flag.is_set,
+                                self.max_batch_tokens)
+        finally:
+            release_memory()   # do not sit at the training peak until the next round
         final = adapter_state(self._model)
         if params.personal and self.personal_file is not None:
             mine = {k: v for k, v in final.items() if any(p in k for p in params.personal)}
@@ -93,4 +102,7 @@ class SchoolModel:
             return None
         _, start = self._start_state(global_payload, params or TrainParams())
         load_adapter_state(self._model, start)
-        return evaluate_choices(self._model, self._tok, self.heldout[:max_examples])
+        try:
+            return evaluate_choices(self._model, self._tok, self.heldout[:max_examples])
+        finally:
+            release_memory()

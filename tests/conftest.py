@@ -117,7 +117,8 @@ async def start_school() -> AsyncIterator[Callable[..., Any]]:
 
     async def factory(cfg: Any) -> tuple[Any, asyncio.Event, asyncio.Task[int]]:
         s = cfg.school
-        model = await asyncio.to_thread(SchoolModel, cfg.model.base, None, s.data_dir, s.heldout_file, s.torch_threads, s.state_dir)
+        model = await asyncio.to_thread(SchoolModel, cfg.model.base, None, s.data_dir, s.heldout_file, s.torch_threads, s.state_dir,
+                                    s.max_batch_tokens, s.gradient_checkpointing)
         daemon = SchoolDaemon(cfg, s.token_file.read_text().strip(), model)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))

@@ -129,3 +129,88 @@ def test_cached_option_scoring_matches_naive_scoring(tiny_model, fed_data):
     for q, got in zip(questions, fast):
         for a, b in zip(got, naive_option_logprobs(pm, tok, q)):
             torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+def _right_padded(rows, pad_id):   # the plain HF reference: right padding, loss over every position
+    width = max(len(x) for x, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _lora_grads(pm):
+    out = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad(set_to_none=True)
+    return out
+
+
+def test_answer_only_logits_match_the_full_forward(tiny_model, fed_data):
+    """Left padding + projecting only the answer columns gives HF's own loss and gradients."""
+    from common.training import answer_loss_sum, collate, encode, targets
+
+    model, tok = load_model(tiny_model)
+    pm = wrap(model, LoraSettings(rank=4, alpha=8.0))
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)   # B = 0 would make every A gradient zero
+    pm.train()
+    questions = read_jsonl(fed_data / "schools" / "school-2" / "train.jsonl")[:6]
+    rows = [encode(tok, q, 96) for q in questions]
+    assert len({len(x) for x, _ in rows}) > 1        # ragged: padding matters
+    reference = pm(**_right_padded(rows, tok.pad_token_id)).loss
+    reference.backward()
+    want = _lora_grads(pm)
+    inputs = collate(rows, tok.pad_token_id)
+    got_loss = answer_loss_sum(pm, inputs) / targets(inputs)
+    got_loss.backward()
+    got = _lora_grads(pm)
+    assert abs(float(got_loss) - float(reference)) < 1e-5
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-6 * float(want[n].abs().max())), n
+
+
+def test_micro_batches_change_memory_not_the_update(tiny_model, fed_data):
+    """Micro-batches and activation checkpointing lower peak memory (benchmarks/train_memory.py)
+    and leave the trained adapter as it was."""
+    from common.training import enable_checkpointing, micro_batches
+
+    rows = [([1] * n, [1]) for n in (10, 30, 5, 40, 8)]
+    assert micro_batches(rows, 0) == [rows]
+    groups = micro_batches(rows, 64)
+    assert [r for g in groups for r in g] == rows                       # order kept, nothing lost
+    assert all(len(g) * max(len(x) for x, _ in g) <= 64 or len(g) == 1 for g in groups)
+    assert [len(g) for g in groups] == [2, 1, 1, 1]
+    assert micro_batches(rows, 16)[3] == [rows[3]]                     # longer than the budget: alone
+
+    questions = read_jsonl(fed_data / "schools" / "school-1" / "train.jsonl")[:8]
+    states = []
+    for budget, checkpointing in ((0, False), (120, False), (120, True)):
+        model, tok = load_model(tiny_model)
+        if checkpointing:
+            enable_checkpointing(model)
+        torch.manual_seed(0)   # the same LoRA A init in every run
+        pm = wrap(model, LoraSettings(rank=4, alpha=8.0))
+        result = train_lora(pm, tok, questions, TrainParams(local_steps=3, batch_size=4, learning_rate=1e-3,
+                                                            max_seq_len=96, proximal_mu=0.5), max_batch_tokens=budget)
+        states.append((adapter_state(pm), result))
+    (a, ra) = states[0]
+    for b, rb in states[1:]:
+        assert ra.tokens == rb.tokens and abs(ra.mean_loss - rb.mean_loss) < 1e-5
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), k   # AdamW moves each entry up to 3e-3 here
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        train_lora(pm, tok, questions, TrainParams(), max_batch_tokens=-1)
+
+
+def test_school_model_applies_its_memory_settings(tiny_model, fed_data):
+    from fedclient.worker import SchoolModel
+
+    d = fed_data / "schools" / "school-1"
+    m = SchoolModel(tiny_model, None, d / "train.jsonl", None, 1, None, max_batch_tokens=256, gradient_checkpointing=True)
+    m.ensure_loaded(LoraSettings(rank=4, alpha=8.0))
+    assert m.max_batch_tokens == 256
+    assert m._model.get_base_model().is_gradient_checkpointing

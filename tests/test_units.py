@@ -254,3 +254,12 @@ def test_simulated_attacker_section():
     assert torch.equal(SimulationSection("sign_flip", 3.0).apply(d)["a"], torch.full((2,), -3.0))
     assert torch.equal(SimulationSection("scale", 100.0).apply(d)["a"], torch.full((2,), 100.0))
     assert SimulationSection("poison").problems() and SimulationSection("scale", 0.0).problems()
+
+
+def test_school_section_checks_its_fields():
+    from fedclient.config import SchoolSection
+
+    assert SchoolSection().problems() == []
+    problems = SchoolSection(coordinator="nohost", torch_threads=-1, max_batch_tokens=-5, max_backoff_s=0).problems()
+    assert len(problems) == 4
+    assert any("max_batch_tokens: must be >= 0" in p for p in problems)
