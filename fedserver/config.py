@@ -124,7 +124,18 @@ class EvaluationSection:
     eval_file: Path | None = None   # public held-out questions (JSONL) the coordinator scores
     max_examples: int = 200
     school_max_examples: int = 32   # questions each school scores locally per round; 0 = skip
+    school_timeout_s: float = 120.0  # after the last round, how long to wait for the schools' reports
     threads: int = 0                # torch threads for the coordinator's evaluation; 0 = default
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_examples < 0 or self.school_max_examples < 0:
+            out.append("max_examples and school_max_examples must be >= 0")
+        if self.school_timeout_s < 0:
+            out.append("school_timeout_s must be >= 0 (0 = do not wait for the schools' last evaluation)")
+        if self.threads < 0:
+            out.append("threads must be >= 0 (0 = torch's default)")
+        return out
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class RoundEngine:
         self._bytes: dict[int, list[int]] = {}
         self._dense_bytes: dict[int, list[int]] = {}   # round -> [compressed bytes received, dense payload bytes they stand for]
         self._eval_tasks: set[asyncio.Task[Any]] = set()
+        self._evals_due: dict[int, set[str]] = {}   # round -> schools asked to evaluate it that have not answered
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
 
@@ -159,6 +160,8 @@ class RoundEngine:
     def detach(self, sess: SchoolSession) -> None:
         if self.sessions.get(sess.school_id) is sess:
             del self.sessions[sess.school_id]
+            for due in self._evals_due.values():   # its queued evaluate command went with the stream
+                due.discard(sess.school_id)
             self._changed.set()
             self.log.info("school detached", school=sess.school_id, connected=len(self.sessions))
 
@@ -189,6 +192,10 @@ class RoundEngine:
         acc[1] += down
 
     async def report_failure(self, school_id: str, f: Failure) -> None:
+        if f.phase == "evaluate":
+            self._eval_answered(f.round, school_id)
+            self.log.warning("school could not evaluate", school=school_id, round=f.round, error=f.message)
+            return
         async with self._lock:
             rnd = self.current
             if rnd is None or f.round != rnd.number or school_id not in rnd.pending():
@@ -199,7 +206,28 @@ class RoundEngine:
             self._changed.set()
 
     async def report_eval(self, school_id: str, r: EvalReport) -> None:
-        await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
+        if r.num_examples > 0:   # 0: the school has no held-out questions
+            await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
+        self._eval_answered(r.round, school_id)
+
+    def _eval_answered(self, round_: int, school_id: str) -> None:
+        due = self._evals_due.get(round_)
+        if due is not None and school_id in due:
+            due.discard(school_id)
+            self._changed.set()
+
+    async def _await_school_evals(self, round_: int) -> None:
+        """Before the schools are told to shut down: let them report the last round's
+        evaluation (for at most [evaluation] school_timeout_s; a school that leaves is not
+        waited for)."""
+        due = self._evals_due.get(round_, set())
+        end = time.time() + self.cfg.evaluation.school_timeout_s
+        if due:
+            self.log.info("waiting for the schools' evaluation of the last round", round=round_, schools=sorted(due))
+        while due and time.time() < end:
+            await self._wait_change(min(1.0, end - time.time()))
+        if due:
+            self.log.warning("schools did not report their evaluation of the last round", round=round_, schools=sorted(due))
 
     # ---------------------------------------------------------------- uploads
     def check_upload_allowed(self, school_id: str, h: UploadHeader) -> None:
@@ -292,6 +320,7 @@ class RoundEngine:
                                        "Fix the cause (see the schools' errors) and restart the coordinator")
         for task in list(self._eval_tasks):
             await task
+        await self._await_school_evals(self.store.last_round_number())
         for sess in list(self.sessions.values()):
             sess.queue.put_nowait(Command("shutdown", reason=f"federation finished after {total} rounds", final=True))
         self.finished.set()
@@ -382,6 +411,7 @@ class RoundEngine:
         n = self.cfg.evaluation.school_max_examples
         if n > 0:
             cmd = Command("evaluate", number, adapter=ArtifactRef(sha, self.artifacts.size(sha)), max_examples=n)
+            self._evals_due = {number: set(self.sessions)}   # only the newest round is waited for
             for sess in self.sessions.values():
                 sess.queue.put_nowait(cmd)
 

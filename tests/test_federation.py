@@ -74,3 +74,33 @@ async def test_replaced_stream_reconnects_and_only_the_finish_stops_the_daemon(t
     assert [r.status for r in rc.store.rounds()] == ["committed"]
     assert await asyncio.wait_for(task, timeout=20) == 0
     assert daemon.shutdown_reason is not None and "finished" in daemon.shutdown_reason
+
+
+async def test_schools_report_the_last_rounds_evaluation_before_shutdown(tmp_path, tiny_model, fed_data,
+                                                                        start_coordinator, start_school):
+    """The coordinator waits for the schools' evaluation of the final round before telling
+    them to shut down (a slow school's report used to be lost); a school with nothing held
+    out answers with zero questions, so it is not waited for."""
+    import dataclasses
+    import time
+
+    cfg = coordinator_config(tmp_path, tiny_model, rounds=dict(total=1, min_schools=3, quorum=3))
+    rc = await start_coordinator(cfg)
+    daemons = []
+    for k in (1, 2, 3):
+        sc = school_config(tmp_path, rc.address, f"school-{k}", fed_data, tiny_model)
+        if k == 3:
+            sc = dataclasses.replace(sc, school=dataclasses.replace(sc.school, heldout_file=None))
+        daemons.append((await start_school(sc))[0])
+    slow = daemons[0].model
+    fast_evaluate = slow.evaluate
+
+    def evaluate_slowly(*args, **kwargs):   # runs on the daemon's worker thread
+        time.sleep(2.0)
+        return fast_evaluate(*args, **kwargs)
+
+    slow.evaluate = evaluate_slowly
+    await asyncio.wait_for(rc.run_task, timeout=120)
+    sources = {e["source"] for e in rc.store.evals(1)}
+    assert {"school-1", "school-2"} <= sources and "school-3" not in sources
+    assert not rc.engine._evals_due[1]

@@ -263,3 +263,11 @@ def test_school_section_checks_its_fields():
     problems = SchoolSection(coordinator="nohost", torch_threads=-1, max_batch_tokens=-5, max_backoff_s=0).problems()
     assert len(problems) == 4
     assert any("max_batch_tokens: must be >= 0" in p for p in problems)
+
+
+def test_evaluation_section_checks_its_fields():
+    from fedserver.config import EvaluationSection
+
+    assert EvaluationSection().problems() == []
+    problems = EvaluationSection(max_examples=-1, school_timeout_s=-1.0, threads=-2).problems()
+    assert len(problems) == 3 and any("school_timeout_s" in p for p in problems)
