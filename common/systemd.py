@@ -19,8 +19,20 @@ def notifier() -> Notify:
         return lambda _msg: None
 
 
-async def watchdog(notify: Notify, every_s: float = WATCHDOG_PING_S) -> None:
-    """Ping until cancelled. Runs on the event loop, so a blocked loop stops the pings."""
+STALL_WARN_S = 5.0   # a wake-up this late means the loop (or the whole machine) was stalled
+
+
+async def watchdog(notify: Notify, every_s: float = WATCHDOG_PING_S, stall_warn_s: float = STALL_WARN_S,
+                   on_stall: Callable[[float], None] | None = None) -> None:
+    """Ping until cancelled. Runs on the event loop, so a blocked loop stops the pings.
+    A wake-up more than `stall_warn_s` late is reported to `on_stall` (seconds late): a
+    blocked loop, or a machine stalled by memory pressure; it tells an operator whose side
+    a session timeout was on."""
+    loop = asyncio.get_running_loop()
     while True:
         notify("WATCHDOG=1")
+        due = loop.time() + every_s
         await asyncio.sleep(every_s)
+        late = loop.time() - due
+        if late > stall_warn_s and on_stall is not None:
+            on_stall(late)

@@ -35,7 +35,9 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     notify = systemd.notifier()
     notify("READY=1")
-    dog = asyncio.create_task(systemd.watchdog(notify))
+    dog = asyncio.create_task(systemd.watchdog(
+        notify, on_stall=lambda s: daemon.log.warning("event loop stalled; the coordinator may drop this session",
+                                                      late_s=round(s, 1))))
     try:
         return await daemon.run(stop)
     finally:

@@ -90,7 +90,8 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
         loop.add_signal_handler(sig, stop.set)
     notifier = systemd.notifier()
     notifier("READY=1")
-    watchdog = asyncio.create_task(systemd.watchdog(notifier))
+    watchdog = asyncio.create_task(systemd.watchdog(
+        notifier, on_stall=lambda s: log.warning("event loop stalled; sessions may time out on this side", late_s=round(s, 1))))
     rounds = asyncio.create_task(coord.engine.run())
     live = asyncio.create_task(coord.engine.publish_status(cfg.server.state_dir / "live.json"))
     stopper = asyncio.create_task(stop.wait())

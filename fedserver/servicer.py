@@ -163,8 +163,12 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if reader in done:
                     break  # the school closed its side
                 if time.monotonic() - sess.last_seen > self.session_timeout_s:
-                    log.warning("session timed out", school=school, silent_s=round(time.monotonic() - sess.last_seen, 1))
-                    break
+                    # One more beat before giving up: after a stall on this side, events the
+                    # school sent in time may still be queued behind it.
+                    await asyncio.sleep(min(1.0, self.heartbeat_interval_s))
+                    if time.monotonic() - sess.last_seen > self.session_timeout_s:
+                        log.warning("session timed out", school=school, silent_s=round(time.monotonic() - sess.last_seen, 1))
+                        break
         finally:
             reader.cancel()
             self.engine.detach(sess)

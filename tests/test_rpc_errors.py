@@ -277,3 +277,36 @@ async def test_a_coordinator_bug_is_internal_not_a_crash(open_round, monkeypatch
     monkeypatch.undo()
     good = tensors_to_bytes(good_delta(rc))   # and the coordinator keeps serving
     assert await upload(stub, header_for(rc, good), good, sessions["school-1"]) is not None
+
+
+async def test_silent_school_is_dropped_after_the_session_timeout(tmp_path, tiny_model, start_coordinator):
+    """A school whose stream stays open but sends nothing is detached after session_timeout_s
+    and its stream is ended (its daemon would reconnect); a school that keeps beating stays."""
+    import asyncio
+    import dataclasses
+
+    cfg = coordinator_config(tmp_path, tiny_model, schools=3, rounds=dict(total=1, min_schools=2, quorum=2))
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, heartbeat_interval_s=0.3, session_timeout_s=1.5))
+    rc = await start_coordinator(cfg)
+    channel = grpc.aio.insecure_channel(rc.address, options=grpc_options())
+    stub = pb_grpc.FederationStub(channel)
+
+    async def one_beat_then_silence():
+        yield pb.ClientEvent(heartbeat=pb.Heartbeat(unix_time=0))
+        await asyncio.Event().wait()
+
+    calls = []
+    for sid, events in (("school-1", one_beat_then_silence()), ("school-2", _idle())):
+        resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=[("authorization", f"Bearer {TOKENS[sid]}")])
+        calls.append(stub.Session(events, metadata=[("x-session-token", resp.session_token)]))
+    try:
+        await wait_for(lambda: rc.engine.current is not None, 20, "round 1 to open")
+        await wait_for(lambda: "school-1" not in rc.engine.sessions, 10, "the silent school to be dropped")
+        assert "school-2" in rc.engine.sessions
+        received = [m async for m in calls[0]]   # the coordinator ended the silent school's stream
+        assert all(m.WhichOneof("command") != "shutdown" for m in received)
+    finally:
+        for c in calls:
+            c.cancel()
+        await rc.stop()
+        await channel.close()

@@ -271,3 +271,20 @@ def test_evaluation_section_checks_its_fields():
     assert EvaluationSection().problems() == []
     problems = EvaluationSection(max_examples=-1, school_timeout_s=-1.0, threads=-2).problems()
     assert len(problems) == 3 and any("school_timeout_s" in p for p in problems)
+
+
+async def test_watchdog_pings_and_reports_a_stalled_loop():
+    import asyncio
+    import time
+
+    from common import systemd
+
+    pings: list[str] = []
+    stalls: list[float] = []
+    dog = asyncio.create_task(systemd.watchdog(pings.append, every_s=0.05, stall_warn_s=0.2, on_stall=stalls.append))
+    await asyncio.sleep(0.3)
+    assert len(pings) >= 3 and stalls == []
+    time.sleep(0.5)            # block the loop, as a model load on it would
+    await asyncio.sleep(0.1)
+    dog.cancel()
+    assert len(stalls) == 1 and stalls[0] > 0.2
