@@ -80,7 +80,7 @@ class SchoolModel:
     def train(self, global_payload: bytes, params: TrainParams,
               progress: Callable[[int, int, float], None]) -> tuple[dict[str, torch.Tensor], TrainResult]:
         """Start from the global adapter, train locally, return the delta (in the global
-        adapter's shapes) against where this school started."""
+        adapter's shapes, leaving out the tensors it kept frozen) against where this school started."""
         glob, start = self._start_state(global_payload, params)
         load_adapter_state(self._model, start)
         try:
@@ -95,6 +95,8 @@ class SchoolModel:
         delta = sub_states(final, start)
         if params.rank and self._federation is not None and params.rank != self._federation.rank:
             delta = pad_rank(delta, glob)
+        if params.freeze:   # frozen tensors did not move: their zero deltas are not sent (FFA-LoRA: half the upload)
+            delta = {k: v for k, v in delta.items() if not any(f in k for f in params.freeze)}
         return delta, result
 
     def evaluate(self, global_payload: bytes, max_examples: int, params: TrainParams | None = None) -> EvalResult | None:

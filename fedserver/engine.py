@@ -20,6 +20,7 @@ from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
 from common.logs import get_logger
 from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
+from common.training import TrainParams
 from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
@@ -254,11 +255,12 @@ class RoundEngine:
             rnd = self.current
             assert rnd is not None
             payload = await asyncio.to_thread(payload_path.read_bytes)
+            frozen = self._params_for(rnd, school_id).freeze   # the school may leave these (zero) deltas out
             tensors = await asyncio.to_thread(validate_update, payload, h.sha256, self.layout, self.cfg.rounds.max_norm,
-                                              received_sha256, h.encoding)
+                                              received_sha256, h.encoding, frozen)
             final = self.updates_dir / f"round-{rnd.number}" / f"{school_id}.safetensors"
             final.parent.mkdir(parents=True, exist_ok=True)
-            if h.encoding:   # keep the decoded, dense update: restarts and spilling buffers read it back
+            if h.encoding or frozen:   # keep the decoded, complete update: restarts and spilling buffers read it back
                 dense = await asyncio.to_thread(tensors_to_bytes, tensors)
                 await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
                 payload_path.unlink(missing_ok=True)
@@ -280,11 +282,13 @@ class RoundEngine:
             return rc
 
     # ---------------------------------------------------------------- the loop
-    def _train_command(self, rnd: OpenRound, school_id: str) -> Command:
+    def _params_for(self, rnd: OpenRound, school_id: str) -> TrainParams:
         params = self.strategy.configure_round(rnd.number, self.cfg.train.params(rnd.number))
-        params = self.strategy.configure_school(rnd.number, school_id, params)
+        return self.strategy.configure_school(rnd.number, school_id, params)
+
+    def _train_command(self, rnd: OpenRound, school_id: str) -> Command:
         ref = ArtifactRef(rnd.global_sha, self.artifacts.size(rnd.global_sha))
-        return Command("train", rnd.number, rnd.deadline, ref, params)
+        return Command("train", rnd.number, rnd.deadline, ref, self._params_for(rnd, school_id))
 
     async def _wait_change(self, timeout: float) -> None:
         self._changed.clear()

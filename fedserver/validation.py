@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -16,11 +16,14 @@ CODECS = ("int8", "topk")
 
 
 def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, TensorSpec],
-                    max_norm: float = 0.0, payload_sha256: str | None = None, encoding: str = "") -> dict[str, torch.Tensor]:
+                    max_norm: float = 0.0, payload_sha256: str | None = None, encoding: str = "",
+                    frozen: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Parse and check an update; returns its tensors. Raises with a message that says what
     was wrong and what the school should do, so a bad upload changes nothing.
     `payload_sha256`: the digest already computed while the bytes arrived (saves a pass).
-    `encoding`: a compressed upload is decoded (with its own checks) before the dense checks."""
+    `encoding`: a compressed upload is decoded (with its own checks) before the dense checks.
+    `frozen`: name patterns the school trained frozen this round (FFA-LoRA: "lora_A"); their
+    deltas are zero by construction, so the school may leave them out and they are filled in."""
     actual = payload_sha256 or sha256_hex(payload)
     if actual != announced_sha256:
         raise ChecksumError(f"payload sha256 {actual[:12]}… does not match the announced {announced_sha256[:12]}…; re-send the upload")
@@ -30,6 +33,9 @@ def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, 
             raise ValidationError(f"unknown upload encoding {encoding!r}; this coordinator decodes {sorted(CODECS)}. Upgrade the school")
         budget = sum(math.prod(spec.shape) for spec in layout.values())
         tensors = decode(tensors, encoding, max_numel=budget)
+    if frozen:
+        tensors = {**{n: torch.zeros(spec.shape, dtype=spec.dtype) for n, spec in layout.items()
+                      if n not in tensors and any(f in n for f in frozen)}, **tensors}
     return check_tensors(tensors, layout, max_norm)
 
 

@@ -125,6 +125,22 @@ def test_validation_checksum_and_norm_bound():
         validate_update(data, sha256_hex(data), LAYOUT, max_norm=1.0)   # norm is sqrt(32)
 
 
+def test_frozen_tensors_may_be_left_out_and_are_zero():
+    """FFA-LoRA schools do not send their (zero) A deltas; only frozen names may be missing,
+    and a frozen tensor that is sent is still checked."""
+    data = payload(**{"x.lora_A.weight": None})
+    got = validate_update(data, sha256_hex(data), LAYOUT, frozen=("lora_A",))
+    assert set(got) == set(LAYOUT) and not got["x.lora_A.weight"].any()
+    assert torch.equal(got["x.lora_B.weight"], torch.ones(8, 2))
+    with pytest.raises(ValidationError, match="missing"):
+        validate_update(data, sha256_hex(data), LAYOUT)                       # not frozen this round
+    with pytest.raises(ValidationError, match="missing"):
+        validate_update(data, sha256_hex(data), LAYOUT, frozen=("lora_B",))   # the wrong tensor left out
+    bad = payload(**{"x.lora_A.weight": torch.full((2, 8), float("nan"))})
+    with pytest.raises(ValidationError, match="NaN"):
+        validate_update(bad, sha256_hex(bad), LAYOUT, frozen=("lora_A",))
+
+
 # ---------------------------------------------------------------- FedAvg
 
 
