@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +58,7 @@ class SchoolDaemon:
         self._adapters: dict[str, bytes] = {}      # sha256 -> bytes, newest only
         self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
         self.shutdown_reason: str | None = None
-        self._superseded: list[float] = []          # when the coordinator replaced this school's stream
+        self._superseded: deque[float] = deque(maxlen=3)   # when the coordinator last replaced this school's stream
         self.pending_dir = cfg.school.state_dir / "pending"
         self.pending_dir.mkdir(parents=True, exist_ok=True)
 
@@ -140,12 +141,10 @@ class SchoolDaemon:
                         self.shutdown_reason = cmd.reason
                     else:
                         self._superseded.append(time.monotonic())
-                        recent = [t for t in self._superseded if time.monotonic() - t < 300]
-                        self._superseded = recent
-                        if len(recent) >= 3:
+                        if len(self._superseded) == 3 and self._superseded[-1] - self._superseded[0] < 300:
                             self.log.error("this school's session keeps being replaced: is a second daemon running "
                                            "with the same token? Stop it; each school needs its own token",
-                                           times_in_5_min=len(recent), reason=cmd.reason)
+                                           reason=cmd.reason)
                         else:
                             self.log.info("coordinator ended this stream; reconnecting", reason=cmd.reason)
                     return
@@ -261,18 +260,14 @@ class SchoolDaemon:
             return tensors_to_bytes(delta), ""
         feedback = ErrorFeedback(spec)
         path = self.cfg.school.state_dir / f"feedback-{spec.kind}.safetensors"
-        if path.exists():
-            state, meta = bytes_to_tensors_with_metadata(path.read_bytes())
-            try:
+        try:
+            if path.exists():
+                state, meta = bytes_to_tensors_with_metadata(path.read_bytes())
                 feedback.load_state_dict(state)
                 for _ in range(max(0, round_ - int(meta.get("round", round_ - 1)) - 1)):
                     feedback.missed_round()
-            except ValueError as exc:   # unreadable residual: start afresh rather than refuse to train
-                self.log.warning("discarding the compression residual", error=str(exc))
-                feedback = ErrorFeedback(spec)
-        try:
             encoded = feedback.compress(delta)
-        except ValueError as exc:   # the residual is for another adapter layout (LoRA settings changed)
+        except ValueError as exc:   # unreadable, or for another adapter layout: start afresh rather than refuse to train
             self.log.warning("discarding the compression residual", error=str(exc))
             feedback = ErrorFeedback(spec)
             encoded = feedback.compress(delta)

@@ -123,7 +123,8 @@ class RoundEngine:
         header = {"strategy": json.dumps(self.strategy.describe()), "meta": json.dumps(meta)}
         atomic_write_bytes(self._strategy_state_path(number), tensors_to_bytes(tensors, header))
         for old in self._strategy_state_path(number).parent.glob("round-*.safetensors"):
-            if old.stem != f"round-{number}" and old.stem.split("-")[-1].isdigit() and int(old.stem.split("-")[-1]) < number - 1:
+            n = old.stem.removeprefix("round-")
+            if n.isdigit() and int(n) < number - 1:   # keep N and N-1
                 old.unlink(missing_ok=True)
 
     def _load_strategy_state(self) -> None:
@@ -271,7 +272,7 @@ class RoundEngine:
                 await asyncio.to_thread(payload_path.replace, final)
             rc = Receipt(rnd.number, school_id, h.upload_id, h.sha256, h.num_examples, dict(h.metrics), str(final))
             await asyncio.to_thread(self.store.add_receipt, rc)
-            update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics), final, h.total_size)
+            update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics), final)
             await asyncio.to_thread(self.strategy.accumulate, update)
             rnd.accepted.add(school_id)
             if school_id in self.sessions:

@@ -37,7 +37,6 @@ class ServerEvaluator:
         if self._model is None:
             base, self._tok = load_model(self.cfg.model.base, self.cfg.model.cache_dir)
             self._model = wrap(base, self.settings)
-            self._merge = BaseMerge()
         if state is None:
             self._merge.sync(self._model, {})
             with self._model.disable_adapter():   # the untuned base model

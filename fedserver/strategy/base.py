@@ -39,7 +39,6 @@ class ClientUpdate:
     delta: State
     metrics: Mapping[str, float] = field(default_factory=dict)
     path: Path | None = None     # where the engine keeps the payload (spilling buffers read it back)
-    wire_bytes: int = 0          # bytes the school actually sent (after compression)
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,6 @@ class Strategy(ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    needs_all_updates: ClassVar[bool] = False    # True: keeps every update until finalize (buffered)
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -145,10 +143,6 @@ class Wrapper(Strategy):
     def __init__(self, inner: Strategy, options: Any = None) -> None:
         super().__init__(options)
         self.inner = inner
-
-    @property
-    def needs_all_updates(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_all_updates
 
     def min_updates(self) -> int:
         return self.inner.min_updates()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.files import atomic_write_bytes
-from common.wire import tensors_to_bytes
+from common.wire import tensor_bytes, tensors_to_bytes
 from fedserver.strategy.base import ClientUpdate
 
 
@@ -39,7 +39,7 @@ class UpdateBuffer:
         return len(self.entries)
 
     def add(self, update: ClientUpdate) -> None:
-        size = sum(t.numel() * t.element_size() for t in update.delta.values())
+        size = tensor_bytes(update.delta)
         if self.bytes_in_memory + size <= self.max_bytes:
             tensors = {k: v.detach().clone() for k, v in update.delta.items()}
             self.entries.append(_Entry(update.school_id, update.num_examples, tensors, update.path))

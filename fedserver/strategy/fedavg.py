@@ -21,7 +21,7 @@ import torch
 from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
-from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy
+from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, flat_norm
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
@@ -61,7 +61,6 @@ class FedAvg(Strategy):
         self._weight = 0.0
         self._count = 0
         self._failures = 0
-        self._round = 0
         # Hooks a wrapper (DP noise) applies to the mean delta before the server step.
         self.mean_hooks: list[Callable[[dict[str, torch.Tensor], int], dict[str, float]]] = []
 
@@ -82,7 +81,6 @@ class FedAvg(Strategy):
 
     # --------------------------------------------------------------- the round
     def begin_round(self, round_: int, global_state: State) -> None:
-        self._round = round_
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
         self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._global.items() if self.shared(k)}
         self._weight, self._count, self._failures = 0.0, 0, 0
@@ -119,7 +117,7 @@ class FedAvg(Strategy):
         step = self.step(mean)
         state = {k: (g.to(torch.float64) + step[k]).to(g.dtype) if k in step else g.clone()
                  for k, g in self._global.items()}
-        step_norm = float(torch.sqrt(sum((v ** 2).sum() for v in step.values())))
+        step_norm = flat_norm(step)
         metrics.update(updates=float(self._count), failures=float(self._failures),
                        examples=self._weight if self.options.weighting == "examples" else float(self._count),
                        update_norm=step_norm)

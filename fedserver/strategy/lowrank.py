@@ -10,7 +10,7 @@ very different factors for the same update. Products are big (the SmolLM2 adapte
   combine(...)  Σ_i c_i P_i re-factorised to rank r by a thin SVD of stacked factors
                 (QR of [c_i B_i] and [A_i]ᵀ, then the SVD of a small core); the truncation
                 error ‖·‖_F of what rank r drops is returned (FlexLoRA's logged quantity).
-  dense_rows()  P_i for a block of rows, for coordinate-wise rules (median, trimmed mean).
+  row_block()   how many rows of dense P_i fit a memory budget (coordinate-wise rules).
 
 A "basis" is a function (i, key) -> tensor giving state i's factors; index conventions are
 the caller's.
@@ -72,9 +72,10 @@ def combine(load: Loader, coeffs: Sequence[float], modules: Sequence[tuple[str, 
     out: dict[str, torch.Tensor] = {}
     dropped = 0.0
     for a_key, b_key in modules:
-        a = torch.cat([load(i, a_key).to(torch.float64) for i, _ in terms])                   # (m r) × d_in
+        a_parts = [load(i, a_key) for i, _ in terms]
+        dtype = a_parts[0].dtype
+        a = torch.cat([t.to(torch.float64) for t in a_parts])                                 # (m r) × d_in
         b = torch.cat([c * load(i, b_key).to(torch.float64) for i, c in terms], dim=1)        # d_out × (m r)
-        dtype = load(terms[0][0], a_key).dtype
         u, s, vh = thin_svd(b, a)
         k = min(rank, s.numel())
         dropped += float((s[k:] ** 2).sum())
@@ -106,11 +107,6 @@ def _orthonormal_complement(rows: torch.Tensor, k: int, dim: int) -> torch.Tenso
         x -= (x @ rows.T) @ rows
     q, _ = torch.linalg.qr(x.T)
     return q.T[:k]
-
-
-def dense_rows(load: Loader, i: int, a_key: str, b_key: str, rows: slice, scale: float) -> torch.Tensor:
-    """Rows `rows` of s·B_i·A_i, float32."""
-    return scale * (load(i, b_key)[rows].to(torch.float32) @ load(i, a_key).to(torch.float32))
 
 
 def row_block(d_out: int, d_in: int, n: int, budget_bytes: int) -> int:

@@ -52,7 +52,6 @@ class ProductStrategy(Strategy):
     """Buffers the round's updates and hands subclasses a basis of products:
     index 0 = the global adapter, 1..K = each school's resulting adapter (global + delta)."""
 
-    needs_all_updates = True
     Options = RobustOptions
 
     def __init__(self, options: Any = None) -> None:
@@ -125,10 +124,13 @@ class ProductStrategy(Strategy):
             d_out, d_in = self.global_state[b_key].shape[0], self.global_state[a_key].shape[1]
             step = lowrank.row_block(d_out, d_in, len(members) + 1, self.options.dense_block_mb << 20)
             target = torch.empty(d_out, d_in, dtype=torch.float32)
+            # Factors read once per module (spilled ones come from disk), dense rows per block.
+            factors = [(self.load(i, a_key).to(torch.float32), ctx.scale * self.load(i, b_key).to(torch.float32))
+                       for i in (0, *members)]
             for lo in range(0, d_out, step):
                 rows = slice(lo, min(d_out, lo + step))
-                base = lowrank.dense_rows(self.load, 0, a_key, b_key, rows, ctx.scale)
-                stack = torch.stack([lowrank.dense_rows(self.load, i, a_key, b_key, rows, ctx.scale) - base for i in members])
+                base = factors[0][1][rows] @ factors[0][0]
+                stack = torch.stack([b[rows] @ a - base for a, b in factors[1:]])
                 target[rows] = base + reduce(stack)
             r = ctx.settings.rank
             t = target.to(torch.float64) / ctx.scale
@@ -274,10 +276,10 @@ class Bulyan(Krum):
 
     def aggregate(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         dist, f = self.update_distances(), self.options.f
-        remaining, chosen = list(range(self.k)), []
+        remaining, chosen, ids = list(range(self.k)), [], self.ids()
         for _ in range(self.k - 2 * f):
             sub = dist[remaining][:, remaining]
-            pick = remaining[ranked(krum_scores(sub, f), [self.ids()[i] for i in remaining])[0]]
+            pick = remaining[ranked(krum_scores(sub, f), [ids[i] for i in remaining])[0]]
             chosen.append(pick)
             remaining.remove(pick)
         state, err = self.coordinatewise([i + 1 for i in sorted(chosen)], lambda x: trimmed(x, f))
