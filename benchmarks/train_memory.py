@@ -105,8 +105,9 @@ def child(mode: str, model_spec: str, cache_dir: Path | None, steps: int, batch:
             r = train_lora(model, tok, qs, TrainParams(local_steps=1, batch_size=batch, learning_rate=3e-4,
                                                        max_seq_len=max_len), max_batch_tokens=budget)
             losses.append(r.mean_loss)
-            tokens.append(sum(len(encode(tok, q, max_len)[0]) for q in qs))
         seconds.append(time.perf_counter() - t)
+        if mode != "hf_full":   # counted outside the timed part
+            tokens.append(sum(len(encode(tok, q, max_len)[0]) for q in qs))
     peak = _rss_mib("VmHWM")
     retained = _rss_mib("VmRSS")
     release_memory()
@@ -117,10 +118,10 @@ def child(mode: str, model_spec: str, cache_dir: Path | None, steps: int, batch:
 
 def run(modes: list[str], model_spec: str, cache_dir: Path | None, steps: int, batch: int, max_len: int,
         threads: int, repeats: int, say: Any = print) -> dict[str, Any]:
-    from common.models import load_model
-
-    _, tok = load_model(model_spec, cache_dir)
     from common.data import write_jsonl
+    from common.models import load_tokenizer
+
+    tok = load_tokenizer(model_spec, cache_dir)
 
     with tempfile.TemporaryDirectory() as tmp:
         qfile = Path(tmp) / "longest.jsonl"

@@ -335,8 +335,7 @@ class ErrorFeedback:
         return self.spec.error_feedback and self.spec.kind != "none"
 
     def compress(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Encoded tensors of Δ + e; updates e <- (Δ + e) - decode(encoded)."""
-        _check_delta(delta)
+        """Encoded tensors of Δ + e; updates e <- (Δ + e) - decode(encoded). (encode checks Δ + e.)"""
         if not self.active:
             return encode(delta, self.spec)
         if self._residual:

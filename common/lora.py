@@ -171,6 +171,7 @@ def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: Lora
 # W ← W₀ + B_m A_m per adapted module. The global artifact carries B_m, A_m under these names
 # next to the LoRA tensors; every party applies the difference to what it applied before.
 MERGED_A, MERGED_B = ".merged_A.", ".merged_B."
+MERGED_FILE = "merged_base_delta.safetensors"   # beside a checkpoint's PEFT directory: B_m, A_m of the base
 
 
 def is_merge_key(key: str) -> bool:

@@ -90,17 +90,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     questions = read_jsonl(args.eval_file)[: args.max_examples or None]
     model, tok = load_model(args.model, args.cache_dir)
-    merged_file = None
+    from common.lora import MERGED_FILE, BaseMerge
+    from common.wire import bytes_to_tensors
+
+    merged_file = args.adapter.parent / MERGED_FILE if args.adapter is not None else None
+    if merged_file is not None and not merged_file.exists():
+        merged_file = None
     if args.adapter is not None:
         model = PeftModel.from_pretrained(model, str(args.adapter))
-        merged_file = args.adapter.parent / "merged_base_delta.safetensors"
-        if merged_file.exists():   # FLoRA / FedEx-LoRA checkpoints: the base weights carry a merged delta
-            from common.lora import BaseMerge
-            from common.wire import bytes_to_tensors
-
-            BaseMerge().sync(model, bytes_to_tensors(merged_file.read_bytes()))
-        else:
-            merged_file = None
+    if merged_file is not None:   # FLoRA / FedEx-LoRA checkpoints: the base weights carry a merged delta
+        BaseMerge().sync(model, bytes_to_tensors(merged_file.read_bytes()))
     r = evaluate_choices(model, tok, questions)
     print(json.dumps({"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
                       "merged_base_delta": str(merged_file) if merged_file else None,
@@ -117,10 +116,6 @@ def _demo(args: argparse.Namespace) -> int:
                        strategy_options=_json_arg(args.strategy_options, dict, "--strategy-options"),
                        wrappers=tuple(_json_arg(args.wrappers, list, "--wrappers")), proximal_mu=args.proximal_mu,
                        attackers=args.attackers, attack=args.attack, attack_scale=args.attack_scale)
-    from fedserver.config import StrategySection
-    from fedserver.strategy import build
-
-    build(StrategySection(opts.strategy, opts.strategy_options, opts.wrappers))   # fail before starting anything
     return run_demo(opts)
 
 

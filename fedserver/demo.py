@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import Any
 
 from rich.console import Console
 
+from common.config import load_toml
 from common.data import prepare_federation_data
 from common.models import default_cache_dir, resolve
 from fedserver.auth import hash_token, new_token
+from fedserver.config import CoordinatorConfig
 from fedserver.report import build_report, format_table
 from fedserver.store import Store
 
@@ -140,12 +143,14 @@ cache_dir = {_toml_str(cache)}
 def run_demo(opts: DemoOptions) -> int:
     console = Console(stderr=True)
     out = opts.out.resolve()
+    cache = (opts.cache_dir or default_cache_dir()).resolve()
+    with tempfile.TemporaryDirectory() as tmp:   # every configuration problem (strategy, quorum...) before any work
+        load_toml(CoordinatorConfig, write_configs(opts, Path(tmp), cache)[0])
     if (out / "coordinator").exists():
         console.print(f"[red]{out} holds an earlier run; choose another --out or delete it[/red]")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    cache = (opts.cache_dir or default_cache_dir()).resolve()
     t0 = time.monotonic()
 
     console.print(f"[bold]1/4[/bold] preparing data for {opts.schools} schools (non-IID by exam board / source)")

@@ -17,7 +17,7 @@ import torch
 
 from common.errors import DuplicateUploadError, WrongRoundError
 from common.files import atomic_write_bytes, atomic_write_text
-from common.lora import LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
+from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
 from common.logs import get_logger
 from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
 from common.training import TrainParams
@@ -431,5 +431,5 @@ class RoundEngine:
         path.parent.mkdir(parents=True, exist_ok=True)
         lora, merged = split_merge(state)
         if merged:   # FLoRA / FedEx-LoRA: the model is W₀ + B_m A_m + the adapter; PEFT cannot hold B_m A_m
-            atomic_write_bytes(path.parent / "merged_base_delta.safetensors", tensors_to_bytes(merged))
+            atomic_write_bytes(path.parent / MERGED_FILE, tensors_to_bytes(merged))
         write_peft_dir(path, lora, self.settings, self.cfg.model.base, extra=info)

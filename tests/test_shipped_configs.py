@@ -290,3 +290,8 @@ def test_demo_accepts_registered_strategies_and_refuses_unknown_ones(tmp_path, c
     assert "unknown key" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "o"), "--wrappers", "{bad json"]) == 78
     assert not (tmp_path / "o").exists()      # nothing was started or written
+    # A rule the demo's quorum cannot satisfy (Krum needs f + 3 = 4 updates; 3 schools give
+    # quorum 2) is refused before any data is prepared.
+    assert main(["demo", "--out", str(tmp_path / "o"), "--strategy", "krum", "--schools", "3"]) == 78
+    assert "krum needs at least 4 updates" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
