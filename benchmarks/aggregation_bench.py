@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import status_kb
+
 REPO = Path(__file__).resolve().parent.parent
 
 SMOLLM2_PARAMETERS = 4_884_480   # the adapter the federation trains (benchmarks/README.md)
@@ -181,19 +183,6 @@ def prepare(spec: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the worker
 
 
-def _status_kb(*fields: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in fields:
-                    out[key] = int(rest.split()[0])
-    except OSError:
-        pass
-    return out
-
-
 class _Sampler(threading.Thread):
     """Peak anonymous and file-backed RSS, sampled every `interval` s (VmHWM has no split)."""
 
@@ -204,7 +193,7 @@ class _Sampler(threading.Thread):
         self.stop = threading.Event()
 
     def sample(self) -> None:
-        for k, v in _status_kb("RssAnon", "RssFile").items():
+        for k, v in status_kb("RssAnon", "RssFile").items():
             self.peak[k] = max(self.peak[k], v)
 
     def run(self) -> None:
@@ -289,7 +278,7 @@ def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         hwm_reset = True
     except OSError:
         hwm_reset = False
-    base = _status_kb("VmRSS", "RssAnon", "RssFile")
+    base = status_kb("VmRSS", "RssAnon", "RssFile")
     sampler = _Sampler()
     sampler.sample()
     sampler.start()
@@ -323,7 +312,7 @@ def worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     sampler.stop.set()
     sampler.join()
     sampler.sample()
-    status = _status_kb("VmHWM")
+    status = status_kb("VmHWM")
     maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
     base_kb = base.get("VmRSS", 0)
     return {

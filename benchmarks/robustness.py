@@ -30,7 +30,6 @@ honest mean when nobody attacks).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 import sys
@@ -45,6 +44,7 @@ from common.errors import ValidationError
 from common.lora import LoraSettings, TensorSpec
 from common.wire import sha256_hex, tensors_to_bytes
 from fedserver import strategy as S
+from fedserver.config import StrategySection
 from fedserver.strategy import ClientUpdate, StrategyContext, lowrank
 from fedserver.strategy.base import flat_norm
 from fedserver.validation import validate_update
@@ -72,8 +72,8 @@ def product(state: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
     return torch.cat([(scale * state[b].double() @ state[a].double()).flatten() for a, b in lowrank.pairs(state)])
 
 
-def _section(name: str, options: Mapping[str, Any], wrappers: Sequence[Mapping[str, Any]] = ()) -> Any:
-    return dataclasses.make_dataclass("StrategySection", ["name", "options", "wrappers"])(name, dict(options), tuple(wrappers))
+def _section(name: str, options: Mapping[str, Any], wrappers: Sequence[Mapping[str, Any]] = ()) -> StrategySection:
+    return StrategySection(name, dict(options), tuple(dict(w) for w in wrappers))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import print_results
+from benchmarks import print_results, status_kb
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
@@ -44,11 +44,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kb = status_kb(field)
+    if field not in kb:
+        raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return kb[field] / 1024
 
 
 def longest_questions(tok: Any, n: int, max_len: int) -> list[Any]:

@@ -4,7 +4,6 @@ Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration erro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
 import json
 import sys
@@ -130,14 +129,13 @@ def _json_arg(text: str, kind: type, flag: str) -> Any:
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    from fedserver.strategy import available, lookup
+    from fedserver.strategy import STRATEGY_GROUP, WRAPPER_GROUP, available, lookup
 
-    for group, wrapper in (("schoolfed.strategies", False), ("schoolfed.wrappers", True)):
+    for group, wrapper in ((STRATEGY_GROUP, False), (WRAPPER_GROUP, True)):
         print("wrappers:" if wrapper else "strategies:")
         for name in available(group):
             cls = lookup(name, wrapper=wrapper)
-            fields = ", ".join(f"{f.name}={(f.default if f.default is not dataclasses.MISSING else f.default_factory())!r}"  # type: ignore[misc]
-                               for f in dataclasses.fields(cls.Options))
+            fields = ", ".join(f"{k}={v!r}" for k, v in vars(cls.Options()).items())   # every option, at its default
             print(f"  {name:<18} {cls.summary}")
             if fields:
                 print(f"  {'':<18} options: {fields}")
