@@ -510,3 +510,18 @@ def test_randomized_svd_is_close_to_exact():
     exact, fast = (product(r.state) for r in results)
     assert float((fast - exact).norm() / exact.norm()) < 1e-3
     assert results[1].metrics["truncation_error"] == pytest.approx(results[0].metrics["truncation_error"], rel=1e-3)
+
+
+def test_merged_step_norm_from_factors_equals_the_dense_difference():
+    from fedserver.strategy.lora_aware import _merged_step_norm
+    from fedserver.strategy.lowrank import product_inner
+
+    gen = torch.Generator().manual_seed(3)
+    old = {"m.merged_A.weight": torch.randn(4, 10, generator=gen), "m.merged_B.weight": torch.randn(6, 4, generator=gen)}
+    new = {"m.merged_A.weight": torch.randn(7, 10, generator=gen), "m.merged_B.weight": torch.randn(6, 7, generator=gen),
+           "n.merged_A.weight": torch.randn(2, 5, generator=gen), "n.merged_B.weight": torch.randn(3, 2, generator=gen)}
+    dense = lambda s, m: s[f"{m}.merged_B.weight"].double() @ s[f"{m}.merged_A.weight"].double()   # noqa: E731
+    want = ((dense(new, "m") - dense(old, "m")).pow(2).sum() + dense(new, "n").pow(2).sum()).sqrt()
+    assert abs(_merged_step_norm(old, new) - float(want)) < 1e-9 * float(want)
+    b, a = new["m.merged_B.weight"], new["m.merged_A.weight"]
+    assert abs(product_inner(b, a, b, a) - float(dense(new, "m").pow(2).sum())) < 1e-9 * float(dense(new, "m").pow(2).sum())

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import ConfigError
-from common.lora import MERGED_A, MERGED_B, TensorSpec, initial_state, is_merge_key, merge_keys, pad_rank, split_merge, truncate_rank
+from common.lora import MERGED_A, MERGED_B, TensorSpec, initial_state, is_merge_key, merge_keys, split_merge
 from common.training import TrainParams
 from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, StrategyContext
@@ -85,8 +85,12 @@ class HetLoRA(_Ranked):
             return self.global_state[key]
         assert self.buffer is not None
         rank = self.rank_of(self.buffer.entries[i - 1].school_id)
-        full = {key: self.global_state[key] + self.buffer.tensor(i - 1, key)}
-        return pad_rank(truncate_rank(full, rank), full)[key]   # pad(A_k): zero beyond the school's rank
+        t = self.global_state[key] + self.buffer.tensor(i - 1, key)   # a new tensor: zero beyond the school's rank
+        if "lora_A" in key:
+            t[rank:] = 0
+        elif "lora_B" in key:
+            t[:, rank:] = 0
+        return t
 
     def aggregate(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         g = lowrank.gram(self.load, self.k + 1, self.modules(), self.context.scale)
@@ -178,14 +182,16 @@ class _Merging(Strategy):
 
 
 def _merged_step_norm(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """‖Σ_modules (B'_m A'_m − B_m A_m)‖_F from the factors (the ranks of old and new differ)."""
     total = 0.0
     for a_key in [k for k in new if MERGED_A in k]:
         b_key = a_key.replace(MERGED_A, MERGED_B)
-        d = new[b_key].double() @ new[a_key].double()
+        nb, na = new[b_key], new[a_key]
+        total += lowrank.product_inner(nb, na, nb, na)
         if a_key in old:
-            d -= old[b_key].double() @ old[a_key].double()
-        total += float((d ** 2).sum())
-    return math.sqrt(total)
+            ob, oa = old[b_key], old[a_key]
+            total += lowrank.product_inner(ob, oa, ob, oa) - 2 * lowrank.product_inner(nb, na, ob, oa)
+    return math.sqrt(max(0.0, total))
 
 
 class FLoRA(_Merging):

@@ -53,6 +53,11 @@ def gram(load: Loader, n: int, modules: Sequence[tuple[str, str]], scale: float)
     return g * scale * scale
 
 
+def product_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """⟨B1 A1, B2 A2⟩_F = tr(B1ᵀB2 · A2A1ᵀ), without forming either product; ranks may differ."""
+    return float(((b1.double().T @ b2.double()) * (a1.double() @ a2.double().T)).sum())
+
+
 def distances(g: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """Pairwise squared distances between vectors given as rows of `coeffs` over the basis."""
     inner = coeffs @ g @ coeffs.T
