@@ -46,7 +46,7 @@ import torch
 from benchmarks import print_results
 from common import PROTOCOL_VERSION, __version__
 from common.lora import LoraSettings, TensorSpec, expected_layout
-from common.messages import Capabilities, UploadHeader
+from common.messages import Capabilities, TrainCommand, UploadHeader
 from common.models import load_config
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
@@ -166,8 +166,8 @@ class ProjectPath:
             s.call = self.stub.Session(self._quiet_events(), metadata=s.metadata)
         for s in self.schools:   # the round opens once all have attached; each gets a train command
             cmd = command_from_pb(await asyncio.wait_for(s.call.read(), timeout=60))
-            if cmd.kind != "train" or cmd.adapter is None:
-                raise RuntimeError(f"{s.school_id} expected a train command, got {cmd.kind!r}")
+            if not isinstance(cmd, TrainCommand):
+                raise RuntimeError(f"{s.school_id} expected a train command, got {type(cmd).__name__}")
             self.round, self.global_sha, self.global_size = cmd.round, cmd.adapter.sha256, cmd.adapter.size
 
     async def _quiet_events(self) -> AsyncIterator[pb.ClientEvent]:

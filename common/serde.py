@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from common.errors import ProtocolError
 from common.messages import (
-    ArtifactRef, Capabilities, Command, EvalReport, Event, Failure, Heartbeat, Progress,
-    SessionSettings, UploadHeader,
+    ArtifactRef, Capabilities, Command, DistillCommand, EvalReport, EvaluateCommand, Event, Failure, Heartbeat,
+    IdleCommand, Progress, SessionSettings, ShutdownCommand, TeachCommand, TrainCommand, UnknownCommand, UploadHeader,
 )
 from common.pb import federation_pb2 as pb
 from common.training import TrainParams
@@ -46,38 +48,72 @@ def _artifact_to_pb(a: ArtifactRef | None) -> pb.Artifact | None:
     return None if a is None else pb.Artifact(sha256=a.sha256, size=a.size, kind=a.kind)
 
 
+def _artifact_from_pb(m: pb.Artifact) -> ArtifactRef:
+    return ArtifactRef(m.sha256, m.size, m.kind)
+
+
 def command_to_pb(c: Command) -> pb.ServerCommand:
-    m = pb.ServerCommand(round=c.round, deadline_unix=c.deadline_unix)
-    if c.kind == "train":
-        if c.adapter is None or c.params is None:
-            raise ValueError("a train command needs an adapter and params")
+    deadline = getattr(c, "deadline_unix", 0.0)
+    m = pb.ServerCommand(round=c.round, deadline_unix=deadline)
+    if isinstance(c, TrainCommand):
         m.train.CopyFrom(pb.TrainCommand(global_adapter=_artifact_to_pb(c.adapter), params=_params_to_pb(c.params)))
-    elif c.kind == "evaluate":
-        if c.adapter is None:
-            raise ValueError("an evaluate command needs an adapter")
+    elif isinstance(c, DistillCommand):
+        m.distill.CopyFrom(pb.DistillCommand(global_adapter=_artifact_to_pb(c.adapter), pack=_artifact_to_pb(c.pack),
+                                             params=_params_to_pb(c.params), kd_weight=c.kd_weight,
+                                             temperature=c.temperature))
+    elif isinstance(c, TeachCommand):
+        m.teach.CopyFrom(pb.TeachCommand(global_adapter=_artifact_to_pb(c.adapter), pack=_artifact_to_pb(c.pack),
+                                         temperature=c.temperature))
+    elif isinstance(c, EvaluateCommand):
         m.evaluate.CopyFrom(pb.EvaluateCommand(global_adapter=_artifact_to_pb(c.adapter), max_examples=c.max_examples))
-    elif c.kind == "idle":
+    elif isinstance(c, IdleCommand):
         m.idle.CopyFrom(pb.IdleCommand(reason=c.reason))
-    elif c.kind == "shutdown":
+    elif isinstance(c, ShutdownCommand):
         m.shutdown.CopyFrom(pb.ShutdownCommand(reason=c.reason, final=c.final))
     else:
-        raise ValueError(f"unknown command kind {c.kind!r}")
+        raise TypeError(f"not a command the wire can carry: {c!r}")
     return m
 
 
+def _train_from_pb(m: pb.ServerCommand) -> TrainCommand:
+    return TrainCommand(m.round, m.deadline_unix, _artifact_from_pb(m.train.global_adapter), _params_from_pb(m.train.params))
+
+
+def _distill_from_pb(m: pb.ServerCommand) -> DistillCommand:
+    d = m.distill
+    return DistillCommand(m.round, m.deadline_unix, _artifact_from_pb(d.global_adapter), _artifact_from_pb(d.pack),
+                          _params_from_pb(d.params), d.kd_weight, d.temperature)
+
+
+def _teach_from_pb(m: pb.ServerCommand) -> TeachCommand:
+    t = m.teach
+    return TeachCommand(m.round, m.deadline_unix, _artifact_from_pb(t.global_adapter), _artifact_from_pb(t.pack), t.temperature)
+
+
+def _evaluate_from_pb(m: pb.ServerCommand) -> EvaluateCommand:
+    return EvaluateCommand(m.round, m.deadline_unix, _artifact_from_pb(m.evaluate.global_adapter), m.evaluate.max_examples)
+
+
+# One reader per oneof member: adding a command is one line here and one in command_to_pb.
+_COMMAND_READERS: dict[str, Callable[[pb.ServerCommand], Command]] = {
+    "train": _train_from_pb,
+    "distill": _distill_from_pb,
+    "teach": _teach_from_pb,
+    "evaluate": _evaluate_from_pb,
+    "idle": lambda m: IdleCommand(m.round, m.idle.reason),
+    "shutdown": lambda m: ShutdownCommand(m.shutdown.reason, m.shutdown.final, m.round),
+}
+
+
 def command_from_pb(m: pb.ServerCommand) -> Command:
+    """Never raises for a command this side does not know (a newer coordinator): it becomes
+    UnknownCommand, which the daemon reports back as a failure instead of dropping it."""
     which = m.WhichOneof("command")
-    if which == "train":
-        a = m.train.global_adapter
-        return Command("train", m.round, m.deadline_unix, ArtifactRef(a.sha256, a.size, a.kind), _params_from_pb(m.train.params))
-    if which == "evaluate":
-        a = m.evaluate.global_adapter
-        return Command("evaluate", m.round, m.deadline_unix, ArtifactRef(a.sha256, a.size, a.kind), max_examples=m.evaluate.max_examples)
-    if which == "idle":
-        return Command("idle", m.round, m.deadline_unix, reason=m.idle.reason)
-    if which == "shutdown":
-        return Command("shutdown", m.round, m.deadline_unix, reason=m.shutdown.reason, final=m.shutdown.final)
-    raise ProtocolError("server command carries no command; is the client older than the coordinator?")
+    reader = _COMMAND_READERS.get(which or "")
+    if reader is None:
+        return UnknownCommand(m.round, "a command this school daemon does not know (none of "
+                              f"{sorted(_COMMAND_READERS)}); upgrade the school daemon")
+    return reader(m)
 
 
 def event_to_pb(e: Event) -> pb.ClientEvent:
@@ -111,8 +147,8 @@ def event_from_pb(m: pb.ClientEvent) -> Event:
 def header_to_pb(h: UploadHeader) -> pb.UploadHeader:
     return pb.UploadHeader(round=h.round, upload_id=h.upload_id, num_examples=h.num_examples, metrics=dict(h.metrics),
                            sha256=h.sha256, total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256,
-                           encoding=h.encoding)
+                           encoding=h.encoding, kind=h.kind)
 
 
 def header_from_pb(m: pb.UploadHeader) -> UploadHeader:
-    return UploadHeader(m.round, m.upload_id, m.num_examples, m.sha256, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding)
+    return UploadHeader(m.round, m.upload_id, m.num_examples, m.sha256, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding, m.kind)

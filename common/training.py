@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import gc
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,13 +152,21 @@ def train_lora(
         raise ValueError("local_steps and batch_size must be >= 1")
     if max_batch_tokens < 0:
         raise ValueError("max_batch_tokens must be >= 0 (0 = no micro-batches)")
-    frozen = [p for n, p in model.named_parameters() if p.requires_grad and any(f in n for f in params.freeze)]
-    for p in frozen:   # FFA-LoRA: A stays at the shared init for this run
+    with frozen(model, params.freeze):
+        return _train(model, tok, questions, params, progress, should_stop, max_batch_tokens)
+
+
+@contextlib.contextmanager
+def frozen(model: Any, patterns: Sequence[str]) -> Iterator[None]:
+    """Trainable parameters whose name contains one of `patterns` stay fixed inside the block
+    (FFA-LoRA: A stays at the shared init for this run)."""
+    held = [p for n, p in model.named_parameters() if p.requires_grad and any(f in n for f in patterns)]
+    for p in held:
         p.requires_grad_(False)
     try:
-        return _train(model, tok, questions, params, progress, should_stop, max_batch_tokens)
+        yield
     finally:
-        for p in frozen:
+        for p in held:
             p.requires_grad_(True)
 
 

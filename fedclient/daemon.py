@@ -21,7 +21,12 @@ from common.compression import CompressionSpec, ErrorFeedback
 from common.files import atomic_write_bytes
 from common.lora import LoraSettings
 from common.logs import get_logger
-from common.messages import Capabilities, Command, EvalReport, Event, Failure, Heartbeat, Progress, UploadHeader
+from common.distill import Pack, answers_to_bytes
+from common.messages import (
+    ArtifactRef, Capabilities, Command, DistillCommand, EvalReport, EvaluateCommand, Event, Failure,
+    Heartbeat, IdleCommand, Progress, ShutdownCommand, TeachCommand, TrainCommand, UnknownCommand, UploadHeader,
+    command_name,
+)
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
@@ -55,7 +60,7 @@ class SchoolDaemon:
         self._last_params: TrainParams | None = None   # personal tensors / rank apply to evaluation too
         self._active_round = 0
         self._finished_rounds: set[int] = set()
-        self._adapters: dict[str, bytes] = {}      # sha256 -> bytes, newest only
+        self._adapters: dict[str, tuple[str, bytes]] = {}   # artefact kind -> (sha256, bytes), newest only
         self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
         self.shutdown_reason: str | None = None
         self._superseded: deque[float] = deque(maxlen=3)   # when the coordinator last replaced this school's stream
@@ -135,7 +140,7 @@ class SchoolDaemon:
         async def incoming() -> None:
             async for msg in call:
                 cmd = command_from_pb(msg)
-                if cmd.kind == "shutdown":
+                if isinstance(cmd, ShutdownCommand):
                     if cmd.final:
                         self.log.info("coordinator says shut down", reason=cmd.reason)
                         self.shutdown_reason = cmd.reason
@@ -148,9 +153,9 @@ class SchoolDaemon:
                         else:
                             self.log.info("coordinator ended this stream; reconnecting", reason=cmd.reason)
                     return
-                if cmd.kind == "idle":
+                if isinstance(cmd, IdleCommand):
                     continue
-                self.commands.put_nowait(cmd)
+                self.commands.put_nowait(cmd)   # work, or an unknown command the worker reports back
 
         reader = asyncio.create_task(incoming())
         stopper = asyncio.create_task(stop.wait())
@@ -182,19 +187,30 @@ class SchoolDaemon:
                 self._link_ready.clear()
                 await asyncio.sleep(0.2)
 
+    def _handlers(self) -> dict[type, Callable[[Any], Awaitable[None]]]:
+        """What the worker does with each command it may receive (idle and shutdown are the
+        session's business)."""
+        return {TrainCommand: self._train, DistillCommand: self._distill, TeachCommand: self._teach,
+                EvaluateCommand: self._evaluate, UnknownCommand: self._unknown}
+
     async def _work(self) -> None:
+        handlers = self._handlers()
         while True:
             cmd = await self.commands.get()
+            handler = handlers.get(type(cmd), self._unknown)
             try:
-                if cmd.kind == "train":
-                    await self._train(cmd)
-                elif cmd.kind == "evaluate":
-                    await self._evaluate(cmd)
+                await handler(cmd)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.log.error("command failed", kind=cmd.kind, round=cmd.round, error=repr(exc), exc_info=True)
-                self.events.put_nowait(Failure(cmd.round, cmd.kind, repr(exc)[:500]))
+                self.log.error("command failed", kind=command_name(cmd), round=cmd.round, error=repr(exc), exc_info=True)
+                self.events.put_nowait(Failure(cmd.round, command_name(cmd), repr(exc)[:500]))
+
+    async def _unknown(self, cmd: Any) -> None:
+        """Never drop a command silently: tell the coordinator, which fails this school's part."""
+        detail = getattr(cmd, "detail", "") or f"this daemon has no handler for {type(cmd).__name__}; upgrade it"
+        self.log.error("received a command this daemon does not know", round=cmd.round, detail=detail)
+        self.events.put_nowait(Failure(cmd.round, "command", detail))
 
     def _progress(self, round_: int, phase: str) -> Callable[..., None]:
         loop = asyncio.get_running_loop()
@@ -204,46 +220,95 @@ class SchoolDaemon:
             loop.call_soon_threadsafe(self.events.put_nowait, Progress(round_, phase, done / max(total, 1), detail))
         return report
 
-    async def _fetch(self, cmd: Command) -> bytes:
-        assert cmd.adapter is not None
-        sha = cmd.adapter.sha256
-        if sha in self._adapters:
-            return self._adapters[sha]
+    async def _fetch(self, cmd: Any, ref: ArtifactRef | None = None) -> bytes:
+        """An artefact of the command (its global adapter unless `ref` says otherwise), from
+        the newest-of-each-kind cache or downloaded, resuming an interrupted download."""
+        ref = ref or cmd.adapter
+        sha = ref.sha256
+        cached = self._adapters.get(ref.kind)
+        if cached is not None and cached[0] == sha:
+            return cached[1]
         buf = self._partial.setdefault(sha, bytearray())
         data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download")), cmd.deadline_unix)
         self._partial.pop(sha, None)
-        self._adapters = {sha: data}   # keep only the newest global adapter
+        self._adapters[ref.kind] = (sha, data)   # keep only the newest artefact of each kind
         return data
 
-    async def _train(self, cmd: Command) -> None:
-        assert cmd.adapter is not None and cmd.params is not None and self._adapter_settings is not None
+    async def _train(self, cmd: TrainCommand) -> None:
+        async def compute() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            global_bytes = await self._fetch(cmd)
+            await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+            self.log.info("training", round=cmd.round, steps=cmd.params.local_steps, examples=len(self.model.train_questions))
+            tensors, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
+            return tensors, {"loss": result.mean_loss, "final_loss": result.final_loss, "steps": float(result.steps),
+                             "tokens": float(result.tokens), "seconds": result.seconds}
+
+        await self._deliver_delta(cmd, cmd.params, compute)
+
+    async def _distill(self, cmd: DistillCommand) -> None:
+        """Server teaches: fit the adapter to the teacher's option distributions on the pack."""
+        async def compute() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            global_bytes = await self._fetch(cmd)
+            pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
+            if not pack.probs:
+                raise ValueError("a distill command needs a labelled pack; the coordinator sent an unlabelled one")
+            await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+            self.log.info("distilling", round=cmd.round, steps=cmd.params.local_steps, pool_questions=len(pack.questions),
+                          kd_weight=cmd.kd_weight)
+            tensors, result = await asyncio.to_thread(self.model.distill, global_bytes, pack, cmd.params, cmd.kd_weight,
+                                                      cmd.temperature, self._progress(cmd.round, "distill"))
+            return tensors, result.metrics()
+
+        await self._deliver_delta(cmd, cmd.params, compute)
+
+    async def _teach(self, cmd: TeachCommand) -> None:
+        """Schools teach: answer the pool slice with this school's current model; only the
+        option distributions (numbers, one row per pack question) leave the school."""
+        async def compute() -> tuple[bytes, UploadHeader]:
+            global_bytes = await self._fetch(cmd)
+            pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
+            await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+            probs = await asyncio.to_thread(self.model.answer, global_bytes, pack.questions, cmd.temperature, self._last_params)
+            payload = answers_to_bytes(probs)
+            return payload, UploadHeader(cmd.round, "", len(pack.questions), sha256_hex(payload), len(payload), 0,
+                                         cmd.adapter.sha256, {}, "", "answers")
+
+        await self._deliver(cmd, compute)
+
+    async def _deliver_delta(self, cmd: TrainCommand | DistillCommand, params: TrainParams,
+                             compute: Callable[[], Awaitable[tuple[dict[str, torch.Tensor], dict[str, float]]]]) -> None:
+        self._last_params = params
+
+        async def payload() -> tuple[bytes, UploadHeader]:
+            tensors, metrics = await compute()
+            tensors = self.cfg.simulation.apply(tensors)   # research only: a simulated Byzantine school
+            delta, encoding = await asyncio.to_thread(self._encode, tensors, params.compression, cmd.round)
+            digest = await asyncio.to_thread(sha256_hex, delta)
+            return delta, UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta), 0,
+                                       cmd.adapter.sha256, metrics, encoding)
+
+        await self._deliver(cmd, payload)
+
+    async def _deliver(self, cmd: Any, compute: Callable[[], Awaitable[tuple[bytes, UploadHeader]]]) -> None:
+        """Compute a round's result once, keep it on disk until the coordinator has it (a
+        restart resumes the upload instead of redoing the work), and upload it."""
+        assert self._adapter_settings is not None
         if cmd.round in self._finished_rounds or cmd.round == self._active_round:
             return   # a re-sent command after a reconnect; the work is done or under way
         self._active_round = cmd.round
-        self._last_params = cmd.params
         try:
-            log = self.log.bind(round=cmd.round)
+            log = self.log.bind(round=cmd.round, kind=command_name(cmd))
             pending = await asyncio.to_thread(self._load_pending, cmd.round, cmd.adapter.sha256)
             if pending is None:
-                global_bytes = await self._fetch(cmd)
-                await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
-                log.info("training", steps=cmd.params.local_steps, examples=len(self.model.train_questions))
-                tensors, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
-                tensors = self.cfg.simulation.apply(tensors)   # research only: a simulated Byzantine school
-                delta, encoding = await asyncio.to_thread(self._encode, tensors, cmd.params.compression, cmd.round)
-                digest = await asyncio.to_thread(sha256_hex, delta)
-                header = UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta),
-                                      0, cmd.adapter.sha256, {"loss": result.mean_loss, "final_loss": result.final_loss,
-                                                              "steps": float(result.steps), "tokens": float(result.tokens),
-                                                              "seconds": result.seconds}, encoding)
+                payload, header = await compute()
                 header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
-                await asyncio.to_thread(self._save_pending, header, delta)
-                log.info("trained", loss=round(result.mean_loss, 4), seconds=round(result.seconds, 1))
+                await asyncio.to_thread(self._save_pending, header, payload)
+                log.info("result ready", bytes=len(payload), **{k: round(v, 4) for k, v in header.metrics.items() if k in ("loss", "seconds")})
             else:
-                header, delta = pending
+                header, payload = pending
                 log.info("resuming a pending upload", upload_id=header.upload_id)
-            receipt = await self._rpc(lambda s, md: upload(s, header, delta, md), cmd.deadline_unix)
-            log.info("update delivered", upload_id=header.upload_id, bytes=len(delta), resent=receipt is None)
+            receipt = await self._rpc(lambda s, md: upload(s, header, payload, md), cmd.deadline_unix)
+            log.info("result delivered", upload_id=header.upload_id, bytes=len(payload), resent=receipt is None)
             self._finished_rounds.add(cmd.round)
             await asyncio.to_thread(self._drop_pending, cmd.round)
         finally:
@@ -274,7 +339,7 @@ class SchoolDaemon:
         atomic_write_bytes(path, tensors_to_bytes(feedback.state_dict(), {"round": str(round_)}))
         return tensors_to_bytes(encoded), spec.kind
 
-    async def _evaluate(self, cmd: Command) -> None:
+    async def _evaluate(self, cmd: EvaluateCommand) -> None:
         assert self._adapter_settings is not None
         data = await self._fetch(cmd)
         await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)

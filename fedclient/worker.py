@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.data import Question, read_jsonl
+from common.distill import DistillResult, Pack, label, train_distill
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
 from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
@@ -88,6 +89,11 @@ class SchoolModel:
                                 self.max_batch_tokens)
         finally:
             release_memory()   # do not sit at the training peak until the next round
+        return self._delta(glob, start, params), result
+
+    def _delta(self, glob: dict[str, torch.Tensor], start: dict[str, torch.Tensor], params: TrainParams) -> dict[str, torch.Tensor]:
+        """The trained adapter minus where this school started, in the global adapter's shapes,
+        leaving out the tensors it kept frozen; personal tensors are kept on disk."""
         final = adapter_state(self._model)
         if params.personal and self.personal_file is not None:
             mine = {k: v for k, v in final.items() if any(p in k for p in params.personal)}
@@ -97,7 +103,32 @@ class SchoolModel:
             delta = pad_rank(delta, glob)
         if params.freeze:   # frozen tensors did not move: their zero deltas are not sent (FFA-LoRA: half the upload)
             delta = {k: v for k, v in delta.items() if not any(f in k for f in params.freeze)}
-        return delta, result
+        return delta
+
+    def distill(self, global_payload: bytes, pack: Pack, params: TrainParams, kd_weight: float, temperature: float,
+                progress: Callable[[int, int, float], None]) -> tuple[dict[str, torch.Tensor], DistillResult]:
+        """Start from the global adapter, fit the teacher's option distributions on the pack
+        (mixed with this school's own questions when kd_weight < 1), return the delta."""
+        glob, start = self._start_state(global_payload, params)
+        load_adapter_state(self._model, start)
+        targets = torch.tensor([list(row) for row in pack.probs], dtype=torch.float32)
+        try:
+            result = train_distill(self._model, self._tok, pack.questions, targets, params, kd_weight, temperature,
+                                   self.train_questions, progress, self.stop_flag.is_set, self.max_batch_tokens or 1024)
+        finally:
+            release_memory()
+        return self._delta(glob, start, params), result
+
+    def answer(self, global_payload: bytes, questions: Sequence[Question], temperature: float,
+               params: TrainParams | None = None) -> torch.Tensor:
+        """This school's option distributions for public pool questions, with the model it
+        would evaluate (global adapter + its personal tensors)."""
+        _, start = self._start_state(global_payload, params or TrainParams())
+        load_adapter_state(self._model, start)
+        try:
+            return label(self._model, self._tok, questions, temperature)
+        finally:
+            release_memory()
 
     def evaluate(self, global_payload: bytes, max_examples: int, params: TrainParams | None = None) -> EvalResult | None:
         if not self.heldout or max_examples <= 0:

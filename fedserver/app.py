@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import systemd
+from common.data import read_jsonl
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.models import load_config
@@ -25,6 +26,7 @@ from fedserver.engine import RoundEngine
 from fedserver.evaluator import ServerEvaluator
 from fedserver.servicer import FederationServicer
 from fedserver.store import Store
+from fedserver.teacher import TeacherHost
 from fedserver import strategy as strategies
 
 SERVICE = "schoolfed.v1.Federation"
@@ -38,12 +40,15 @@ class Coordinator:
     store: Store
     health: health.aio.HealthServicer
     evaluator: ServerEvaluator | None
+    teacher: TeacherHost | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.evaluator is not None:
             self.evaluator.close()
+        if self.teacher is not None:
+            self.teacher.close()
         self.store.close()
 
 
@@ -56,8 +61,14 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     model_cfg = await asyncio.to_thread(load_config, cfg.model.base, cfg.model.cache_dir)
     layout = await asyncio.to_thread(expected_layout, model_cfg, cfg.lora.settings())
     evaluator = ServerEvaluator(cfg, store) if cfg.evaluation.eval_file else None
+    teacher = TeacherHost(cfg.teacher, cfg.model.cache_dir) if cfg.teacher.model else None
+    pool = await asyncio.to_thread(read_jsonl, cfg.distill.pool_file) if cfg.distill.pool_file else []
+    teacher_eval = []
+    if teacher is not None and cfg.evaluation.eval_file and cfg.teacher.eval_max_examples:
+        teacher_eval = (await asyncio.to_thread(read_jsonl, cfg.evaluation.eval_file))[: cfg.teacher.eval_max_examples]
     engine = RoundEngine(cfg, store, artifacts, layout, strategies.build(cfg.strategy),
-                         checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator)
+                         checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator,
+                         teacher=teacher, pool=pool, teacher_eval=teacher_eval)
     auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
                                   cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base)
@@ -68,7 +79,7 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     port = server.add_insecure_port(cfg.server.listen)  # mutual TLS: add_secure_port here
     if port == 0:
         raise OSError(f"could not bind {cfg.server.listen}")
-    return Coordinator(server, port, engine, store, health_servicer, evaluator)
+    return Coordinator(server, port, engine, store, health_servicer, evaluator, teacher)
 
 
 async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,

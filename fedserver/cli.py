@@ -71,8 +71,10 @@ def _prepare(args: argparse.Namespace) -> int:
     from common.data import prepare_federation_data
 
     manifest = prepare_federation_data(args.out, args.schools, args.eval_size, args.seed, by=args.split,
-                                       max_per_school=args.max_per_school)
-    print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "eval", "counts")}, indent=2, default=str))
+                                       max_per_school=args.max_per_school, pool_size=args.pool,
+                                       ood_source=args.ood_source, ood_size=args.ood_size)
+    print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "eval", "counts", "public_pool", "ood")},
+                     indent=2, default=str))
     return 0
 
 
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--split", choices=["group", "iid"], default="group")
     pr.add_argument("--max-per-school", type=int, default=None)
+    pr.add_argument("--pool", type=int, default=0, metavar="N",
+                    help="set aside N public questions as the distillation prompt pool (public/pool.jsonl)")
+    pr.add_argument("--ood-source", default=None, choices=["arc_easy", "arc_challenge", "sciq", "openbookqa"],
+                    help="keep this source out of schools, pool and eval; write eval/ood.jsonl from it")
+    pr.add_argument("--ood-size", type=int, default=200)
     pr.set_defaults(fn=_prepare)
     e = sub.add_parser("evaluate", help="score a base model (and optionally a saved adapter) on held-out questions")
     e.add_argument("--model", default="packaged:smollm2-135m-instruct")

@@ -138,6 +138,97 @@ class EvaluationSection:
         return out
 
 
+ROUND_KINDS = ("train", "distill", "teach", "evaluate")
+QUANTIZATIONS = ("nf4", "int8", "none")
+TEACHER_BACKENDS = ("local", "openai")
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    """The large model the coordinator holds (distill and teach rounds). `model` empty: none."""
+
+    model: str = ""                 # model spec as [model] base: packaged:, hub id, dir:, gguf:
+    quantization: str = "nf4"       # nf4 | int8 (bitsandbytes) | none (the checkpoint's dtype, float32 on CPU)
+    backend: str = "local"          # local: loaded in this process; openai: an OpenAI-compatible server (vLLM, llama.cpp)
+    url: str = ""                   # backend = openai: base URL, e.g. http://127.0.0.1:8000/v1
+    served_model: str = ""          # backend = openai: the model name the server knows
+    cache_dir: Path | None = None   # converted-model cache; default: [model] cache_dir
+    threads: int = 0                # torch threads of the teacher's worker; 0 = torch's default
+    batch_questions: int = 8        # questions per scoring batch
+    max_batch_tokens: int = 2048    # padded tokens per training micro-batch
+    eval_max_examples: int = 100    # held-out questions the teacher is scored on (before, and after each teach round)
+    lora_rank: int = 8              # the teacher's own adapter (QLoRA on the quantized base), trained in teach rounds
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learn_steps: int = 8            # optimiser steps per teach round on the schools' ensemble
+    learn_batch: int = 8            # pool questions per step
+    learn_rate: float = 2e-4
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.quantization not in QUANTIZATIONS:
+            out.append(f"quantization: one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.backend not in TEACHER_BACKENDS:
+            out.append(f"backend: one of {', '.join(TEACHER_BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai" and not (self.url.startswith("http://") or self.url.startswith("https://")):
+            out.append("url: backend = 'openai' needs the server's base URL, e.g. http://127.0.0.1:8000/v1")
+        if self.threads < 0 or self.batch_questions < 1 or self.max_batch_tokens < 64:
+            out.append("threads >= 0, batch_questions >= 1 and max_batch_tokens >= 64")
+        if self.eval_max_examples < 0:
+            out.append("eval_max_examples: must be >= 0")
+        if self.lora_rank < 1 or self.learn_steps < 1 or self.learn_batch < 1 or self.learn_rate <= 0:
+            out.append("lora_rank, learn_steps, learn_batch must be >= 1 and learn_rate > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """The public prompt pool and how the exchange channel uses it."""
+
+    pool_file: Path | None = None   # public questions (school-data JSONL), disjoint from schools and eval; prepare-data --pool
+    slice_size: int = 64            # pool questions per distill / teach round
+    temperature: float = 1.0        # softens option distributions (teacher labels, school answers, KD loss)
+    kd_weight: float = 1.0          # distill rounds: share of the school's loss from the teacher; the rest from its own data
+    ensemble: str = "trimmed_mean"  # teach rounds: mean | weighted (by last held-out accuracy) | trimmed_mean | median
+    trim: float = 0.2               # trimmed_mean: share cut from each end per question and option
+    seed: int = 0                   # the pool's slice order
+
+    def problems(self) -> list[str]:
+        from fedserver.ensemble import RULES
+
+        out = []
+        if self.slice_size < 1:
+            out.append("slice_size: must be >= 1")
+        if self.temperature <= 0:
+            out.append("temperature: must be > 0")
+        if not 0 <= self.kd_weight <= 1:
+            out.append("kd_weight: must be in [0, 1]")
+        if self.ensemble not in RULES:
+            out.append(f"ensemble: one of {', '.join(RULES)}, got {self.ensemble!r}")
+        if not 0 <= self.trim < 0.5:
+            out.append("trim: must be in [0, 0.5)")
+        return out
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    """The sequence of round kinds, repeated: e.g. ["train", "distill", "train", "teach"]."""
+
+    rounds: tuple[str, ...] = ("train",)
+
+    def problems(self) -> list[str]:
+        bad = [k for k in self.rounds if k not in ROUND_KINDS]
+        out = [f"rounds: unknown kind(s) {bad}; choose from {', '.join(ROUND_KINDS)}"] if bad else []
+        if not self.rounds:
+            out.append("rounds: name at least one round kind")
+        return out
+
+    def kind_of(self, number: int) -> str:
+        """The kind of round `number` (1-based)."""
+        return self.rounds[(number - 1) % len(self.rounds)]
+
+
 @dataclass(frozen=True)
 class SchoolEntry:
     id: str
@@ -161,6 +252,9 @@ class CoordinatorConfig:
     train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
     schools: tuple[SchoolEntry, ...] = ()
 
     def problems(self) -> list[str]:
@@ -172,6 +266,14 @@ class CoordinatorConfig:
             out.append("schools: two schools share a token; give each school its own")
         if not self.schools:
             out.append("schools: no school is enrolled; add [[schools]] entries (fedserver token --school ID)")
+        exchange = sorted({k for k in self.schedule.rounds if k in ("distill", "teach")})
+        if exchange and not self.teacher.model:
+            out.append(f"schedule: {exchange} rounds need a teacher; set [teacher] model")
+        if exchange and self.distill.pool_file is None:
+            out.append(f"schedule: {exchange} rounds need a public prompt pool; set [distill] pool_file "
+                       "(fedserver prepare-data --pool N writes one)")
+        if "teach" in exchange and self.teacher.backend != "local":
+            out.append("schedule: teach rounds train the teacher's own adapter, which needs [teacher] backend = 'local'")
         from fedserver.strategy import StrategyContext, build
 
         try:

@@ -1,32 +1,39 @@
-"""The round engine: picks participants, pushes commands, folds accepted updates into the
-strategy, closes rounds at quorum or deadline, and checkpoints. The only place rounds run."""
+"""The round engine: opens rounds of the scheduled kind, pushes their commands, folds accepted
+results, closes rounds at quorum or deadline, and checkpoints. The only place rounds run;
+what each kind of round sends, accepts and commits lives in fedserver/rounds.py."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.data import Question
+from common.distill import Pack
 from common.errors import DuplicateUploadError, WrongRoundError
+from common.evaluation import EvalResult
 from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
 from common.logs import get_logger
-from common.messages import ArtifactRef, Capabilities, Command, EvalReport, Failure, UploadHeader
-from common.training import TrainParams
+from common.messages import (
+    ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, IdleCommand, ShutdownCommand, UploadHeader,
+)
 from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
+from fedserver.rounds import KINDS, OpenRound, RoundFailed, RoundKind
 from fedserver.store import Receipt, Store
-from fedserver.strategy import ClientFailure, ClientUpdate, Strategy, StrategyContext
-from fedserver.validation import validate_update
+from fedserver.strategy import Strategy, StrategyContext
+from fedserver.transfers import upload_key
 
 
 @dataclass
@@ -38,25 +45,11 @@ class SchoolSession:
     progress: str = ""
 
 
-@dataclass
-class OpenRound:
-    number: int
-    participants: list[str]
-    global_sha: str
-    global_state: dict[str, torch.Tensor]
-    deadline: float   # unix seconds
-    accepted: set[str] = field(default_factory=set)
-    failed: dict[str, str] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    def pending(self) -> set[str]:
-        return set(self.participants) - self.accepted - set(self.failed)
-
-
 class RoundEngine:
     def __init__(self, cfg: CoordinatorConfig, store: Store, artifacts: ArtifactStore,
                  layout: Mapping[str, TensorSpec], strategy: Strategy, checkpoint_dir: Path,
-                 updates_dir: Path, evaluate: Callable[[int, dict[str, torch.Tensor] | None], Any] | None = None) -> None:
+                 updates_dir: Path, evaluate: Callable[[int, dict[str, torch.Tensor] | None], Any] | None = None,
+                 teacher: Any = None, pool: Sequence[Question] = (), teacher_eval: Sequence[Question] = ()) -> None:
         self.cfg = cfg
         self.store = store
         self.artifacts = artifacts
@@ -66,6 +59,9 @@ class RoundEngine:
         self.updates_dir = updates_dir   # accepted payloads of the open round, for restarts
         self.settings: LoraSettings = cfg.lora.settings()
         self._evaluate = evaluate   # async callable(round, state or None for the base model)
+        self.teacher = teacher      # fedserver.teacher.TeacherHost, or None (train/evaluate rounds only)
+        self.pool = list(pool)      # the public prompt pool (distill / teach rounds)
+        self.teacher_eval = list(teacher_eval)   # held-out questions the teacher is scored on
         self.sessions: dict[str, SchoolSession] = {}
         self.current: OpenRound | None = None
         self.global_sha = ""
@@ -76,6 +72,7 @@ class RoundEngine:
         self._dense_bytes: dict[int, list[int]] = {}   # round -> [compressed bytes received, dense payload bytes they stand for]
         self._eval_tasks: set[asyncio.Task[Any]] = set()
         self._evals_due: dict[int, set[str]] = {}   # round -> schools asked to evaluate it that have not answered
+        self._teacher_saved = ""   # the teacher adapter a teach round's commit records
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
 
@@ -96,22 +93,94 @@ class RoundEngine:
         self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
                                             self.cfg.server.state_dir / "strategy" / "scratch"))
         await asyncio.to_thread(self._load_strategy_state)
+        if self.teacher is not None:
+            await self._restore_teacher()
         row = self.store.open_round_row()
         if row is not None:
-            rnd = OpenRound(row.round, row.participants, row.global_in,
-                            bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, row.global_in)), row.deadline)
-            self.strategy.begin_round(rnd.number, rnd.global_state)
-            for rc in self.store.receipts(row.round):
-                await asyncio.to_thread(self._fold, rc)
+            rnd = OpenRound(row.round, row.kind, row.participants, row.global_in,
+                            bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, row.global_in)), row.deadline,
+                            plan=row.plan)
+            kind = KINDS[rnd.kind]
+            kind.begin(self, rnd)
+            for rc in self.store.receipts(row.round):   # every receipted result, folded exactly once
+                await asyncio.to_thread(kind.fold, self, rnd, rc.school_id, rc.num_examples, rc.metrics, Path(rc.path))
                 rnd.accepted.add(rc.school_id)
+            if not kind.upload:   # evaluate rounds: the stored reports are the receipts
+                for e in self.store.evals(row.round):
+                    if e["source"] in rnd.participants:
+                        kind.fold(self, rnd, e["source"], e["num_examples"], e["metrics"], Path())
+                        rnd.accepted.add(e["source"])
             self.current = rnd
-            self.log.info("resumed open round", round=rnd.number, receipted=len(rnd.accepted))
+            self.log.info("resumed open round", round=rnd.number, kind=rnd.kind, receipted=len(rnd.accepted))
         if self._evaluate is not None and not any(e["source"] == "server" and e["round"] == 0 for e in self.store.evals(0)):
             self._spawn_eval(0, None)
+        if self.teacher is not None and self.teacher_eval and not any(e["source"] == "teacher" for e in self.store.evals(0)):
+            self._spawn(self.evaluate_teacher(0))   # the teacher before it learned anything
 
-    def _fold(self, rc: Receipt) -> None:
-        tensors = bytes_to_tensors(Path(rc.path).read_bytes())
-        self.strategy.accumulate(ClientUpdate(rc.school_id, rc.round, rc.num_examples, tensors, rc.metrics, Path(rc.path)))
+    # ---------------------------------------------------------------- the teacher
+    async def _restore_teacher(self) -> None:
+        """The teacher's adapter as of the last committed teach round (none: as initialised)."""
+        saved = self.store.get_meta("teacher_adapter")
+        if not saved:
+            return
+        from safetensors.torch import load_file
+
+        path = Path(saved) / "adapter_model.safetensors"
+        state = await asyncio.to_thread(load_file, str(path))
+        await self.teacher.call(lambda b: b.load_adapter(state))
+        self.log.info("teacher adapter restored", path=saved)
+
+    async def teacher_labels(self, questions: Sequence[Question]) -> tuple[str, int]:
+        """A labelled pack for `questions` from the current teacher: (artefact sha256, tokens
+        scored). Content-addressed and cached: the same teacher, adapter, temperature and
+        questions are labelled once, also across restarts."""
+        assert self.teacher is not None
+        temperature = self.cfg.distill.temperature
+        version = self.store.get_meta("teacher_adapter") or "initial"
+        key = hashlib.sha256(json.dumps([self.cfg.teacher.model, self.cfg.teacher.quantization, version, temperature,
+                                         [q.id for q in questions]]).encode()).hexdigest()
+        cached = self.store.get_meta(f"labels:{key}")
+        if cached and self.artifacts.path(cached).is_file():
+            return cached, 0
+        t0 = time.monotonic()
+        probs, tokens = await self.teacher.call(lambda b: (b.label(questions, temperature), getattr(b, "count_tokens", lambda q: 0)(questions)))
+        pack = Pack(tuple(questions), tuple(tuple(float(x) for x in row) for row in probs),
+                    self.cfg.teacher.model, temperature)
+        sha = await asyncio.to_thread(self.artifacts.put, pack.to_bytes())
+        await asyncio.to_thread(self.store.set_meta, f"labels:{key}", sha)
+        self.log.info("teacher labelled a pool slice", questions=len(questions), tokens=tokens,
+                      seconds=round(time.monotonic() - t0, 1), sha256=sha[:12])
+        return sha, tokens
+
+    async def save_teacher(self, number: int) -> None:
+        """Write the teacher's adapter as a PEFT directory; it becomes the teacher's state of
+        record only when the round's commit records it (same transaction)."""
+        assert self.teacher is not None
+        path = self.checkpoint_dir / str(number) / "teacher-adapter"
+        await self.teacher.call(lambda b: b.save_adapter(path))
+        self._teacher_saved = str(path)
+
+    async def evaluate_teacher(self, number: int) -> EvalResult | None:
+        if self.teacher is None or not self.teacher_eval:
+            return None
+        result = await self.teacher.call(lambda b: b.evaluate(self.teacher_eval))
+        await asyncio.to_thread(self.store.add_eval, number, "teacher", result.count, result.metrics())
+        self.log.info("teacher evaluated", round=number, accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
+        return result
+
+    def exchange_index(self, number: int, kind: str) -> int:
+        """How many `kind` rounds the schedule ran before round `number`: picks the pool slice."""
+        return sum(1 for n in range(1, number) if self.cfg.schedule.kind_of(n) == kind)
+
+    def last_school_accuracy(self, school: str) -> float:
+        """The school's most recent held-out accuracy (1.0 before it reported any)."""
+        mine = [e for e in self.store.evals() if e["source"] == school and "accuracy" in e["metrics"]]
+        return float(mine[-1]["metrics"]["accuracy"]) if mine else 1.0
+
+    def count_dense(self, number: int, sent: int, dense: int) -> None:
+        acc = self._dense_bytes.setdefault(number, [0, 0])
+        acc[0] += sent
+        acc[1] += dense
 
     # ---------------------------------------------------------------- strategy memory
     def _strategy_state_path(self, number: int) -> Path:
@@ -149,12 +218,12 @@ class RoundEngine:
     def attach(self, school_id: str, caps: Capabilities) -> SchoolSession:
         old = self.sessions.get(school_id)
         if old is not None:   # a reconnect supersedes the old stream
-            old.queue.put_nowait(Command("shutdown", reason="superseded by a newer session"))
+            old.queue.put_nowait(ShutdownCommand("superseded by a newer session"))
         sess = SchoolSession(school_id, caps)
         self.sessions[school_id] = sess
         rnd = self.current
         if rnd is not None and school_id in rnd.pending():
-            sess.queue.put_nowait(self._train_command(rnd, school_id))
+            sess.queue.put_nowait(KINDS[rnd.kind].command(self, rnd, school_id))
         self._changed.set()
         self.log.info("school attached", school=school_id, connected=len(self.sessions))
         return sess
@@ -173,6 +242,7 @@ class RoundEngine:
         return {
             "time": time.time(),
             "round": rnd.number if rnd else None,
+            "kind": rnd.kind if rnd else None,
             "participants": rnd.participants if rnd else [],
             "accepted": sorted(rnd.accepted) if rnd else [],
             "failed": dict(rnd.failed) if rnd else {},
@@ -203,11 +273,20 @@ class RoundEngine:
             if rnd is None or f.round != rnd.number or school_id not in rnd.pending():
                 return
             rnd.failed[school_id] = f"{f.phase}: {f.message}"
-            self.strategy.record_failure(ClientFailure(school_id, rnd.number, rnd.failed[school_id]))
+            KINDS[rnd.kind].fail(self, rnd, school_id, rnd.failed[school_id])
             self.log.warning("school reported failure", school=school_id, round=rnd.number, phase=f.phase, error=f.message)
             self._changed.set()
 
     async def report_eval(self, school_id: str, r: EvalReport) -> None:
+        async with self._lock:
+            rnd = self.current
+            if rnd is not None and rnd.kind == "evaluate" and r.round == rnd.number and school_id in rnd.pending():
+                # An evaluate round's result: stored first (the store is its receipt), then folded.
+                await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
+                KINDS[rnd.kind].fold(self, rnd, school_id, r.num_examples, r.metrics, Path())
+                rnd.accepted.add(school_id)
+                self._changed.set()
+                return
         if r.num_examples > 0:   # 0: the school has no held-out questions
             await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
         self._eval_answered(r.round, school_id)
@@ -236,61 +315,39 @@ class RoundEngine:
         """Cheap checks before any byte is stored."""
         rnd = self.current
         if rnd is None:
-            raise WrongRoundError(f"no round is open; round {h.round} is closed. Wait for the next train command")
+            raise WrongRoundError(f"no round is open; round {h.round} is closed. Wait for the next command")
         if h.round != rnd.number:
-            raise WrongRoundError(f"update is for round {h.round} but round {rnd.number} is open; wait for the next train command")
+            raise WrongRoundError(f"upload is for round {h.round} but round {rnd.number} is open; wait for the next command")
         if school_id not in rnd.participants:
             raise WrongRoundError(f"school {school_id!r} is not a participant of round {rnd.number}")
         if school_id in rnd.accepted:
-            raise DuplicateUploadError(f"school {school_id!r} already has an accepted update for round {rnd.number}; replays are refused")
+            raise DuplicateUploadError(f"school {school_id!r} already has an accepted result for round {rnd.number}; replays are refused")
+        KINDS[rnd.kind].check(self, rnd, school_id, h)
         if h.base_sha256 and h.base_sha256 != rnd.global_sha:
-            raise WrongRoundError(f"update was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses {rnd.global_sha[:12]}…; download it again")
-        if h.num_examples < 1:
-            raise WrongRoundError("num_examples must be >= 1")
+            raise WrongRoundError(f"upload was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses {rnd.global_sha[:12]}…; download it again")
 
     async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None) -> Receipt:
-        """Validate a complete upload and fold it in. Receipt first, then fold: a crash in
-        between is repaired at start-up by re-folding receipts; none is applied twice."""
+        """Validate a complete upload (the round kind's checks) and fold it in. Receipt first,
+        then fold: a crash in between is repaired at start-up by re-folding receipts; none is
+        applied twice."""
         async with self._lock:
             self.check_upload_allowed(school_id, h)
             rnd = self.current
             assert rnd is not None
-            payload = await asyncio.to_thread(payload_path.read_bytes)
-            frozen = self._params_for(rnd, school_id).freeze   # the school may leave these (zero) deltas out
-            tensors = await asyncio.to_thread(validate_update, payload, h.sha256, self.layout, self.cfg.rounds.max_norm,
-                                              received_sha256, h.encoding, frozen)
-            final = self.updates_dir / f"round-{rnd.number}" / f"{school_id}.safetensors"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if h.encoding or frozen:   # keep the decoded, complete update: restarts and spilling buffers read it back
-                dense = await asyncio.to_thread(tensors_to_bytes, tensors)
-                await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
-                payload_path.unlink(missing_ok=True)
-                acc = self._dense_bytes.setdefault(rnd.number, [0, 0])
-                acc[0] += h.total_size
-                acc[1] += len(dense)
-            else:
-                await asyncio.to_thread(payload_path.replace, final)
-            rc = Receipt(rnd.number, school_id, h.upload_id, h.sha256, h.num_examples, dict(h.metrics), str(final))
+            kind = KINDS[rnd.kind]
+            final, result = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "")
+            rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics), str(final))
             await asyncio.to_thread(self.store.add_receipt, rc)
-            update = ClientUpdate(school_id, rnd.number, h.num_examples, tensors, dict(h.metrics), final)
-            await asyncio.to_thread(self.strategy.accumulate, update)
+            await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
             rnd.accepted.add(school_id)
             if school_id in self.sessions:
-                self.sessions[school_id].progress = f"update accepted for round {rnd.number}"
-            self.log.info("update accepted", school=school_id, round=rnd.number, examples=h.num_examples,
+                self.sessions[school_id].progress = f"{kind.name} result accepted for round {rnd.number}"
+            self.log.info("result accepted", school=school_id, round=rnd.number, kind=rnd.kind, examples=h.num_examples,
                           accepted=len(rnd.accepted), participants=len(rnd.participants))
             self._changed.set()
             return rc
 
     # ---------------------------------------------------------------- the loop
-    def _params_for(self, rnd: OpenRound, school_id: str) -> TrainParams:
-        params = self.strategy.configure_round(rnd.number, self.cfg.train.params(rnd.number))
-        return self.strategy.configure_school(rnd.number, school_id, params)
-
-    def _train_command(self, rnd: OpenRound, school_id: str) -> Command:
-        ref = ArtifactRef(rnd.global_sha, self.artifacts.size(rnd.global_sha))
-        return Command("train", rnd.number, rnd.deadline, ref, self._params_for(rnd, school_id))
-
     async def _wait_change(self, timeout: float) -> None:
         self._changed.clear()
         try:
@@ -310,41 +367,63 @@ class RoundEngine:
                     if limit and time.monotonic() - started > limit:
                         raise TimeoutError(f"only {len(self.sessions)} of {self.cfg.rounds.min_schools} schools joined within {limit:.0f} s")
                     await self._wait_change(1.0)
-                await self._open_next()
+                opened = await self._open_next()
+            else:
+                opened = True
             rnd = self.current
-            assert rnd is not None
-            while not self._should_close(rnd):
-                await self._wait_change(min(1.0, rnd.deadline - time.time()))
-            if await self._close(rnd):
+            if opened and rnd is not None:
+                while not self._should_close(rnd):
+                    await self._wait_change(min(1.0, rnd.deadline - time.time()))
+                ok = await self._close(rnd)
+                why: Any = rnd.failed
+            else:
+                ok, why = False, "the round could not be planned (see the log)"
+            if ok:
                 failed_in_a_row = 0
             else:
                 failed_in_a_row += 1
                 limit = self.cfg.rounds.max_failed_rounds
                 if limit and failed_in_a_row >= limit:
-                    raise RuntimeError(f"{failed_in_a_row} rounds in a row failed to reach quorum; last failures: {rnd.failed}. "
-                                       "Fix the cause (see the schools' errors) and restart the coordinator")
+                    raise RuntimeError(f"{failed_in_a_row} rounds in a row failed; last failures: {why}. "
+                                       "Fix the cause (see the schools' errors and this log) and restart the coordinator")
         for task in list(self._eval_tasks):
             await task
         await self._await_school_evals(self.store.last_round_number())
         for sess in list(self.sessions.values()):
-            sess.queue.put_nowait(Command("shutdown", reason=f"federation finished after {total} rounds", final=True))
+            sess.queue.put_nowait(ShutdownCommand(f"federation finished after {total} rounds", final=True))
         self.finished.set()
 
-    async def _open_next(self) -> None:
+    async def _open_next(self) -> bool:
         number = self.store.last_round_number() + 1
+        kind = KINDS[self.cfg.schedule.kind_of(number)]
         connected = sorted(self.sessions)
         want = max(self.cfg.rounds.min_schools, round(self.cfg.rounds.fraction * len(connected)))
         participants = sorted(random.Random(number).sample(connected, min(want, len(connected))))
-        deadline = time.time() + self.cfg.rounds.deadline_s
-        await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, deadline)
-        rnd = OpenRound(number, participants, self.global_sha, self.global_state, deadline)
-        self.strategy.begin_round(number, self.global_state)
+        rnd = OpenRound(number, kind.name, participants, self.global_sha, self.global_state, 0.0)
+        kind.begin(self, rnd)
+        # The plan may take long (the teacher labels a pool slice); the deadline starts after it.
+        try:
+            rnd.plan = await kind.plan(self, number, participants)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # e.g. the teacher could not label: this round fails, the loop goes on
+            self.log.error("could not plan the round", round=number, kind=kind.name, error=repr(exc))
+            await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, time.time(), kind.name, {})
+            await asyncio.to_thread(self.store.close_round, number, "failed", None, {"seconds": 0.0},
+                                    {"plan": f"{kind.name} round could not be planned: {exc!r}"[:500]})
+            return False
+        rnd.deadline = time.time() + self.cfg.rounds.deadline_s
+        rnd.started = time.monotonic()
+        await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, rnd.deadline, kind.name, rnd.plan)
         self.current = rnd
         for sid in participants:
-            self.sessions[sid].queue.put_nowait(self._train_command(rnd, sid))
-        for sid in set(connected) - set(participants):
-            self.sessions[sid].queue.put_nowait(Command("idle", number, reason="not selected this round"))
-        self.log.info("round opened", round=number, participants=participants, deadline_s=self.cfg.rounds.deadline_s)
+            if sid in self.sessions:   # it may have left while the round was planned
+                self.sessions[sid].queue.put_nowait(kind.command(self, rnd, sid))
+        for sid in set(self.sessions) - set(participants):
+            self.sessions[sid].queue.put_nowait(IdleCommand(number, "not selected this round"))
+        self.log.info("round opened", round=number, kind=kind.name, participants=participants,
+                      deadline_s=self.cfg.rounds.deadline_s)
+        return True
 
     def _should_close(self, rnd: OpenRound) -> bool:
         pending = rnd.pending()
@@ -356,45 +435,49 @@ class RoundEngine:
     async def _close(self, rnd: OpenRound) -> bool:
         """Commit (True) or fail (False) the round."""
         async with self._lock:
+            kind = KINDS[rnd.kind]
             for sid in rnd.pending():
-                reason = "disconnected" if sid not in self.sessions else "no update by the deadline"
+                reason = "disconnected" if sid not in self.sessions else "no result by the deadline"
                 rnd.failed[sid] = reason
-                self.strategy.record_failure(ClientFailure(sid, rnd.number, reason))
+                kind.fail(self, rnd, sid, reason)
             up, down = self._bytes.pop(rnd.number, [0, 0])
             if up or down:
                 await asyncio.to_thread(self.store.add_bytes, rnd.number, up, down)
-            seconds = time.monotonic() - rnd.started
             committed = len(rnd.accepted) >= self.cfg.rounds.quorum
             sent, dense = self._dense_bytes.pop(rnd.number, [0, 0])
-            result = None
+            commit = None
+            self._teacher_saved = ""
             if committed:
                 try:
-                    result = await asyncio.to_thread(self.strategy.finalize)
-                except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
-                    self.log.error("strategy could not aggregate; the round fails and the global adapter is kept",
-                                   round=rnd.number, strategy=self.strategy.name, error=str(exc))
-                    rnd.failed["strategy"] = f"{self.strategy.name}: {exc}"
+                    commit = await kind.commit(self, rnd)
+                except RoundFailed as exc:
+                    self.log.error("the round could not be committed; the global adapter is kept",
+                                   round=rnd.number, kind=rnd.kind, error=str(exc))
+                    rnd.failed["commit"] = str(exc)
                     committed = False
-            if committed and result is not None:
-                data = await asyncio.to_thread(tensors_to_bytes, result.state)
-                sha = await asyncio.to_thread(self.artifacts.put, data)
+            seconds = time.monotonic() - rnd.started
+            if committed and commit is not None:
+                sha = commit.sha
                 await asyncio.to_thread(self._save_strategy_state, rnd.number)
                 school_metrics = await asyncio.to_thread(self._school_metrics, rnd.number)
-                metrics = {**school_metrics, **result.metrics, "seconds": seconds}
+                metrics = {**school_metrics, **commit.metrics, "seconds": seconds}
                 if dense:   # some uploads were compressed: what they cost against dense float32 payloads
                     metrics.update(upload_bytes=float(sent), upload_bytes_dense=float(dense), upload_bytes_saved=float(dense - sent))
-                await asyncio.to_thread(self._checkpoint, rnd.number, result.state,
-                                        {"round": rnd.number, "sha256": sha, "participants": rnd.participants,
-                                         "accepted": sorted(rnd.accepted), "metrics": metrics})
-                await asyncio.to_thread(self.store.close_round, rnd.number, "committed", sha, metrics, rnd.failed)
-                self.global_sha, self.global_state = sha, result.state
-                self.log.info("round committed", round=rnd.number, accepted=len(rnd.accepted),
+                if commit.state is not None:
+                    await asyncio.to_thread(self._checkpoint, rnd.number, commit.state,
+                                            {"round": rnd.number, "kind": rnd.kind, "sha256": sha, "participants": rnd.participants,
+                                             "accepted": sorted(rnd.accepted), "metrics": metrics})
+                meta = {"teacher_adapter": self._teacher_saved} if self._teacher_saved else {}
+                await asyncio.to_thread(self.store.close_round, rnd.number, "committed", sha, metrics, rnd.failed, meta)
+                self.log.info("round committed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
                               failed=len(rnd.failed), sha256=sha[:12], seconds=round(seconds, 1))
-                self._after_commit(rnd.number, sha)
+                if commit.state is not None:
+                    self.global_sha, self.global_state = sha, commit.state
+                    self._after_commit(rnd.number, sha)
             else:
                 await asyncio.to_thread(self.store.close_round, rnd.number, "failed", None,
                                         {"seconds": seconds, "updates": float(len(rnd.accepted))}, rnd.failed)
-                self.log.warning("round failed", round=rnd.number, accepted=len(rnd.accepted),
+                self.log.warning("round failed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
                                  quorum=self.cfg.rounds.quorum, failed=rnd.failed)
             self.current = None
             shutil.rmtree(self.updates_dir / f"round-{rnd.number}", ignore_errors=True)
@@ -415,14 +498,18 @@ class RoundEngine:
             self._spawn_eval(number, self.global_state)
         n = self.cfg.evaluation.school_max_examples
         if n > 0:
-            cmd = Command("evaluate", number, adapter=ArtifactRef(sha, self.artifacts.size(sha)), max_examples=n)
+            cmd = EvaluateCommand(number, 0.0, ArtifactRef(sha, self.artifacts.size(sha)), n)
             self._evals_due = {number: set(self.sessions)}   # only the newest round is waited for
             for sess in self.sessions.values():
                 sess.queue.put_nowait(cmd)
 
     def _spawn_eval(self, number: int, state: dict[str, torch.Tensor] | None) -> None:
         assert self._evaluate is not None
-        task = asyncio.create_task(self._evaluate(number, state))
+        self._spawn(self._evaluate(number, state))
+
+    def _spawn(self, work: Any) -> None:
+        """Background evaluation work; the final shutdown waits for it."""
+        task = asyncio.create_task(work)
         self._eval_tasks.add(task)
         task.add_done_callback(self._eval_tasks.discard)
 
@@ -433,3 +520,4 @@ class RoundEngine:
         if merged:   # FLoRA / FedEx-LoRA: the model is W₀ + B_m A_m + the adapter; PEFT cannot hold B_m A_m
             atomic_write_bytes(path.parent / MERGED_FILE, tensors_to_bytes(merged))
         write_peft_dir(path, lora, self.settings, self.cfg.model.base, extra=info)
+

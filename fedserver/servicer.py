@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,12 +12,12 @@ from typing import Any
 import grpc
 
 from common import PROTOCOL_VERSION, __version__
-from common.errors import (
-    DuplicateUploadError, FederationError, ProtocolError, TooLargeError, IncompatibleSchoolError,
-)
+from common.errors import FederationError, IncompatibleSchoolError, ProtocolError
 from common.logs import get_logger
 from common.models import parse_spec
-from common.messages import Capabilities, EvalReport, Failure, Heartbeat, Progress, SessionSettings, UploadHeader
+from common.messages import (
+    Capabilities, EvalReport, Failure, Heartbeat, Progress, SessionSettings, ShutdownCommand, UploadHeader,
+)
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
@@ -28,21 +26,9 @@ from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
+from fedserver.transfers import UploadReceiver
 
 log = get_logger("servicer")
-
-
-def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
-    fh.write(data)
-    hasher.update(data)
-
-
-def _hash_file(path: Path) -> Any:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            hasher.update(block)
-    return hasher
 
 
 def _spec(model: str) -> str:
@@ -101,9 +87,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.store = store
         self.artifacts = artifacts
         self.auth = auth
-        self.uploads_dir = uploads_dir
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        self.max_upload_bytes = max_upload_bytes
+        self.uploads = UploadReceiver(store, uploads_dir, max_upload_bytes, lambda n: engine.count_bytes(up=n))
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session_timeout_s = session_timeout_s
         self._caps: dict[str, Capabilities] = {}
@@ -156,7 +140,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if getter in done:
                     cmd = getter.result()
                     yield command_to_pb(cmd)
-                    if cmd.kind == "shutdown":
+                    if isinstance(cmd, ShutdownCommand):
                         break
                     continue
                 getter.cancel()
@@ -191,33 +175,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                 self.engine.count_bytes(down=len(data))
 
     async def _preflight(self, school: str, h: UploadHeader) -> None:
-        """Checks that need no payload: size, form, round, participant, replay."""
-        if h.total_size > self.max_upload_bytes:
-            raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
-        if h.total_size == 0 or len(h.sha256) != 64:
-            raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
-        self._part(h.upload_id)
-        if await asyncio.to_thread(self.store.receipt_for_upload, h.upload_id):
-            raise DuplicateUploadError(f"upload {h.upload_id} was already accepted; replays are refused")
+        """Checks that need no payload: size, form, replay, then the round's own (kind, participant)."""
+        await self.uploads.check_header(school, h)
         self.engine.check_upload_allowed(school, h)
 
     @_abort_on_error
     async def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext) -> pb.UploadStatusResponse:
         school = self._school(context)
-        if await asyncio.to_thread(self.store.receipt_for_upload, request.upload_id):
-            return pb.UploadStatusResponse(received_bytes=0, complete=True)
-        if request.HasField("header"):
+        received, complete = await self.uploads.status(school, request.upload_id)
+        if not complete and request.HasField("header"):
             await self._preflight(school, header_from_pb(request.header))
-        row = self.store.get_upload(request.upload_id)
-        if row is None or row.school_id != school:
-            return pb.UploadStatusResponse(received_bytes=0, complete=False)
-        part = self._part(request.upload_id)
-        return pb.UploadStatusResponse(received_bytes=part.stat().st_size if part.exists() else 0, complete=False)
-
-    def _part(self, upload_id: str) -> Path:
-        if not upload_id or len(upload_id) > 128 or not all(c.isalnum() or c in "-_" for c in upload_id):
-            raise ProtocolError("upload_id must be 1-128 characters of letters, digits, '-' or '_'")
-        return self.uploads_dir / f"{upload_id}.part"
+        return pb.UploadStatusResponse(received_bytes=received, complete=complete)
 
     @_abort_on_error
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadMessage], context: grpc.aio.ServicerContext) -> pb.UploadReceipt:
@@ -227,42 +195,17 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise ProtocolError("an upload must start with an UploadHeader")
         h = header_from_pb(first.header)
         await self._preflight(school, h)
-        part = self._part(h.upload_id)
-        row = await asyncio.to_thread(self.store.begin_upload, h.upload_id, school, h.round, h.sha256, h.total_size,
-                                      {"round": h.round, "num_examples": h.num_examples})
-        if (row.school_id, row.round, row.sha256, row.total_size) != (school, h.round, h.sha256, h.total_size):
-            raise ProtocolError(f"upload id {h.upload_id} is already used for a different payload; choose a new upload_id")
-        have = part.stat().st_size if part.exists() else 0
-        if h.offset != have:
-            raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
-        received = have
-        # Hash while receiving, so acceptance needs no second pass over the payload. A
-        # resumed upload first hashes the bytes it already holds.
-        hasher = await asyncio.to_thread(_hash_file, part) if have else hashlib.sha256()
-        with open(part, "ab") as fh:
+
+        async def chunks() -> AsyncIterator[tuple[int, bytes]]:
             async for msg in request_iterator:
                 if msg.WhichOneof("message") != "chunk":
                     raise ProtocolError("only chunks may follow the header")
-                c = msg.chunk
-                data = c.data   # each access to a protobuf bytes field copies it: read it once
-                if len(data) > MAX_CHUNK_BYTES:
-                    raise TooLargeError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
-                if c.offset != received:
-                    raise ProtocolError(f"chunk at offset {c.offset}, expected {received}")
-                if received + len(data) > h.total_size:
-                    raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
-                await asyncio.to_thread(_write_and_hash, fh, hasher, data)
-                received += len(data)
-                self.engine.count_bytes(up=len(data))
-            await asyncio.to_thread(fh.flush)
-            await asyncio.to_thread(os.fsync, fh.fileno())
-        if received != h.total_size:
-            raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
-        try:
-            rc = await self.engine.accept_upload(school, h, part, hasher.hexdigest())
-        except FederationError:
-            part.unlink(missing_ok=True)   # a rejected payload is not kept; the school sends a new one
-            await asyncio.to_thread(self.store.forget_upload, h.upload_id)
-            raise
-        return pb.UploadReceipt(round=rc.round, upload_id=rc.upload_id, sha256=rc.sha256, received_bytes=received)
+                yield msg.chunk.offset, msg.chunk.data   # each access to a bytes field copies it: once
 
+        part, digest = await self.uploads.receive(school, h, chunks())
+        try:
+            rc = await self.engine.accept_upload(school, h, part, digest)
+        except FederationError:
+            await self.uploads.discard(school, h.upload_id)
+            raise
+        return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, sha256=rc.sha256, received_bytes=h.total_size)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS rounds (
   participants TEXT NOT NULL, global_in TEXT NOT NULL, global_out TEXT,
   started_at REAL NOT NULL, deadline REAL NOT NULL, closed_at REAL,
   bytes_up INTEGER NOT NULL DEFAULT 0, bytes_down INTEGER NOT NULL DEFAULT 0,
-  metrics TEXT NOT NULL DEFAULT '{}', failures TEXT NOT NULL DEFAULT '{}');
+  metrics TEXT NOT NULL DEFAULT '{}', failures TEXT NOT NULL DEFAULT '{}',
+  kind TEXT NOT NULL DEFAULT 'train', plan TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS uploads (
   upload_id TEXT PRIMARY KEY, school_id TEXT NOT NULL, round INTEGER NOT NULL,
   sha256 TEXT NOT NULL, total_size INTEGER NOT NULL, received INTEGER NOT NULL DEFAULT 0,
@@ -40,6 +41,29 @@ CREATE TABLE IF NOT EXISTS evals (
   round INTEGER NOT NULL, source TEXT NOT NULL, num_examples INTEGER NOT NULL,
   metrics TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round, source));
 """
+
+# PRAGMA user_version of the file. 0: the first release (rounds were all training rounds);
+# 2: rounds carry their kind and the plan fixed when they opened. Migrations run at start-up.
+SCHEMA_VERSION = 2
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"state file has schema version {version}, newer than this coordinator's {SCHEMA_VERSION}; "
+                           "upgrade the coordinator (a downgrade cannot read it)")
+    if version < 2:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(rounds)")}
+        db.execute("BEGIN IMMEDIATE")
+        if "kind" not in cols:   # every round before round kinds was a training round
+            db.execute("ALTER TABLE rounds ADD COLUMN kind TEXT NOT NULL DEFAULT 'train'")
+        if "plan" not in cols:   # '{}': the plan is recomputed as the first release did
+            db.execute("ALTER TABLE rounds ADD COLUMN plan TEXT NOT NULL DEFAULT '{}'")
+        # Upload ids are filed per school now ("<school>.<upload id>"): two schools may send
+        # the same id. Unfinished uploads of the old form restart from byte 0.
+        db.execute("UPDATE receipts SET upload_id = school_id || '.' || upload_id WHERE instr(upload_id, '.') = 0")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,8 @@ class RoundRow:
     bytes_down: int
     metrics: dict[str, float]
     failures: dict[str, str]
+    kind: str = "train"
+    plan: dict[str, Any] = field(default_factory=dict)   # fixed when the round opened (fedserver/rounds.py)
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
             self._db.executescript(SCHEMA)
+            _migrate(self._db)
+        elif int(self._db.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} is from an older coordinator; start the coordinator once to migrate it")
 
     def close(self) -> None:
         self._db.close()
@@ -135,20 +164,27 @@ class Store:
 
     # ---- rounds ----
     def _round(self, r: sqlite3.Row | tuple[Any, ...]) -> RoundRow:
-        return RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], json.loads(r[10]), json.loads(r[11]))
+        return RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], json.loads(r[10]), json.loads(r[11]),
+                        r[12], json.loads(r[13]))
 
-    _ROUND_COLS = "round,status,participants,global_in,global_out,started_at,deadline,closed_at,bytes_up,bytes_down,metrics,failures"
+    _ROUND_COLS = "round,status,participants,global_in,global_out,started_at,deadline,closed_at,bytes_up,bytes_down,metrics,failures,kind,plan"
 
-    def open_round(self, round_: int, participants: list[str], global_in: str, deadline: float) -> RoundRow:
+    def open_round(self, round_: int, participants: list[str], global_in: str, deadline: float,
+                   kind: str = "train", plan: Mapping[str, Any] | None = None) -> RoundRow:
+        """The round's plan (per-school parameters, packs...) is stored with it, in the same
+        transaction: acceptance and restarts check against what was actually sent."""
         with self._tx() as db:
-            db.execute(f"INSERT INTO rounds({self._ROUND_COLS}) VALUES(?,?,?,?,NULL,?,?,NULL,0,0,'{{}}','{{}}')",
-                       (round_, "open", json.dumps(participants), global_in, time.time(), deadline))
+            db.execute(f"INSERT INTO rounds({self._ROUND_COLS}) VALUES(?,?,?,?,NULL,?,?,NULL,0,0,'{{}}','{{}}',?,?)",
+                       (round_, "open", json.dumps(participants), global_in, time.time(), deadline, kind,
+                        json.dumps(dict(plan or {}))))
         row = self.get_round(round_)
         assert row is not None
         return row
 
     def close_round(self, round_: int, status: str, global_out: str | None,
-                    metrics: Mapping[str, float], failures: Mapping[str, str]) -> None:
+                    metrics: Mapping[str, float], failures: Mapping[str, str], meta: Mapping[str, str] | None = None) -> None:
+        """`meta`: keys that become true with the commit and not before (the teacher's adapter
+        of record), written in the same transaction."""
         with self._tx() as db:
             cur = db.execute("UPDATE rounds SET status=?, global_out=?, closed_at=?, metrics=?, failures=? WHERE round=? AND status='open'",
                              (status, global_out, time.time(), json.dumps(dict(metrics)), json.dumps(dict(failures)), round_))
@@ -156,6 +192,8 @@ class Store:
                 raise RuntimeError(f"round {round_} is not open; cannot close it twice")
             if status == "committed":
                 db.execute("INSERT INTO meta(key,value) VALUES('global_sha256',?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (global_out,))
+                for key, value in (meta or {}).items():
+                    db.execute("INSERT INTO meta(key,value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def get_round(self, round_: int) -> RoundRow | None:
         rows = self._query(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round=?", (round_,))

@@ -36,6 +36,23 @@ def fed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A teacher with another tokenizer than the schools': two layers, random weights, the real
+    Qwen2.5 tokenizer (151,936 tokens) from the packaged teacher's GGUF."""
+    out = tmp_path_factory.mktemp("tiny-teacher") / "model"
+    return "dir:" + str(build_tiny_model(out, "packaged:qwen2.5-coder-0.5b-instruct", seed=1, cache_dir=MODEL_CACHE))
+
+
+@pytest.fixture(scope="session")
+def exchange_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """School folders plus a public prompt pool and an out-of-distribution eval source."""
+    out = tmp_path_factory.mktemp("exchange-data")
+    prepare_federation_data(out, num_schools=3, eval_size=12, seed=0, max_per_school=24, pool_size=24,
+                            ood_source="openbookqa", ood_size=8)
+    return out
+
+
 TOKENS = {f"school-{k}": f"token-for-school-{k}-0123456789" for k in range(1, 6)}
 
 

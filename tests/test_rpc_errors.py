@@ -203,6 +203,22 @@ async def test_interrupted_upload_resumes_from_acknowledged_byte(open_round):
     assert rc.engine._bytes.get(1, [0, 0])[0] - sent == len(good) - 4096   # only the rest was sent
 
 
+async def test_two_schools_with_identical_uploads_are_both_accepted(open_round):
+    """Upload ids are the school's choice and derived from the payload: two schools that send
+    the same delta pick the same id. Each must get its own receipt (the second used to be told
+    'complete' and drop its update, and the round waited for its deadline)."""
+    rc, stub, sessions = open_round
+    good = tensors_to_bytes(good_delta(rc))
+    h = header_for(rc, good)
+    assert await upload(stub, h, good, sessions["school-1"]) is not None
+    status = await stub.UploadStatus(pb.UploadStatusRequest(upload_id=h.upload_id), metadata=sessions["school-2"])
+    assert not status.complete and status.received_bytes == 0
+    assert await upload(stub, h, good, sessions["school-2"]) is not None
+    assert sorted(r.school_id for r in rc.store.receipts(1)) == ["school-1", "school-2"]
+    # a replay by either school is still refused
+    assert await upload(stub, h, good, sessions["school-1"]) is None
+
+
 async def test_download_resumes_and_verifies(open_round):
     rc, stub, sessions = open_round
     sha = rc.engine.current.global_sha

@@ -11,7 +11,8 @@ import torch
 from common.errors import ChecksumError, ConfigError, DuplicateUploadError, ValidationError
 from common.lora import TensorSpec
 from common.messages import (
-    ArtifactRef, Capabilities, Command, EvalReport, Failure, Heartbeat, Progress, SessionSettings, UploadHeader,
+    ArtifactRef, Capabilities, DistillCommand, EvalReport, EvaluateCommand, Failure, Heartbeat, IdleCommand, Progress,
+    SessionSettings, ShutdownCommand, TeachCommand, TrainCommand, UnknownCommand, UploadHeader,
 )
 from common.serde import (
     capabilities_from_pb, capabilities_to_pb, command_from_pb, command_to_pb, event_from_pb, event_to_pb,
@@ -27,11 +28,14 @@ from fedserver.validation import validate_update
 
 
 @pytest.mark.parametrize("cmd", [
-    Command("train", 3, 1234.5, ArtifactRef("a" * 64, 99), TrainParams(5, 4, 1e-4, 128, 7, 0.01)),
-    Command("evaluate", 2, 0.0, ArtifactRef("b" * 64, 10), max_examples=16),
-    Command("idle", 4, reason="not selected"),
-    Command("shutdown", 0, reason="done"),
-    Command("shutdown", 0, reason="finished", final=True),
+    TrainCommand(3, 1234.5, ArtifactRef("a" * 64, 99), TrainParams(5, 4, 1e-4, 128, 7, 0.01)),
+    DistillCommand(5, 99.0, ArtifactRef("a" * 64, 99), ArtifactRef("c" * 64, 7, "labelled-pack"),
+                   TrainParams(5, 4, 1e-4, 128, 7), 0.5, 2.0),
+    TeachCommand(6, 0.0, ArtifactRef("a" * 64, 99), ArtifactRef("d" * 64, 8, "pool-pack"), 1.5),
+    EvaluateCommand(2, 0.0, ArtifactRef("b" * 64, 10), 16),
+    IdleCommand(4, "not selected"),
+    ShutdownCommand("done"),
+    ShutdownCommand("finished", final=True),
 ])
 def test_command_round_trip(cmd):
     assert command_from_pb(command_to_pb(cmd)) == cmd
@@ -59,11 +63,22 @@ def test_malformed_messages_are_protocol_errors():
     from common.pb import federation_pb2 as pb
 
     with pytest.raises(ProtocolError):
-        command_from_pb(pb.ServerCommand(round=1))
-    with pytest.raises(ProtocolError):
         event_from_pb(pb.ClientEvent())
-    with pytest.raises(ValueError):
-        command_to_pb(Command("train", 1))
+    with pytest.raises(TypeError):
+        command_to_pb(UnknownCommand(1, "x"))
+
+
+def test_a_command_this_side_does_not_know_is_kept_not_dropped():
+    """A newer coordinator's command (an oneof member this build lacks, here: none set)
+    becomes UnknownCommand with its round, so the daemon can report it back."""
+    from common.pb import federation_pb2 as pb
+
+    cmd = command_from_pb(pb.ServerCommand(round=7))
+    assert isinstance(cmd, UnknownCommand) and cmd.round == 7 and "upgrade" in cmd.detail
+    # Bytes from a newer protocol: field 99 of ServerCommand is unknown here and is skipped.
+    newer = pb.ServerCommand(round=8).SerializeToString() + b"\x9a\x06\x02\x08\x01"
+    cmd = command_from_pb(pb.ServerCommand.FromString(newer))
+    assert isinstance(cmd, UnknownCommand) and cmd.round == 8
 
 
 # ---------------------------------------------------------------- wire

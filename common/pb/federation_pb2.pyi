@@ -201,7 +201,10 @@ Global___Failure: _TypeAlias = Failure  # noqa: Y015
 
 @_typing.final
 class EvalReport(_message.Message):
-    """Local evaluation of the global adapter on the school's own held-out split. Metrics only."""
+    """(phase "command": the daemon does not know the command it was sent; upgrade it.)
+
+    Local evaluation of the global adapter on the school's own held-out split. Metrics only.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -293,7 +296,7 @@ class Artifact(_message.Message):
     size: _builtins.int
     """bytes"""
     kind: _builtins.str
-    """"adapter" """
+    """"adapter" | "pool-pack" | "labelled-pack" """
     def __init__(
         self,
         *,
@@ -412,6 +415,83 @@ class EvaluateCommand(_message.Message):
 Global___EvaluateCommand: _TypeAlias = EvaluateCommand  # noqa: Y015
 
 @_typing.final
+class DistillCommand(_message.Message):
+    """Server teaches: train the LoRA adapter on the teacher's option distributions for a slice of
+    the public prompt pool (a "pool pack" artefact), optionally mixed with the school's own data.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GLOBAL_ADAPTER_FIELD_NUMBER: _builtins.int
+    PACK_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    KD_WEIGHT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    kd_weight: _builtins.float
+    """1 = distillation loss only; 0.5 = half KD, half the school's own data"""
+    temperature: _builtins.float
+    """softens the student's option distribution like the teacher's"""
+    @_builtins.property
+    def global_adapter(self) -> Global___Artifact: ...
+    @_builtins.property
+    def pack(self) -> Global___Artifact:
+        """kind "labelled-pack": public questions + teacher distributions"""
+
+    @_builtins.property
+    def params(self) -> Global___TrainParams:
+        """local_steps, batch size, learning rate... as for training"""
+
+    def __init__(
+        self,
+        *,
+        global_adapter: Global___Artifact | None = ...,
+        pack: Global___Artifact | None = ...,
+        params: Global___TrainParams | None = ...,
+        kd_weight: _builtins.float = ...,
+        temperature: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["global_adapter", b"global_adapter", "pack", b"pack", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_adapter", b"global_adapter", "kd_weight", b"kd_weight", "pack", b"pack", "params", b"params", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DistillCommand: _TypeAlias = DistillCommand  # noqa: Y015
+
+@_typing.final
+class TeachCommand(_message.Message):
+    """Schools teach: answer a slice of the public pool with the current model and upload only the
+    option distributions (an "answers" upload: numbers, one row per pack question).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GLOBAL_ADAPTER_FIELD_NUMBER: _builtins.int
+    PACK_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    temperature: _builtins.float
+    @_builtins.property
+    def global_adapter(self) -> Global___Artifact: ...
+    @_builtins.property
+    def pack(self) -> Global___Artifact:
+        """kind "pool-pack": public questions only"""
+
+    def __init__(
+        self,
+        *,
+        global_adapter: Global___Artifact | None = ...,
+        pack: Global___Artifact | None = ...,
+        temperature: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["global_adapter", b"global_adapter", "pack", b"pack"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_adapter", b"global_adapter", "pack", b"pack", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TeachCommand: _TypeAlias = TeachCommand  # noqa: Y015
+
+@_typing.final
 class IdleCommand(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -465,6 +545,8 @@ class ServerCommand(_message.Message):
     EVALUATE_FIELD_NUMBER: _builtins.int
     IDLE_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
+    DISTILL_FIELD_NUMBER: _builtins.int
+    TEACH_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     deadline_unix: _builtins.float
     """0 = none"""
@@ -476,6 +558,10 @@ class ServerCommand(_message.Message):
     def idle(self) -> Global___IdleCommand: ...
     @_builtins.property
     def shutdown(self) -> Global___ShutdownCommand: ...
+    @_builtins.property
+    def distill(self) -> Global___DistillCommand: ...
+    @_builtins.property
+    def teach(self) -> Global___TeachCommand: ...
     def __init__(
         self,
         *,
@@ -485,12 +571,14 @@ class ServerCommand(_message.Message):
         evaluate: Global___EvaluateCommand | None = ...,
         idle: Global___IdleCommand | None = ...,
         shutdown: Global___ShutdownCommand | None = ...,
+        distill: Global___DistillCommand | None = ...,
+        teach: Global___TeachCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "evaluate", b"evaluate", "idle", b"idle", "shutdown", b"shutdown", "train", b"train"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "distill", b"distill", "evaluate", b"evaluate", "idle", b"idle", "shutdown", b"shutdown", "teach", b"teach", "train", b"train"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "deadline_unix", b"deadline_unix", "evaluate", b"evaluate", "idle", b"idle", "round", b"round", "shutdown", b"shutdown", "train", b"train"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "deadline_unix", b"deadline_unix", "distill", b"distill", "evaluate", b"evaluate", "idle", b"idle", "round", b"round", "shutdown", b"shutdown", "teach", b"teach", "train", b"train"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["train", "evaluate", "idle", "shutdown"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["train", "evaluate", "idle", "shutdown", "distill", "teach"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -578,6 +666,7 @@ class UploadHeader(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     BASE_SHA256_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     upload_id: _builtins.str
     """chosen by the school; stable across resumes of one upload"""
@@ -591,6 +680,8 @@ class UploadHeader(_message.Message):
     """the global adapter the delta was computed against"""
     encoding: _builtins.str
     """"" = dense float32 safetensors; "int8" | "topk" = compressed (common/compression.py)"""
+    kind: _builtins.str
+    """"" or "delta": a LoRA adapter delta; "answers": option distributions (teach rounds)"""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -605,10 +696,11 @@ class UploadHeader(_message.Message):
         offset: _builtins.int = ...,
         base_sha256: _builtins.str = ...,
         encoding: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "encoding", b"encoding", "metrics", b"metrics", "num_examples", b"num_examples", "offset", b"offset", "round", b"round", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "encoding", b"encoding", "kind", b"kind", "metrics", b"metrics", "num_examples", b"num_examples", "offset", b"offset", "round", b"round", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

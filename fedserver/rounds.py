@@ -1,0 +1,309 @@
+"""Round kinds: what a round sends each participant, how it accepts and folds a result, and
+what it commits. The loop that opens rounds, waits for quorum or deadline, counts failures
+and survives restarts is the engine's (fedserver/engine.py), the same for every kind.
+
+- train: schools train the global adapter on their own data; the strategy aggregates deltas.
+- distill (server teaches): the teacher labels a pool slice; schools train on its option
+  distributions (plus their own data, kd_weight); deltas are aggregated as in train.
+- teach (schools teach): schools answer a pool slice with their current model; the
+  coordinator ensembles the answers and trains the teacher's own adapter on them.
+- evaluate: schools score the global adapter on their held-out questions; reports only.
+
+A round's plan (participants' parameters, packs, weights) is fixed when it opens and stored
+with it, so acceptance and a restart check against what was actually sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from common.distill import Pack, pool_slice, validate_answers
+from common.errors import ChecksumError, WrongRoundError
+from common.files import atomic_write_bytes
+from common.messages import (
+    ArtifactRef, Command, DistillCommand, EvaluateCommand, TeachCommand, TrainCommand, UploadHeader,
+)
+from common.training import TrainParams
+from common.wire import bytes_to_tensors, tensors_to_bytes
+from fedserver.ensemble import ensemble
+from fedserver.strategy import ClientFailure, ClientUpdate
+from fedserver.validation import validate_update
+
+if TYPE_CHECKING:
+    from fedserver.engine import RoundEngine
+
+
+class RoundFailed(Exception):
+    """The kind could not commit this round (the rule could not aggregate, the teacher failed)."""
+
+
+@dataclass
+class OpenRound:
+    number: int
+    kind: str
+    participants: list[str]
+    global_sha: str
+    global_state: dict[str, torch.Tensor]
+    deadline: float   # unix seconds
+    plan: dict[str, Any] = field(default_factory=dict)
+    accepted: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)   # kind-specific: teach keeps answer sets here
+    started: float = field(default_factory=time.monotonic)
+
+    def pending(self) -> set[str]:
+        return set(self.participants) - self.accepted - set(self.failed)
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str                                    # the global adapter after the round
+    state: dict[str, torch.Tensor] | None       # its tensors when they changed, else None
+    metrics: dict[str, float]
+
+
+class RoundKind:
+    name = ""
+    upload = ""          # the upload kind this round accepts ("delta", "answers"); "" = none
+
+    async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
+        return {}
+
+    def begin(self, eng: RoundEngine, rnd: OpenRound) -> None:
+        """At open and at a resume, before receipts are re-folded."""
+
+    def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
+        raise NotImplementedError
+
+    def check(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader) -> None:
+        """Cheap checks of an upload header against this kind (no payload yet)."""
+        kind = h.kind or "delta"
+        if kind != self.upload:
+            raise WrongRoundError(f"round {rnd.number} is a {self.name} round; it takes "
+                                  f"{self.upload or 'no'} uploads, not {kind!r}. Wait for the command meant for you")
+
+    async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
+                     payload: Path, digest: str) -> tuple[Path, Any]:
+        """Validate a complete upload; keep it where a restart finds it. Returns (kept file, result)."""
+        raise NotImplementedError
+
+    def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
+             metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
+        """Add an accepted result to the round's aggregate (`result` None: read it from `path`)."""
+
+    def fail(self, eng: RoundEngine, rnd: OpenRound, school: str, reason: str) -> None:
+        """A participant's work failed (reported, disconnected, deadline)."""
+
+    async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        raise NotImplementedError
+
+
+def _ref(eng: RoundEngine, sha: str, kind: str = "adapter") -> ArtifactRef:
+    return ArtifactRef(sha, eng.artifacts.size(sha), kind)
+
+
+# ---------------------------------------------------------------- train
+
+
+class TrainKind(RoundKind):
+    name = "train"
+    upload = "delta"
+
+    async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
+        base = eng.strategy.configure_round(number, self.base_params(eng, number))
+        return {"params": {sid: dataclasses.asdict(eng.strategy.configure_school(number, sid, base))
+                           for sid in participants}}
+
+    def base_params(self, eng: RoundEngine, number: int) -> TrainParams:
+        return eng.cfg.train.params(number)
+
+    def begin(self, eng: RoundEngine, rnd: OpenRound) -> None:
+        eng.strategy.begin_round(rnd.number, rnd.global_state)
+
+    def params(self, eng: RoundEngine, rnd: OpenRound, school: str) -> TrainParams:
+        stored = rnd.plan.get("params", {}).get(school)
+        if stored is None:   # a round opened by the first release (no stored plan): recompute as it did
+            base = eng.strategy.configure_round(rnd.number, self.base_params(eng, rnd.number))
+            return eng.strategy.configure_school(rnd.number, school, base)
+        return TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+    def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
+        return TrainCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha), self.params(eng, rnd, school))
+
+    def check(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader) -> None:
+        super().check(eng, rnd, school, h)
+        if h.num_examples < 1:
+            raise WrongRoundError("num_examples must be >= 1")
+
+    async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
+                     payload: Path, digest: str) -> tuple[Path, Any]:
+        data = await asyncio.to_thread(payload.read_bytes)
+        frozen = self.params(eng, rnd, school).freeze   # the school may leave these (zero) deltas out
+        tensors = await asyncio.to_thread(validate_update, data, h.sha256, eng.layout, eng.cfg.rounds.max_norm,
+                                          digest, h.encoding, frozen)
+        final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.safetensors"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if h.encoding or frozen:   # keep the decoded, complete update: restarts and spilling buffers read it back
+            dense = await asyncio.to_thread(tensors_to_bytes, tensors)
+            await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
+            payload.unlink(missing_ok=True)
+            eng.count_dense(rnd.number, h.total_size, len(dense))
+        else:
+            await asyncio.to_thread(payload.replace, final)
+        return final, tensors
+
+    def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
+             metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
+        tensors = result if result is not None else bytes_to_tensors(path.read_bytes())
+        eng.strategy.accumulate(ClientUpdate(school, rnd.number, num_examples, tensors, dict(metrics), path))
+
+    def fail(self, eng: RoundEngine, rnd: OpenRound, school: str, reason: str) -> None:
+        eng.strategy.record_failure(ClientFailure(school, rnd.number, reason))
+
+    async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        try:
+            result = await asyncio.to_thread(eng.strategy.finalize)
+        except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
+            raise RoundFailed(f"{eng.strategy.name}: {exc}") from exc
+        data = await asyncio.to_thread(tensors_to_bytes, result.state)
+        sha = await asyncio.to_thread(eng.artifacts.put, data)
+        return Commit(sha, result.state, dict(result.metrics))
+
+
+# ---------------------------------------------------------------- distill (server teaches)
+
+
+class DistillKind(TrainKind):
+    name = "distill"
+
+    def base_params(self, eng: RoundEngine, number: int) -> TrainParams:
+        return eng.cfg.train.params(number)
+
+    async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
+        plan = await super().plan(eng, number, participants)
+        questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "distill"),
+                               eng.cfg.distill.seed)
+        sha, tokens = await eng.teacher_labels(questions)
+        return {**plan, "pack": sha, "pack_questions": len(questions), "teacher_tokens_scored": tokens}
+
+    def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
+        d = eng.cfg.distill
+        return DistillCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha), _ref(eng, rnd.plan["pack"], "labelled-pack"),
+                              self.params(eng, rnd, school), d.kd_weight, d.temperature)
+
+    async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        c = await super().commit(eng, rnd)
+        return Commit(c.sha, c.state, {**c.metrics, "pack_questions": float(rnd.plan.get("pack_questions", 0)),
+                                       "teacher_tokens_scored": float(rnd.plan.get("teacher_tokens_scored", 0))})
+
+
+# ---------------------------------------------------------------- teach (schools teach)
+
+
+class TeachKind(RoundKind):
+    name = "teach"
+    upload = "answers"
+
+    async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
+        questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "teach"),
+                               eng.cfg.distill.seed + 1)
+        data = Pack(tuple(questions)).to_bytes()
+        sha = await asyncio.to_thread(eng.artifacts.put, data)
+        # Fixed now, so a restarted round ensembles with the weights it opened with.
+        weights = {sid: eng.last_school_accuracy(sid) for sid in participants}
+        return {"pack": sha, "pack_questions": len(questions), "weights": weights}
+
+    def _pack(self, eng: RoundEngine, rnd: OpenRound) -> Pack:
+        cached = rnd.results.get("_pack")
+        if cached is None:
+            cached = rnd.results["_pack"] = Pack.from_bytes(eng.artifacts.get(rnd.plan["pack"]))
+        return cached
+
+    def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
+        return TeachCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha), _ref(eng, rnd.plan["pack"], "pool-pack"),
+                            eng.cfg.distill.temperature)
+
+    async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
+                     payload: Path, digest: str) -> tuple[Path, Any]:
+        if digest != h.sha256:
+            raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; re-send the upload")
+        data = await asyncio.to_thread(payload.read_bytes)
+        probs = await asyncio.to_thread(validate_answers, data, self._pack(eng, rnd).questions)
+        final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.answers.safetensors"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(payload.replace, final)
+        return final, probs
+
+    def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
+             metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
+        if result is None:   # a restart: the kept file was validated when it was accepted
+            result = bytes_to_tensors(path.read_bytes())["probs"]
+        rnd.results[school] = result
+
+    async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        if eng.teacher is None:
+            raise RoundFailed("no teacher is configured")
+        pack = self._pack(eng, rnd)
+        answers = {sid: v for sid, v in rnd.results.items() if not sid.startswith("_")}
+        width = max(len(q.choices) for q in pack.questions)
+        support = torch.tensor([[j < len(q.choices) for j in range(width)] for q in pack.questions])
+        d = eng.cfg.distill
+        target = ensemble(answers, support, d.ensemble, d.trim, rnd.plan.get("weights"))
+        gold = torch.tensor([q.answer_index for q in pack.questions])
+        t0 = time.monotonic()
+        before = await eng.teacher.call(lambda b: b.adapter())
+        try:
+            learned = await eng.teacher.call(lambda b: b.learn(pack.questions, target, d.temperature, rnd.number))
+            await eng.save_teacher(rnd.number)
+            after = await eng.evaluate_teacher(rnd.number)
+        except Exception as exc:   # the teacher failing must not take the coordinator down
+            await eng.teacher.call(lambda b: b.load_adapter(before))   # the round did not happen
+            raise RoundFailed(f"teacher could not learn: {exc!r}") from exc
+        metrics = {
+            "answer_sets": float(len(answers)),
+            "pack_questions": float(len(pack.questions)),
+            # How often the ensemble's top option is the right one (pool questions are public
+            # and carry answers; the teacher never trains on those answers).
+            "ensemble_accuracy": float((target.argmax(-1) == gold).float().mean()),
+            "teacher_learn_loss": learned.kd_loss,
+            "teacher_learn_seconds": time.monotonic() - t0,
+        }
+        if after is not None:
+            metrics.update(teacher_accuracy=after.accuracy, teacher_loss=after.loss)
+        return Commit(rnd.global_sha, None, metrics)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+class EvaluateKind(RoundKind):
+    name = "evaluate"
+    upload = ""   # results come as EvalReport events on the session stream
+
+    def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
+        return EvaluateCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha),
+                               eng.cfg.evaluation.school_max_examples or 32)
+
+    def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
+             metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
+        rnd.results[school] = (num_examples, dict(metrics))
+
+    async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        reports = [v for v in rnd.results.values() if v[0] > 0]
+        n = sum(c for c, _ in reports)
+        metrics: dict[str, float] = {"reports": float(len(rnd.results))}
+        if n:
+            for key in ("accuracy", "loss"):
+                metrics[f"school_{key}"] = sum(c * m.get(key, 0.0) for c, m in reports) / n
+        return Commit(rnd.global_sha, None, metrics)
+
+
+KINDS: dict[str, RoundKind] = {k.name: k for k in (TrainKind(), DistillKind(), TeachKind(), EvaluateKind())}

@@ -1,0 +1,112 @@
+"""Resumable uploads of any artefact kind (adapter deltas, answer sets): one place that
+registers an upload, appends chunks durably while hashing them, and answers where to resume.
+What the bytes mean is the round kind's business (fedserver/rounds.py), not this module's."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from common.errors import DuplicateUploadError, ProtocolError, TooLargeError
+from common.messages import UploadHeader
+from common.wire import MAX_CHUNK_BYTES
+from fedserver.store import Store
+
+
+def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
+    fh.write(data)
+    hasher.update(data)
+
+
+def _hash_file(path: Path) -> Any:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            hasher.update(block)
+    return hasher
+
+
+def upload_key(school: str, upload_id: str) -> str:
+    """Where the coordinator files a school's upload: upload ids are the school's choice, so
+    two schools may pick the same one (identical payloads give identical ids), and each must
+    still get its own bytes, row and receipt. School ids may contain '.', upload ids may not."""
+    if not upload_id or len(upload_id) > 128 or not all(c.isalnum() or c in "-_" for c in upload_id):
+        raise ProtocolError("upload_id must be 1-128 characters of letters, digits, '-' or '_'")
+    return f"{school}.{upload_id}"
+
+
+class UploadReceiver:
+    """Bytes of uploads in progress, `<upload_id>.part` under `uploads_dir`, and their rows in
+    the store. `count_up(n)` is told about every byte received (round byte counters)."""
+
+    def __init__(self, store: Store, uploads_dir: Path, max_upload_bytes: int,
+                 count_up: Callable[[int], None] = lambda n: None) -> None:
+        self.store = store
+        self.uploads_dir = uploads_dir
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = max_upload_bytes
+        self.count_up = count_up
+
+    def part(self, key: str) -> Path:
+        return self.uploads_dir / f"{key}.part"
+
+    async def check_header(self, school: str, h: UploadHeader) -> None:
+        """Checks that need neither the payload nor the round: size, form, replay."""
+        if h.total_size > self.max_upload_bytes:
+            raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
+        if h.total_size == 0 or len(h.sha256) != 64:
+            raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
+        if await asyncio.to_thread(self.store.receipt_for_upload, upload_key(school, h.upload_id)):
+            raise DuplicateUploadError(f"upload {h.upload_id} was already accepted; replays are refused")
+
+    async def status(self, school: str, upload_id: str) -> tuple[int, bool]:
+        """(durable bytes held for this school's upload, already accepted)."""
+        key = upload_key(school, upload_id)
+        if await asyncio.to_thread(self.store.receipt_for_upload, key):
+            return 0, True
+        if self.store.get_upload(key) is None:
+            return 0, False
+        part = self.part(key)
+        return (part.stat().st_size if part.exists() else 0), False
+
+    async def receive(self, school: str, h: UploadHeader, chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str]:
+        """Append the chunks (offset, bytes) after what is already held; returns the complete
+        payload's path and its sha256, computed while the bytes arrived (no second pass)."""
+        key = upload_key(school, h.upload_id)
+        part = self.part(key)
+        row = await asyncio.to_thread(self.store.begin_upload, key, school, h.round, h.sha256, h.total_size,
+                                      {"round": h.round, "num_examples": h.num_examples, "kind": h.kind})
+        if (row.school_id, row.round, row.sha256, row.total_size) != (school, h.round, h.sha256, h.total_size):
+            raise ProtocolError(f"upload id {h.upload_id} is already used for a different payload; choose a new upload_id")
+        have = part.stat().st_size if part.exists() else 0
+        if h.offset != have:
+            raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
+        received = have
+        # A resumed upload first hashes the bytes it already holds.
+        hasher = await asyncio.to_thread(_hash_file, part) if have else hashlib.sha256()
+        with open(part, "ab") as fh:
+            async for offset, data in chunks:
+                if len(data) > MAX_CHUNK_BYTES:
+                    raise TooLargeError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
+                if offset != received:
+                    raise ProtocolError(f"chunk at offset {offset}, expected {received}")
+                if received + len(data) > h.total_size:
+                    raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
+                await asyncio.to_thread(_write_and_hash, fh, hasher, data)
+                received += len(data)
+                self.count_up(len(data))
+            await asyncio.to_thread(fh.flush)
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        if received != h.total_size:
+            raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
+        return part, hasher.hexdigest()
+
+    async def discard(self, school: str, upload_id: str) -> None:
+        """A rejected payload is not kept: the school sends a new one."""
+        key = upload_key(school, upload_id)
+        self.part(key).unlink(missing_ok=True)
+        await asyncio.to_thread(self.store.forget_upload, key)
