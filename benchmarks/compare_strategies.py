@@ -19,7 +19,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-COMMON = ["--rounds", "3", "--local-steps", "8", "--eval-size", "100", "--train-per-school", "400", "--seed", "0"]
+COMMON = ["--rounds", "3", "--local-steps", "8", "--eval-size", "100", "--train-per-school", "400", "--seed", "0",
+          # training rounds only, on the split these results were measured on (no pool, no OOD source)
+          "--schedule", "train", "--pool-size", "0", "--ood-source", ""]
 
 RUNS: dict[str, dict] = {
     "fedavg": {"args": ["--schools", "3"], "what": "FedAvg (FedIT)"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -90,7 +91,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = read_jsonl(args.eval_file)[: args.max_examples or None]
-    model, tok = load_model(args.model, args.cache_dir)
+    if args.quantization != "none":   # e.g. a teacher as the coordinator loads it
+        from transformers import AutoModelForCausalLM
+
+        from common.models import load_tokenizer, resolve
+        from fedserver.teacher import bnb_config
+
+        model = AutoModelForCausalLM.from_pretrained(resolve(args.model, args.cache_dir), dtype=torch.float32,
+                                                     quantization_config=bnb_config(args.quantization), device_map="cpu")
+        tok = load_tokenizer(args.model, args.cache_dir)
+    else:
+        model, tok = load_model(args.model, args.cache_dir)
     from common.lora import MERGED_FILE, BaseMerge
     from common.wire import bytes_to_tensors
 
@@ -102,7 +113,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if merged_file is not None:   # FLoRA / FedEx-LoRA checkpoints: the base weights carry a merged delta
         BaseMerge().sync(model, bytes_to_tensors(merged_file.read_bytes()))
     r = evaluate_choices(model, tok, questions)
-    print(json.dumps({"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
+    print(json.dumps({"model": args.model, "quantization": args.quantization, "adapter": str(args.adapter) if args.adapter else None,
                       "merged_base_delta": str(merged_file) if merged_file else None,
                       "eval_file": str(args.eval_file), "count": r.count, "accuracy": r.accuracy, "loss": r.loss}))
     return 0
@@ -116,7 +127,13 @@ def _demo(args: argparse.Namespace) -> int:
                        seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy, learning_rate=args.learning_rate,
                        strategy_options=_json_arg(args.strategy_options, dict, "--strategy-options"),
                        wrappers=tuple(_json_arg(args.wrappers, list, "--wrappers")), proximal_mu=args.proximal_mu,
-                       attackers=args.attackers, attack=args.attack, attack_scale=args.attack_scale)
+                       attackers=args.attackers, attack=args.attack, attack_scale=args.attack_scale,
+                       schedule=tuple(k.strip() for k in args.schedule.split(",") if k.strip()), teacher=args.teacher,
+                       teacher_quantization=args.teacher_quantization, teacher_eval=args.teacher_eval,
+                       pool_size=args.pool_size, slice_size=args.slice_size, kd_weight=args.kd_weight,
+                       ood_source=args.ood_source or None)
+    if args.rounds is None:
+        opts = dataclasses.replace(opts, rounds=len(opts.schedule))
     return run_demo(opts)
 
 
@@ -183,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-examples", type=int, default=0, help="0 = all")
     e.add_argument("--cache-dir", type=Path, default=None)
     e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                   help="load the model through bitsandbytes, as the coordinator loads its teacher")
     e.set_defaults(fn=_evaluate)
     d = sub.add_parser("demo", help="a whole localhost federation on the packaged SmolLM2 and real data")
     d.add_argument("--schools", type=int, default=3)
-    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=None, help="default: one pass of --schedule")
     d.add_argument("--out", type=Path, default=Path("demo-out"))
     d.add_argument("--model", default="packaged:smollm2-135m-instruct")
     d.add_argument("--local-steps", type=int, default=16)
@@ -202,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attack", choices=["sign_flip", "scale"], default="sign_flip")
     d.add_argument("--attack-scale", type=float, default=1.0)
     d.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache")
+    d.add_argument("--schedule", default="train,distill,teach",
+                   help="round kinds in order, repeated: train, distill (the teacher teaches), teach (the schools teach "
+                        "the teacher), evaluate; 'train' alone runs without a teacher")
+    d.add_argument("--teacher", default="packaged:qwen2.5-coder-1.5b-instruct", help="the coordinator's model spec")
+    d.add_argument("--teacher-quantization", choices=["nf4", "int8", "none"], default="nf4")
+    d.add_argument("--teacher-eval", type=int, default=40, help="held-out questions the teacher is scored on")
+    d.add_argument("--pool-size", type=int, default=300, help="public questions set aside as the prompt pool")
+    d.add_argument("--slice-size", type=int, default=32, help="pool questions per distill / teach round")
+    d.add_argument("--kd-weight", type=float, default=0.5, help="distill rounds: share of the loss from the teacher")
+    d.add_argument("--ood-source", default="openbookqa", help="a source kept from schools and pool, scored at the end ('' = none)")
     d.set_defaults(fn=_demo)
     ls = sub.add_parser("strategies", help="list the registered strategies and wrappers with their options")
     ls.set_defaults(fn=_strategies)

@@ -163,10 +163,14 @@ class TeacherSection:
     learn_steps: int = 8            # optimiser steps per teach round on the schools' ensemble
     learn_batch: int = 8            # pool questions per step
     learn_rate: float = 2e-4
+    trainer: str = "separate"       # separate: a second instance of the base trains (CPU default: inference keeps
+                                    # bitsandbytes' repacked fast path); shared: one instance, repacking off (half the memory)
     seed: int = 0
 
     def problems(self) -> list[str]:
         out = []
+        if self.trainer not in ("separate", "shared"):
+            out.append(f"trainer: 'separate' or 'shared', got {self.trainer!r}")
         if self.quantization not in QUANTIZATIONS:
             out.append(f"quantization: one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.backend not in TEACHER_BACKENDS:

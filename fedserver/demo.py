@@ -45,6 +45,21 @@ class DemoOptions:
     attack: str = "sign_flip"
     attack_scale: float = 1.0
     timeout_s: float = 3600.0
+    # The exchange channel: the coordinator's 4-bit teacher, the public prompt pool, the
+    # schedule of round kinds. A schedule of only "train" runs without a teacher (FedAvg alone).
+    schedule: tuple[str, ...] = ("train", "distill", "teach")
+    teacher: str = "packaged:qwen2.5-coder-1.5b-instruct"
+    teacher_quantization: str = "nf4"
+    teacher_eval: int = 40          # held-out questions the teacher is scored on (before / after teach rounds)
+    pool_size: int = 300            # public questions set aside for the exchange channel
+    slice_size: int = 32            # pool questions per distill / teach round
+    kd_weight: float = 0.5
+    ood_source: str | None = "openbookqa"   # a source no school and no pool slice contains
+    ood_size: int = 100
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(k in ("distill", "teach") for k in self.schedule)
 
 
 def _toml_value(v: Any) -> str:
@@ -66,6 +81,28 @@ def strategy_toml(name: str, options: dict[str, Any], wrappers: tuple[dict[str, 
 
 def _toml_str(p: Path | str) -> str:
     return json.dumps(str(p))  # a JSON string is a valid TOML basic string
+
+
+def exchange_toml(opts: DemoOptions, out: Path, cache: Path) -> str:
+    """[schedule], and with a teacher [teacher] and [distill], for the demo's coordinator."""
+    text = f"[schedule]\nrounds = {_toml_value(list(opts.schedule))}\n"
+    if not opts.uses_teacher:
+        return text
+    return text + f"""
+[teacher]
+model = {_toml_str(opts.teacher)}
+quantization = {_toml_str(opts.teacher_quantization)}
+cache_dir = {_toml_str(cache)}
+threads = 2
+eval_max_examples = {opts.teacher_eval}
+learn_steps = 4
+learn_batch = 4
+
+[distill]
+pool_file = {_toml_str(out / "data" / "public" / "pool.jsonl")}
+slice_size = {opts.slice_size}
+kd_weight = {opts.kd_weight}
+"""
 
 
 def write_configs(opts: DemoOptions, out: Path, cache: Path) -> tuple[Path, list[Path]]:
@@ -110,6 +147,7 @@ learning_rate = {opts.learning_rate}
 proximal_mu = {opts.proximal_mu}
 
 {strategy_toml(opts.strategy, opts.strategy_options, opts.wrappers)}
+{exchange_toml(opts, out, cache)}
 [evaluation]
 eval_file = {_toml_str(out / "data" / "eval" / "eval.jsonl")}
 max_examples = {opts.eval_size}
@@ -155,12 +193,18 @@ def run_demo(opts: DemoOptions) -> int:
 
     console.print(f"[bold]1/4[/bold] preparing data for {opts.schools} schools (non-IID by exam board / source)")
     manifest = prepare_federation_data(out / "data", opts.schools, opts.eval_size, opts.seed,
-                                       max_per_school=opts.train_per_school)
+                                       max_per_school=opts.train_per_school,
+                                       pool_size=opts.pool_size,   # carved out either way: runs with and without a teacher see the same schools
+                                       ood_source=opts.ood_source, ood_size=opts.ood_size)
     console.print(f"      eval set: {opts.eval_size} held-out questions; schools: "
                   + ", ".join(f"{s['name']}={s['train']} questions" for s in manifest["schools"]))
 
     console.print(f"[bold]2/4[/bold] resolving model {opts.model} (the first run converts the GGUF, ~1 min)")
     resolve(opts.model, cache)
+    if opts.uses_teacher:
+        console.print(f"      and the teacher {opts.teacher} ({opts.teacher_quantization} at the coordinator; "
+                      "the first run assembles and converts its GGUF, ~2 min)")
+        resolve(opts.teacher, cache)
 
     coord_cfg, school_cfgs = write_configs(opts, out, cache)
     console.print(f"[bold]3/4[/bold] starting the coordinator and {opts.schools} school daemons on 127.0.0.1")
@@ -184,13 +228,24 @@ def run_demo(opts: DemoOptions) -> int:
             slog = open(out / "logs" / f"{p.stem}.log", "wb")
             procs.append((p.stem, subprocess.Popen([sys.executable, "-m", "fedclient.cli", "run", "--config", str(p)],
                                                    stdout=slog, stderr=subprocess.STDOUT, env=env)))
-        console.print(f"[bold]4/4[/bold] running {opts.rounds} rounds (logs in {out / 'logs'})")
+        kinds = ", ".join(f"{n}:{opts.schedule[(n - 1) % len(opts.schedule)]}" for n in range(1, opts.rounds + 1))
+        console.print(f"[bold]4/4[/bold] running {opts.rounds} rounds ({kinds}; logs in {out / 'logs'})")
         _watch(console, out, coord, opts, t0)
-        report = build_report(Store(out / "coordinator" / "state.sqlite", readonly=True), opts.model, "held-out ARC/SciQ/OpenBookQA")
+        eval_name = "held-out questions of the schools' sources" + (f" (without {opts.ood_source})" if opts.ood_source else "")
+        report = build_report(Store(out / "coordinator" / "state.sqlite", readonly=True), opts.model, eval_name,
+                              teacher=(opts.teacher, opts.teacher_quantization) if opts.uses_teacher else None)
+        if opts.ood_source:
+            console.print(f"      scoring the base model and the last adapter on {opts.ood_size} {opts.ood_source} questions "
+                          "(a source no school trains on)")
+            report["ood"] = _score_ood(out, opts, cache, report)
         report["seconds_total"] = round(time.monotonic() - t0, 1)
         report["manifest"] = {"schools": opts.schools, "seed": opts.seed}
         (out / "report.json").write_text(json.dumps(report, indent=2))
         print(format_table(report), flush=True)
+        if report.get("ood"):
+            o = report["ood"]
+            print(f"out-of-distribution ({o['source']}, {o['count']} questions): base {o['base_accuracy']:.3f} -> "
+                  f"round {o['round']} adapter {o['adapter_accuracy']:.3f}", flush=True)
         committed = [r for r in report["rounds"] if r["status"] == "committed"]
         last = committed[-1]["eval_accuracy"] if committed else None
         base = report["base_eval_accuracy"]
@@ -208,6 +263,26 @@ def run_demo(opts: DemoOptions) -> int:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _score_ood(out: Path, opts: DemoOptions, cache: Path, report: dict[str, Any]) -> dict[str, Any] | None:
+    """Base model and the last committed adapter on the out-of-distribution source."""
+    from peft import PeftModel
+
+    from common.data import read_jsonl
+    from common.evaluation import evaluate_choices
+    from common.models import load_model
+
+    committed = [r for r in report["rounds"] if r["status"] == "committed" and (out / "rounds" / str(r["round"]) / "adapter").is_dir()]
+    if not committed:
+        return None
+    questions = read_jsonl(out / "data" / "eval" / "ood.jsonl")
+    model, tok = load_model(opts.model, cache)
+    base = evaluate_choices(model, tok, questions)
+    last = committed[-1]["round"]
+    tuned = evaluate_choices(PeftModel.from_pretrained(model, str(out / "rounds" / str(last) / "adapter")), tok, questions)
+    return {"source": opts.ood_source, "count": len(questions), "round": last,
+            "base_accuracy": base.accuracy, "base_loss": base.loss, "adapter_accuracy": tuned.accuracy, "adapter_loss": tuned.loss}
 
 
 def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: DemoOptions, t0: float) -> None:
@@ -230,16 +305,19 @@ def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: De
                 store.close()
             for e in evals:
                 key = f"eval-{e['round']}-{e['source']}"
-                if e["source"] == "server" and key not in seen:
+                if e["source"] in ("server", "teacher") and key not in seen:
                     seen.add(key)
-                    what = "base model" if e["round"] == 0 else f"round {e['round']} adapter"
+                    if e["source"] == "teacher":
+                        what = "the teacher" + (" before it learned" if e["round"] == 0 else f" after teach round {e['round']}")
+                    else:
+                        what = "base model" if e["round"] == 0 else f"round {e['round']} adapter"
                     console.print(f"  [{time.monotonic() - t0:5.0f}s] held-out eval of {what}: accuracy {e['metrics']['accuracy']:.3f}, loss {e['metrics']['loss']:.3f}")
             for r in rounds:
                 key = f"round-{r.round}-{r.status}"
                 if key not in seen and r.status != "open":
                     seen.add(key)
-                    console.print(f"  [{time.monotonic() - t0:5.0f}s] round {r.round} {r.status}: "
-                                  f"{int(r.metrics.get('updates', 0))}/{len(r.participants)} updates, "
+                    console.print(f"  [{time.monotonic() - t0:5.0f}s] round {r.round} ({r.kind}) {r.status}: "
+                                  f"{int(r.metrics.get('updates', r.metrics.get('answer_sets', 0)))}/{len(r.participants)} results, "
                                   f"train loss {r.metrics.get('train_loss', float('nan')):.3f}, {r.metrics.get('seconds', 0):.0f} s")
             if time.monotonic() - last_live > 20 and live.exists():   # a heartbeat line during long rounds
                 last_live = time.monotonic()
@@ -251,7 +329,7 @@ def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: De
                     console.print(f"  [{time.monotonic() - t0:5.0f}s] round {now['round']}: "
                                   + ", ".join(f"{k} {v}" for k, v in now["schools"].items()))
             current = [r for r in rounds if r.status == "open"]
-            status.update(f"round {current[0].round} open: training at {len(current[0].participants)} schools…" if current
-                          else "between rounds / evaluating…")
+            status.update(f"round {current[0].round} ({current[0].kind}) open at {len(current[0].participants)} schools…" if current
+                          else "between rounds: evaluating, or the teacher is labelling the next pool slice…")
     if coord.returncode != 0:
         raise RuntimeError(f"coordinator exited with {coord.returncode}; see {out / 'logs' / 'coordinator.log'}")

@@ -5,11 +5,14 @@ rounds send to the schools), log-probabilities of given continuations, generatio
 per-token log-probabilities and top-k, held-out evaluation, and (local backend only) learning
 its own LoRA adapter from option distributions (teach rounds: QLoRA on the quantized base).
 
-- `LocalTeacher` loads any model spec in nf4 / int8 (bitsandbytes) or unquantized. A
-  bitsandbytes 4-bit model that has run inference repacks its weights in place, and training
-  that same instance afterwards gives wrong gradients; so a quantized teacher keeps two
-  instances of the base, one that only infers and one that only trains, and copies the
-  adapter from the second to the first after each teach round.
+- `LocalTeacher` loads any model spec in nf4 / int8 (bitsandbytes) or unquantized. On CPU, a
+  bitsandbytes 4-bit layer repacks its weights in place at its first no-grad forward in eval
+  mode (any scoring or generation), and that instance then trains wrongly: silently no
+  gradients, or an in-place error (measured with bitsandbytes 0.50.2). So by default a
+  quantized teacher keeps two instances of the base, one that only infers (on the fast
+  repacked path) and one that only trains, and copies the adapter across after each teach
+  round (`trainer = "separate"`). `trainer = "shared"` keeps one instance with the repacking
+  switched off: half the memory, and the same gradients as a fresh model (tested).
 - `OpenAITeacher` talks to an OpenAI-compatible completions server (vLLM, llama.cpp's server)
   for a model too large for this process: scoring through `echo` + `logprobs`.
 
@@ -84,11 +87,11 @@ class LocalTeacher:
         self.cache_dir = cfg.cache_dir or cache_dir
         self._path = resolve(cfg.model, self.cache_dir)
         self.tok = load_tokenizer(cfg.model, self.cache_dir)
-        self.infer = self._build()        # scores, generates, evaluates; never trained
-        self._trainer: Any = None         # a second instance, built on the first teach round
+        self.infer = self._build(shared=cfg.trainer == "shared")   # scores, generates, evaluates
+        self._trainer: Any = None         # a second instance ("separate"), built on the first teach round
         self.log = get_logger("teacher", model=cfg.model, quantization=cfg.quantization)
 
-    def _build(self) -> Any:
+    def _build(self, shared: bool = False) -> Any:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -102,7 +105,10 @@ class LocalTeacher:
                              target_modules=list(self.cfg.target_modules), init_lora_weights=True)
             torch.manual_seed(self.cfg.seed)   # the same adapter init on both instances
             model = get_peft_model(base, cfg)
+        if shared:
+            _no_cpu_repack(model)
         model.eval()
+        release_memory()   # loading then quantizing leaves the float32 copy's pages on the heap
         return model
 
     @property
@@ -185,7 +191,8 @@ class LocalTeacher:
         the training instance; then the inference instance takes the new adapter."""
         self._threads()
         if self._trainer is None:
-            self._trainer = self._build() if self.quantized else self.infer
+            separate = self.quantized and self.cfg.trainer == "separate"
+            self._trainer = self._build() if separate else self.infer
             load_adapter_state(self._trainer, adapter_state(self.infer))
         params = TrainParams(local_steps=self.cfg.learn_steps, batch_size=self.cfg.learn_batch,
                              learning_rate=self.cfg.learn_rate, max_seq_len=256, seed=self.cfg.seed + round_)
@@ -216,6 +223,18 @@ class LocalTeacher:
 
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
+
+
+def _no_cpu_repack(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference (the repacked layout has
+    no backward), so one instance can score and train."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 class OpenAITeacher:

@@ -17,23 +17,34 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model):
+def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model, tiny_teacher):
+    """The demo's default schedule (train, distill, teach) with tiny models for speed."""
     out = tmp_path / "demo"
-    proc = run("fedserver.cli", "demo", "--model", tiny_model, "--schools", "2", "--rounds", "2", "--local-steps", "1",
-               "--eval-size", "6", "--train-per-school", "10", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    proc = run("fedserver.cli", "demo", "--model", tiny_model, "--schools", "2", "--local-steps", "1",
+               "--eval-size", "6", "--train-per-school", "10", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+               "--teacher", tiny_teacher, "--teacher-quantization", "none", "--teacher-eval", "4", "--pool-size", "20",
+               "--slice-size", "6")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == tiny_model
     assert report["eval_set"]["count"] == 6 and report["eval_set"]["name"]
     assert 0 <= report["base_eval_accuracy"] <= 1
-    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert [(r["round"], r["kind"]) for r in report["rounds"]] == [(1, "train"), (2, "distill"), (3, "teach")]
     for r in report["rounds"]:
-        assert {"round", "participants", "eval_accuracy", "eval_loss", "bytes_up", "bytes_down", "seconds"} <= set(r)
-        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and len(r["participants"]) == 2
-        assert r["eval_accuracy"] is not None and r["seconds"] > 0
+        assert {"round", "kind", "participants", "eval_accuracy", "eval_loss", "bytes_up", "bytes_down", "seconds",
+                "school_eval_accuracy", "school_eval_loss", "teacher_tokens_scored"} <= set(r)
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and len(r["participants"]) == 2 and r["seconds"] > 0
+        assert (r["eval_accuracy"] is not None) == (r["kind"] != "teach")   # teach rounds leave the schools' adapter as is
+    assert report["rounds"][1]["teacher_tokens_scored"] > 0
+    t = report["teacher"]
+    assert t["model"] == tiny_teacher and t["quantization"] == "none" and t["eval_count"] == 4
+    assert t["before"]["accuracy"] is not None and [a["round"] for a in t["after_teach_rounds"]] == [3]
+    assert report["ood"]["source"] == "openbookqa" and 0 <= report["ood"]["adapter_accuracy"] <= 1
+    assert (out / "rounds" / "3" / "teacher-adapter" / "adapter_model.safetensors").is_file()
+    out = tmp_path / "demo"
     base, _ = load_model(tiny_model)
     PeftModel.from_pretrained(base, str(out / "rounds" / "2" / "adapter"))
-    assert "round" in proc.stdout and "accuracy" in proc.stdout   # the per-round table
+    assert "round" in proc.stdout and "accuracy" in proc.stdout and "teacher" in proc.stdout   # the per-round table
     # The operator's read-only view of the same state.
     status = run("fedserver.cli", "status", "--state-dir", str(out / "coordinator"))
     assert status.returncode == 0 and "school-1" in status.stdout, status.stderr
@@ -45,10 +56,10 @@ def test_demo_writes_report_and_loadable_adapters(tmp_path, tiny_model):
     assert ev.returncode == 0, ev.stderr[-2000:]
     scored = json.loads(ev.stdout.strip().splitlines()[-1])
     assert scored["count"] == 6
-    assert scored["accuracy"] == report["rounds"][-1]["eval_accuracy"]
-    assert abs(scored["loss"] - report["rounds"][-1]["eval_loss"]) < 1e-4
+    assert scored["accuracy"] == report["rounds"][1]["eval_accuracy"]
+    assert abs(scored["loss"] - report["rounds"][1]["eval_loss"]) < 1e-4
     # A second run refuses to overwrite the first.
-    again = run("fedserver.cli", "demo", "--model", tiny_model, "--out", str(out))
+    again = run("fedserver.cli", "demo", "--model", tiny_model, "--out", str(out), "--schedule", "train")
     assert again.returncode == 2 and "earlier run" in again.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import PROTOCOL_VERSION
-from common.data import Question, read_jsonl
+from common.data import Question, answer_text, prompt_text, read_jsonl
 from common.distill import (
     Pack, answers_to_bytes, distributions, kd_loss, label, option_scores, pool_slice, train_distill, validate_answers,
 )
@@ -103,11 +103,20 @@ def test_kd_loss_is_zero_at_the_target_and_training_moves_toward_it(tiny_model, 
     model, tok = load_model(tiny_model)
     model = wrap(model, LoraSettings(4, 8.0, 0.0, ("q_proj", "v_proj")))
     qs = read_jsonl(fed_data / "schools" / "school-1" / "train.jsonl")[:6]
-    scores = option_scores(model, tok, qs)
+    scores = option_scores(model, tok, qs, chunk=4)
     p = distributions(scores.detach(), 1.0)
     assert float(kd_loss(scores, p)) == pytest.approx(0.0, abs=1e-5)
-    # labels from the scorer the evaluation uses agree with the differentiable scores
-    torch.testing.assert_close(label(model, tok, qs), p.nan_to_num(0.0), atol=2e-4, rtol=1e-3)
+    # the fanned-out KV cache scores each option as running its whole text alone does
+    reference = torch.full_like(scores, float("-inf"))
+    with torch.no_grad():
+        for i, x in enumerate(qs):
+            prompt = tok(prompt_text(x), add_special_tokens=False).input_ids
+            for j in range(len(x.choices)):
+                ans = tok(answer_text(x, j), add_special_tokens=False).input_ids
+                logp = model(input_ids=torch.tensor([prompt + ans])).logits[0].float().log_softmax(-1)
+                reference[i, j] = torch.stack([logp[len(prompt) - 1 + t, a] for t, a in enumerate(ans)]).mean()
+    torch.testing.assert_close(scores.detach(), reference, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(label(model, tok, qs), p.nan_to_num(0.0), atol=1e-5, rtol=1e-5)
     target = torch.zeros_like(p)
     target[torch.arange(len(qs)), torch.tensor([x.answer_index for x in qs])] = 1.0
     before = float(kd_loss(option_scores(model, tok, qs), target))

@@ -24,7 +24,8 @@ from fedserver.config import CoordinatorConfig
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 UNITS = DEPLOY / "systemd"
-TOML_FILES = sorted(DEPLOY.rglob("*.toml"))
+TOML_FILES = sorted(p for p in DEPLOY.rglob("*.toml") if "fragments" not in p.parts)
+FRAGMENTS = sorted((DEPLOY / "fragments").glob("*.toml"))
 VENV_BIN = Path("/opt/school-federation/.venv/bin")
 EXIT_CONFIG = 78
 
@@ -122,6 +123,16 @@ def test_every_shipped_toml_validates(path: Path) -> None:
         for s in cfg.schools:
             # The config only checks the length; placeholders must still be real hex.
             assert len(s.token_sha256) == 64 and set(s.token_sha256) <= set(string.hexdigits), s
+
+
+@pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)
+def test_config_fragments_validate_inside_the_example(path: Path) -> None:
+    """deploy/fragments/*.toml are sections to merge into coordinator.toml (the 70B teacher)."""
+    from common.config import from_dict
+
+    merged = {**tomllib.loads(example(CoordinatorConfig).read_text()), **tomllib.loads(path.read_text())}
+    cfg = from_dict(CoordinatorConfig, merged, str(path))
+    assert cfg.teacher.model and cfg.teacher.quantization == "nf4"
 
 
 @pytest.mark.parametrize("name", sorted(DAEMONS))

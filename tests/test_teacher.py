@@ -1,0 +1,126 @@
+"""The teacher host: a 4-bit (bitsandbytes nf4) teacher on CPU labels, evaluates and learns;
+its training instance gets the same gradients as a fresh model even after the inference
+instance ran (bitsandbytes repacks 4-bit weights in place at the first no-grad forward, after
+which that instance no longer trains correctly); calls run off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from common.data import answer_text, prompt_text, read_jsonl
+from fedserver.config import TeacherSection
+from fedserver.teacher import LocalTeacher, OpenAITeacher, TeacherHost
+
+
+def teacher_cfg(model: str, quantization: str = "nf4", **kw) -> TeacherSection:
+    return TeacherSection(model=model, quantization=quantization, threads=1, lora_rank=4, lora_alpha=8.0,
+                          learn_steps=2, learn_batch=4, **kw)
+
+
+@pytest.mark.parametrize("trainer", ["separate", "shared"])
+def test_nf4_teacher_labels_and_learns_like_a_fresh_instance(tiny_teacher, fed_data, trainer):
+    import bitsandbytes as bnb
+
+    qs = read_jsonl(fed_data / "eval" / "eval.jsonl")[:8]
+    used = LocalTeacher(teacher_cfg(tiny_teacher, trainer=trainer), None)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in used.infer.modules())   # really 4-bit
+    probs = used.label(qs, 1.0)
+    assert probs.shape[0] == len(qs) and torch.allclose(probs.sum(-1), torch.ones(len(qs)), atol=1e-5)
+    assert used.evaluate(qs).count == len(qs)
+    assert used.count_tokens(qs) > 0
+    target = torch.zeros_like(probs)
+    target[torch.arange(len(qs)), torch.tensor([q.answer_index for q in qs])] = 1.0
+    before = used.adapter()
+    result = used.learn(qs, target, 1.0, round_=1)     # after inference (on its other instance, or on itself)
+    fresh = LocalTeacher(teacher_cfg(tiny_teacher), None)
+    fresh.learn(qs, target, 1.0, round_=1)              # a model that never ran inference
+    after, reference = used.adapter(), fresh.adapter()
+    assert result.steps == 2 and set(after) == set(reference)
+    for k in after:
+        torch.testing.assert_close(after[k], reference[k])
+    assert any(not torch.equal(after[k], before[k]) for k in after)   # it learned something
+    # the inference instance now carries the learned adapter
+    assert not torch.equal(used.label(qs, 1.0), probs)
+
+
+async def test_teacher_host_keeps_the_event_loop_free(tiny_teacher, fed_data):
+    qs = read_jsonl(fed_data / "eval" / "eval.jsonl")[:8]
+    host = TeacherHost(teacher_cfg(tiny_teacher, "none"), None)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    try:
+        probs = await host.call(lambda b: b.label(qs, 2.0))
+    finally:
+        t.cancel()
+        host.close()
+    assert probs.shape[0] == 8 and ticks > 3   # the loop kept running while the model loaded and scored
+
+
+class _Completions(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible /v1/completions with echo + logprobs, backed by a real
+    local model (the teacher's own scorer), to check the client's request and offset logic."""
+
+    teacher: LocalTeacher
+
+    def do_POST(self) -> None:   # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        tok = self.teacher.tok
+        choices = []
+        for i, text in enumerate(body["prompt"]):
+            ids = tok(text, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = self.teacher.infer(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            pieces = [tok.decode([t]) for t in ids]
+            offsets, pos = [], 0
+            for p in pieces:
+                offsets.append(pos)
+                pos += len(p)
+            lps = [None] + [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+            choices.append({"index": i, "text": text, "logprobs": {"tokens": pieces, "token_logprobs": lps,
+                                                                     "text_offset": offsets, "top_logprobs": None}})
+        data = json.dumps({"choices": choices}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_openai_backend_scores_continuations_like_the_local_model(tiny_teacher, fed_data):
+    local = LocalTeacher(teacher_cfg(tiny_teacher, "none"), None)
+    handler = type("H", (_Completions,), {"teacher": local})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = dataclasses.replace(teacher_cfg(tiny_teacher, "none"), backend="openai",
+                                  url=f"http://127.0.0.1:{server.server_address[1]}/v1", served_model="tiny")
+        remote = OpenAITeacher(cfg)
+        qs = read_jsonl(fed_data / "eval" / "eval.jsonl")[:3]
+        prompts = [prompt_text(q) for q in qs]
+        conts = [answer_text(q, 0) for q in qs]
+        got = remote.continuation_logprobs(prompts, conts)
+        want = local.continuation_logprobs(prompts, conts)
+        for g, w in zip(got, want):
+            assert len(g) == len(w)
+            assert g == pytest.approx(w, abs=1e-4)
+        probs = remote.label(qs, 1.0)
+        assert torch.allclose(probs.sum(-1), torch.ones(len(qs)))
+    finally:
+        server.shutdown()
