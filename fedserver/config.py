@@ -163,12 +163,15 @@ class TeacherSection:
     learn_steps: int = 8            # optimiser steps per teach round on the schools' ensemble
     learn_batch: int = 8            # pool questions per step
     learn_rate: float = 2e-4
+    learn_kd_weight: float = 0.5    # share of the KL to the ensemble; the rest: cross-entropy of its top option
     trainer: str = "separate"       # separate: a second instance of the base trains (CPU default: inference keeps
                                     # bitsandbytes' repacked fast path); shared: one instance, repacking off (half the memory)
     seed: int = 0
 
     def problems(self) -> list[str]:
         out = []
+        if not 0 <= self.learn_kd_weight <= 1:
+            out.append("learn_kd_weight: must be in [0, 1]")
         if self.trainer not in ("separate", "shared"):
             out.append(f"trainer: 'separate' or 'shared', got {self.trainer!r}")
         if self.quantization not in QUANTIZATIONS:

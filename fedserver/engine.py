@@ -257,6 +257,14 @@ class RoundEngine:
             await asyncio.to_thread(atomic_write_text, path, data, fsync=False)
             await asyncio.sleep(every_s)
 
+    async def _flush_bytes(self) -> None:
+        """Write the byte counters of every round that has some (the open one, and the last
+        closed one: its adapter is downloaded for evaluation after it closed)."""
+        pending, self._bytes = self._bytes, {}
+        for number, (up, down) in sorted(pending.items()):
+            if (up or down) and number > 0:
+                await asyncio.to_thread(self.store.add_bytes, number, up, down)
+
     def count_bytes(self, up: int = 0, down: int = 0) -> None:
         rnd = self.current.number if self.current else self.store.last_round_number()
         acc = self._bytes.setdefault(rnd, [0, 0])
@@ -389,6 +397,7 @@ class RoundEngine:
         for task in list(self._eval_tasks):
             await task
         await self._await_school_evals(self.store.last_round_number())
+        await self._flush_bytes()
         for sess in list(self.sessions.values()):
             sess.queue.put_nowait(ShutdownCommand(f"federation finished after {total} rounds", final=True))
         self.finished.set()
@@ -440,9 +449,7 @@ class RoundEngine:
                 reason = "disconnected" if sid not in self.sessions else "no result by the deadline"
                 rnd.failed[sid] = reason
                 kind.fail(self, rnd, sid, reason)
-            up, down = self._bytes.pop(rnd.number, [0, 0])
-            if up or down:
-                await asyncio.to_thread(self.store.add_bytes, rnd.number, up, down)
+            await self._flush_bytes()
             committed = len(rnd.accepted) >= self.cfg.rounds.quorum
             sent, dense = self._dense_bytes.pop(rnd.number, [0, 0])
             commit = None

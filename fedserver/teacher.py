@@ -22,6 +22,7 @@ its own LoRA adapter from option distributions (teach rounds: QLoRA on the quant
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import urllib.request
@@ -187,8 +188,13 @@ class LocalTeacher:
 
     # ---- learning (teach rounds)
     def learn(self, questions: Sequence[Question], targets: torch.Tensor, temperature: float, round_: int) -> DistillResult:
-        """Train the teacher's adapter toward the schools' ensemble (KL over the options), on
-        the training instance; then the inference instance takes the new adapter."""
+        """Train the teacher's adapter toward the schools' ensemble, on the training instance;
+        then the inference instance takes the new adapter. The loss is `learn_kd_weight` ·
+        KL(ensemble ‖ teacher) over the options plus the rest · the answer cross-entropy of the
+        ensemble's top option (sequence-level KD on the ensemble's answer). The KL alone only
+        sees differences between options, and the teacher learns them by pushing every
+        option's text down (measured: held-out answer loss 3.19 -> 13.0 after 4 steps); the
+        cross-entropy term keeps its likelihoods anchored."""
         self._threads()
         if self._trainer is None:
             separate = self.quantized and self.cfg.trainer == "separate"
@@ -197,7 +203,10 @@ class LocalTeacher:
         params = TrainParams(local_steps=self.cfg.learn_steps, batch_size=self.cfg.learn_batch,
                              learning_rate=self.cfg.learn_rate, max_seq_len=256, seed=self.cfg.seed + round_)
         try:
-            result = train_distill(self._trainer, self.tok, questions, targets, params, 1.0, temperature,
+            top = targets.argmax(-1).tolist()
+            answered = [dataclasses.replace(q, answer_index=i, answer=q.choices[i]) for q, i in zip(questions, top)]
+            result = train_distill(self._trainer, self.tok, questions, targets, params, self.cfg.learn_kd_weight,
+                                   temperature, answered if self.cfg.learn_kd_weight < 1 else (),
                                    max_batch_tokens=self.cfg.max_batch_tokens)
         finally:
             release_memory()

@@ -26,7 +26,8 @@ from common.training import TrainParams
 from common.wire import grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.transfer import download, upload
 from fedserver.ensemble import ensemble
-from tests.conftest import TOKENS, coordinator_config, school_config, wait_for
+from tests.conftest import TOKENS, coordinator_config, school_config
+from tests.test_rpc_errors import _idle
 
 
 def q(i: int, n: int = 4) -> Question:
@@ -195,12 +196,6 @@ async def teach_round(tmp_path, tiny_model, tiny_teacher, exchange_data, start_c
         c.cancel()
     await rc.stop()
     await channel.close()
-
-
-async def _idle():
-    while True:
-        await asyncio.sleep(0.2)
-        yield pb.ClientEvent(heartbeat=pb.Heartbeat(unix_time=0))
 
 
 def _uniform(pack: Pack) -> torch.Tensor:
