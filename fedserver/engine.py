@@ -93,8 +93,9 @@ class RoundEngine:
         self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
                                             self.cfg.server.state_dir / "strategy" / "scratch"))
         await asyncio.to_thread(self._load_strategy_state)
-        if self.teacher is not None:
-            await self._restore_teacher()
+        if self.teacher is not None:   # the teacher's adapter of record, applied when the model loads
+            saved = self.store.get_meta("teacher_adapter")
+            self.teacher.restore_from = Path(saved) if saved else None
         row = self.store.open_round_row()
         if row is not None:
             rnd = OpenRound(row.round, row.kind, row.participants, row.global_in,
@@ -118,18 +119,6 @@ class RoundEngine:
             self._spawn(self.evaluate_teacher(0))   # the teacher before it learned anything
 
     # ---------------------------------------------------------------- the teacher
-    async def _restore_teacher(self) -> None:
-        """The teacher's adapter as of the last committed teach round (none: as initialised)."""
-        saved = self.store.get_meta("teacher_adapter")
-        if not saved:
-            return
-        from safetensors.torch import load_file
-
-        path = Path(saved) / "adapter_model.safetensors"
-        state = await asyncio.to_thread(load_file, str(path))
-        await self.teacher.call(lambda b: b.load_adapter(state))
-        self.log.info("teacher adapter restored", path=saved)
-
     async def teacher_labels(self, questions: Sequence[Question]) -> tuple[str, int]:
         """A labelled pack for `questions` from the current teacher: (artefact sha256, tokens
         scored). Content-addressed and cached: the same teacher, adapter, temperature and

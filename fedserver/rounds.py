@@ -184,9 +184,6 @@ class TrainKind(RoundKind):
 class DistillKind(TrainKind):
     name = "distill"
 
-    def base_params(self, eng: RoundEngine, number: int) -> TrainParams:
-        return eng.cfg.train.params(number)
-
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
         plan = await super().plan(eng, number, participants)
         questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "distill"),

@@ -331,12 +331,19 @@ class TeacherHost:
         self._cache_dir = cache_dir
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self.backend: Any = None
+        self.restore_from: Path | None = None   # a saved PEFT adapter to apply when the model loads
         self.log = get_logger("teacher", model=cfg.model, quantization=cfg.quantization, backend=cfg.backend)
 
     def _loaded(self) -> Any:
         if self.backend is None:
             t0 = time.perf_counter()
-            self.backend = self._factory(self.cfg, self._cache_dir)
+            backend = self._factory(self.cfg, self._cache_dir)
+            if self.restore_from is not None:   # the adapter the last committed teach round recorded
+                from safetensors.torch import load_file
+
+                backend.load_adapter(load_file(str(self.restore_from / "adapter_model.safetensors")))
+                self.log.info("teacher adapter restored", path=str(self.restore_from))
+            self.backend = backend
             self.log.info("teacher loaded", seconds=round(time.perf_counter() - t0, 1))
         return self.backend
 

@@ -45,3 +45,24 @@ async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
     assert "A project" in table and "B plain gRPC" in table and "validate_update" in table
     json.dumps(result)   # --json must be able to write it
     assert any(line.startswith("repeat 1/1") for line in lines)
+
+
+def test_exchange_bench_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher: str, exchange_data: Path) -> None:
+    """benchmarks/exchange_bench.py end to end on the tiny teacher (one repeat, 4 questions)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.exchange_bench", "--model", tiny_teacher, "--quantization",
+                           "none", "--questions", "4", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+                           "--data", str(exchange_data), "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["score_batched_s"] > 0 and result["score_loop_s"] > 0 and result["tokens_scored"] > 0
+    assert result["argmax_agreement"] >= 0.75   # both ways score the options alike (random weights: near ties)
+    b = result["bytes"]
+    assert 0 < b["answer_set"] < b["labelled_pack"] and b["lora_delta"] > 1_000_000
+    assert "| score options" in proc.stdout

@@ -173,6 +173,16 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
 
     base, _ = load_model(tiny_teacher)
     PeftModel.from_pretrained(base, str(saved))
+    # a restarted coordinator's teacher starts from the recorded adapter
+    from fedserver.teacher import TeacherHost
+
+    host = TeacherHost(cfg.teacher, None)
+    host.restore_from = saved
+    try:
+        restored = await host.call(lambda b: b.adapter())
+    finally:
+        host.close()
+    assert set(restored) == set(state) and all(torch.equal(restored[k], state[k]) for k in state)
 
 
 @pytest.fixture
@@ -268,3 +278,21 @@ async def test_unknown_command_is_reported_back_as_a_failure(tmp_path, tiny_mode
     assert r1.status == "committed" and r1.metrics["updates"] == 1
     (failed,) = r1.failures.values()
     assert failed.startswith("command:") and "upgrade the school daemon" in failed
+
+
+def test_pool_eval_and_ood_are_disjoint_from_the_schools(exchange_data):
+    from common.data import normalize_text
+
+    pool = read_jsonl(exchange_data / "public" / "pool.jsonl")
+    ood = read_jsonl(exchange_data / "eval" / "ood.jsonl")
+    evals = read_jsonl(exchange_data / "eval" / "eval.jsonl")
+    schools = [q for k in (1, 2, 3) for f in ("train", "heldout")
+               for q in read_jsonl(exchange_data / "schools" / f"school-{k}" / f"{f}.jsonl")]
+    texts = {name: {normalize_text(q.question) for q in qs}
+             for name, qs in (("pool", pool), ("ood", ood), ("eval", evals), ("schools", schools))}
+    assert len(pool) == 24 and len(ood) == 8
+    for a in texts:
+        for b in texts:
+            if a < b:
+                assert not texts[a] & texts[b], (a, b)
+    assert {q.source for q in ood} == {"openbookqa"} and "openbookqa" not in {q.source for q in schools + pool + evals}

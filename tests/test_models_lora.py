@@ -214,3 +214,31 @@ def test_school_model_applies_its_memory_settings(tiny_model, fed_data):
     m.ensure_loaded(LoraSettings(rank=4, alpha=8.0))
     assert m.max_batch_tokens == 256
     assert m._model.get_base_model().is_gradient_checkpointing
+
+
+def test_split_gguf_is_concatenated_in_order_and_checked(tmp_path, monkeypatch):
+    """A packaged model split across packages: parts joined by package number, the result's
+    sha256 checked; a mismatch is a hard error that says what to reinstall, and leaves no file."""
+    import hashlib
+
+    import pytest
+
+    from common.errors import ModelUnavailableError
+    from common.models import SplitGGUF, _assemble
+
+    root = tmp_path / "site"
+    parts = [b"GGUF-first-", b"second-", b"third"]
+    for i, data in enumerate(parts, start=1):
+        pkg = root / f"fakesplit_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(root))
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    with pytest.raises(ModelUnavailableError, match="Reinstall"):
+        _assemble("fake", SplitGGUF("fakesplit_part", 3, "0" * 64, "pip install fake"), tmp_path / "bad")
+    assert not list((tmp_path / "bad").glob("*.gguf"))
+    out = _assemble("fake", SplitGGUF("fakesplit_part", 3, good, "pip install fake"), tmp_path / "cache")
+    assert out.read_bytes() == b"".join(parts)
+    with pytest.raises(ModelUnavailableError, match="needs 4 packages"):
+        _assemble("fake4", SplitGGUF("fakesplit_part", 4, good, "pip install fake"), tmp_path / "cache")

@@ -319,3 +319,36 @@ async def test_watchdog_pings_and_reports_a_stalled_loop():
     await asyncio.sleep(0.1)
     dog.cancel()
     assert len(stalls) == 1 and stalls[0] > 0.2
+
+
+def test_a_state_file_of_the_first_release_is_migrated(tmp_path):
+    """Schema 0 (no round kinds, no plans, upload ids not filed per school) opens as schema 2:
+    its rounds are training rounds with an empty plan (recomputed as before), receipts keep."""
+    import sqlite3
+
+    from fedserver.store import SCHEMA_VERSION
+
+    old = sqlite3.connect(tmp_path / "state.sqlite")
+    old.executescript("""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE rounds (round INTEGER PRIMARY KEY, status TEXT NOT NULL, participants TEXT NOT NULL,
+      global_in TEXT NOT NULL, global_out TEXT, started_at REAL NOT NULL, deadline REAL NOT NULL, closed_at REAL,
+      bytes_up INTEGER NOT NULL DEFAULT 0, bytes_down INTEGER NOT NULL DEFAULT 0,
+      metrics TEXT NOT NULL DEFAULT '{}', failures TEXT NOT NULL DEFAULT '{}');
+    CREATE TABLE receipts (round INTEGER NOT NULL, school_id TEXT NOT NULL, upload_id TEXT NOT NULL UNIQUE,
+      sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL,
+      received_at REAL NOT NULL, PRIMARY KEY (round, school_id));
+    INSERT INTO rounds VALUES (1, 'committed', '["school-1"]', 'a', 'b', 1.0, 2.0, 3.0, 10, 20, '{"updates": 1}', '{}');
+    INSERT INTO rounds VALUES (2, 'open', '["school-1"]', 'b', NULL, 4.0, 5.0, NULL, 0, 0, '{}', '{}');
+    INSERT INTO receipts VALUES (2, 'school-1', 'r2-abc', 'c', 5, '{}', '/x', 6.0);
+    """)
+    old.commit()
+    old.close()
+    with pytest.raises(RuntimeError, match="start the coordinator once"):
+        Store(tmp_path / "state.sqlite", readonly=True)
+    store = Store(tmp_path / "state.sqlite")
+    assert [(r.round, r.kind, r.plan, r.status) for r in store.rounds()] == [(1, "train", {}, "committed"), (2, "train", {}, "open")]
+    assert store.receipt_for_upload("school-1.r2-abc") is not None and store.receipts(2)[0].school_id == "school-1"
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()
+    Store(tmp_path / "state.sqlite", readonly=True).close()   # readable by `fedserver status` now
