@@ -296,3 +296,18 @@ def test_pool_eval_and_ood_are_disjoint_from_the_schools(exchange_data):
             if a < b:
                 assert not texts[a] & texts[b], (a, b)
     assert {q.source for q in ood} == {"openbookqa"} and "openbookqa" not in {q.source for q in schools + pool + evals}
+
+
+async def test_a_round_the_teacher_cannot_plan_fails_cleanly(tmp_path, tiny_model, exchange_data, start_coordinator, start_school):
+    """A teacher that cannot load fails its distill round with the reason recorded (not a
+    crash of the engine); the failed-rounds limit then stops the coordinator with a message."""
+    cfg = exchange_config(tmp_path, tiny_model, f"dir:{tmp_path / 'no-such-model'}", exchange_data, ("distill",), 1,
+                          rounds=dict(total=1, min_schools=2, quorum=2, deadline_s=60.0, max_failed_rounds=2))
+    rc = await start_coordinator(cfg)
+    for k in (1, 2):
+        await start_school(school_config(tmp_path, rc.address, f"school-{k}", exchange_data, tiny_model))
+    with pytest.raises(RuntimeError, match="2 rounds in a row failed"):
+        await asyncio.wait_for(rc.run_task, timeout=120)
+    rounds = rc.store.rounds()
+    assert [(r.kind, r.status) for r in rounds] == [("distill", "failed"), ("distill", "failed")]
+    assert "could not be planned" in rounds[0].failures["plan"] and "config.json" in rounds[0].failures["plan"]
