@@ -1,6 +1,6 @@
 """Update compression for LoRA delta uploads, with client-side error feedback.
 
-Per school k and round t (ALGORITHMS.md C.6), with compressor C and residual e_k (0 at start):
+Per school k and round t (see docs/STRATEGIES.md), with compressor C and residual e_k (0 at start):
 
     u = Δ_k + e_k;   send C(u);   e_k <- u - D(C(u))        (D = decode)
     e_k <- γ · e_k   for every round the school misses, γ = feedback_decay ∈ [0.5, 1]

@@ -190,7 +190,7 @@ def _mean(deltas, ns):
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadagrad", "fedadam", "fedyogi"])
 def test_server_optimisers_follow_reddi_et_al(name, data):
-    """Three rounds against a direct transcription of ALGORITHMS.md C.5."""
+    """Three rounds against a direct transcription of the FedOpt update rules (Reddi et al., ICLR 2021)."""
     glob, deltas = data
     strat = make(name)
     o = strat.options

@@ -1,4 +1,4 @@
-"""The averaging family (ALGORITHMS.md C.2, C.4, C.5): FedAvg over LoRA factor deltas and the
+"""The averaging family (docs/STRATEGIES.md): FedAvg over LoRA factor deltas and the
 server optimisers FedAvgM, FedAdagrad, FedAdam and FedYogi, which all start from the same
 weighted mean delta and differ only in how they step. They fold uploads into running sums
 as they arrive (memory O(adapter), whatever the number of schools).

@@ -1,4 +1,4 @@
-"""LoRA-aware aggregation beyond the FedAvg family (ALGORITHMS.md C.3).
+"""LoRA-aware aggregation beyond the FedAvg family (docs/STRATEGIES.md).
 
   flexlora  ΔW̄ = Σ p_k s B_k A_k (the exact product average), re-factorised to rank r by SVD;
             the Frobenius truncation error is logged. Schools may train at lower ranks

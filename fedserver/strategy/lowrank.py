@@ -1,4 +1,4 @@
-"""Adapter-product algebra without dense matrices (ALGORITHMS.md C.3, C.6).
+"""Adapter-product algebra without dense matrices (docs/STRATEGIES.md).
 
 A LoRA pair contributes the product P = s·B·A (d_out × d_in) to a layer. Robust rules must
 compare these products, not the raw factors, because (B M)(M⁻¹ A) = B A: two schools can send

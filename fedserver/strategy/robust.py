@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregation in adapter-product space (ALGORITHMS.md C.6).
+"""Byzantine-robust aggregation in adapter-product space (see docs/STRATEGIES.md).
 
 Every rule here compares the updates' products ΔW_k = s(B_k A_k − B A) (B_k = B + ΔB_k, ...),
 never the raw factors, and writes the new global adapter back as rank-r factors by a thin

@@ -1,4 +1,4 @@
-"""Wrappers that compose around any strategy (ALGORITHMS.md C.6):
+"""Wrappers that compose around any strategy (see docs/STRATEGIES.md):
 
   clip      Δ_k ← Δ_k · min(1, C / ‖Δ_k‖) on each school's update before the inner strategy.
   dp        DP-FedAvg: clip to C, then add N(0, (σC/K)²) to the mean delta, and account
