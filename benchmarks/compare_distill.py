@@ -69,8 +69,11 @@ def teacher_ood(out: Path, cache: Path) -> dict[str, Any]:
     tok = load_tokenizer(spec, cache)
     import torch
 
+    from fedserver.teacher import no_cpu_repack
+
     model = AutoModelForCausalLM.from_pretrained(resolve(spec, cache), quantization_config=bnb_config("nf4"),
                                                  device_map="cpu", dtype=torch.float32)
+    no_cpu_repack(model)   # a repacked 4-bit layer scores wrongly once an adapter is added
     before = evaluate_choices(model, tok, questions)
     after = evaluate_choices(PeftModel.from_pretrained(model, str(adapter)), tok, questions)
     result = {"count": len(questions), "before": {"accuracy": before.accuracy, "loss": before.loss},

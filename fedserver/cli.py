@@ -95,10 +95,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         from transformers import AutoModelForCausalLM
 
         from common.models import load_tokenizer, resolve
-        from fedserver.teacher import bnb_config
+        from fedserver.teacher import bnb_config, no_cpu_repack
 
         model = AutoModelForCausalLM.from_pretrained(resolve(args.model, args.cache_dir), dtype=torch.float32,
                                                      quantization_config=bnb_config(args.quantization), device_map="cpu")
+        no_cpu_repack(model)   # as the coordinator's teacher runs
         tok = load_tokenizer(args.model, args.cache_dir)
     else:
         model, tok = load_model(args.model, args.cache_dir)

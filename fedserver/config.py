@@ -164,8 +164,8 @@ class TeacherSection:
     learn_batch: int = 8            # pool questions per step
     learn_rate: float = 2e-4
     learn_kd_weight: float = 0.5    # share of the KL to the ensemble; the rest: cross-entropy of its top option
-    trainer: str = "separate"       # separate: a second instance of the base trains (CPU default: inference keeps
-                                    # bitsandbytes' repacked fast path); shared: one instance, repacking off (half the memory)
+    trainer: str = "shared"         # shared: one instance scores and trains; separate: a second instance of the
+                                    # base trains and the adapter is copied across (twice the memory)
     seed: int = 0
 
     def problems(self) -> list[str]:

@@ -7,12 +7,12 @@ its own LoRA adapter from option distributions (teach rounds: QLoRA on the quant
 
 - `LocalTeacher` loads any model spec in nf4 / int8 (bitsandbytes) or unquantized. On CPU, a
   bitsandbytes 4-bit layer repacks its weights in place at its first no-grad forward in eval
-  mode (any scoring or generation), and that instance then trains wrongly: silently no
-  gradients, or an in-place error (measured with bitsandbytes 0.50.2). So by default a
-  quantized teacher keeps two instances of the base, one that only infers (on the fast
-  repacked path) and one that only trains, and copies the adapter across after each teach
-  round (`trainer = "separate"`). `trainer = "shared"` keeps one instance with the repacking
-  switched off: half the memory, and the same gradients as a fresh model (tested).
+  mode (any scoring or generation), and that instance then trains wrongly (silently no
+  gradients, or an in-place error) and scores wrongly once its LoRA adapter has changed
+  (measured with bitsandbytes 0.50.2). The repacking is switched off on every instance.
+  `trainer = "separate"` still trains a second instance of the base and copies the adapter
+  across (inference and training never share weights); `trainer = "shared"` (default) uses one
+  instance: half the memory. Tests compare both with fresh instances.
 - `OpenAITeacher` talks to an OpenAI-compatible completions server (vLLM, llama.cpp's server)
   for a model too large for this process: scoring through `echo` + `logprobs`.
 
@@ -88,11 +88,11 @@ class LocalTeacher:
         self.cache_dir = cfg.cache_dir or cache_dir
         self._path = resolve(cfg.model, self.cache_dir)
         self.tok = load_tokenizer(cfg.model, self.cache_dir)
-        self.infer = self._build(shared=cfg.trainer == "shared")   # scores, generates, evaluates
+        self.infer = self._build()        # scores, generates, evaluates
         self._trainer: Any = None         # a second instance ("separate"), built on the first teach round
         self.log = get_logger("teacher", model=cfg.model, quantization=cfg.quantization)
 
-    def _build(self, shared: bool = False) -> Any:
+    def _build(self) -> Any:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -106,8 +106,11 @@ class LocalTeacher:
                              target_modules=list(self.cfg.target_modules), init_lora_weights=True)
             torch.manual_seed(self.cfg.seed)   # the same adapter init on both instances
             model = get_peft_model(base, cfg)
-        if shared:
-            _no_cpu_repack(model)
+        # Always: a 4-bit layer repacked for CPU inference trains wrongly (no backward) and also
+        # scores wrongly once its LoRA adapter changes (measured: the 1.5B teacher's held-out
+        # answer loss 3.2 -> 13 after a teach round, while a fresh model with the same adapter
+        # scored 4.0 on the 0.5B). Without the repack both are right; tests compare both.
+        no_cpu_repack(model)
         model.eval()
         release_memory()   # loading then quantizing leaves the float32 copy's pages on the heap
         return model
@@ -234,7 +237,7 @@ class LocalTeacher:
         tmp.rename(path)
 
 
-def _no_cpu_repack(model: Any) -> None:
+def no_cpu_repack(model: Any) -> None:
     """Keep bitsandbytes from repacking 4-bit weights for CPU inference (the repacked layout has
     no backward), so one instance can score and train."""
     try:

@@ -46,8 +46,14 @@ def test_nf4_teacher_labels_and_learns_like_a_fresh_instance(tiny_teacher, fed_d
     for k in after:
         torch.testing.assert_close(after[k], reference[k])
     assert any(not torch.equal(after[k], before[k]) for k in after)   # it learned something
-    # the inference instance now carries the learned adapter
-    assert not torch.equal(used.label(qs, 1.0), probs)
+    # the inference instance now carries the learned adapter, and scores with it exactly as a
+    # model that got the adapter before its first forward does (a repacked 4-bit layer under
+    # a changed LoRA adapter scored wrongly: the 1.5B teacher's answer loss went 3.2 -> 13)
+    after_probs = used.label(qs, 1.0)
+    assert not torch.equal(after_probs, probs)
+    reference = LocalTeacher(teacher_cfg(tiny_teacher, trainer=trainer), None)
+    reference.load_adapter(after)
+    torch.testing.assert_close(after_probs, reference.label(qs, 1.0), atol=1e-5, rtol=1e-4)
 
 
 async def test_teacher_host_keeps_the_event_loop_free(tiny_teacher, fed_data):
