@@ -73,6 +73,7 @@ class RoundEngine:
         self._eval_tasks: set[asyncio.Task[Any]] = set()
         self._evals_due: dict[int, set[str]] = {}   # round -> schools asked to evaluate it that have not answered
         self._teacher_saved = ""   # the teacher adapter a teach round's commit records
+        self._last_closed = store.last_round_number()   # kept in memory: count_bytes runs per chunk
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
 
@@ -132,7 +133,8 @@ class RoundEngine:
         if cached and self.artifacts.path(cached).is_file():
             return cached, 0
         t0 = time.monotonic()
-        probs, tokens = await self.teacher.call(lambda b: (b.label(questions, temperature), getattr(b, "count_tokens", lambda q: 0)(questions)))
+        probs = await self.teacher.call(lambda b: b.label(questions, temperature))
+        tokens = await self.teacher.call(lambda b: b.count_tokens(questions))
         pack = Pack(tuple(questions), tuple(tuple(float(x) for x in row) for row in probs),
                     self.cfg.teacher.model, temperature)
         sha = await asyncio.to_thread(self.artifacts.put, pack.to_bytes())
@@ -161,10 +163,13 @@ class RoundEngine:
         """How many `kind` rounds the schedule ran before round `number`: picks the pool slice."""
         return sum(1 for n in range(1, number) if self.cfg.schedule.kind_of(n) == kind)
 
-    def last_school_accuracy(self, school: str) -> float:
-        """The school's most recent held-out accuracy (1.0 before it reported any)."""
-        mine = [e for e in self.store.evals() if e["source"] == school and "accuracy" in e["metrics"]]
-        return float(mine[-1]["metrics"]["accuracy"]) if mine else 1.0
+    def last_school_accuracies(self, schools: Sequence[str]) -> dict[str, float]:
+        """Each school's most recent held-out accuracy (1.0 before it reported any); one read."""
+        latest: dict[str, float] = {}
+        for e in self.store.evals():   # ordered by round
+            if e["source"] in schools and "accuracy" in e["metrics"]:
+                latest[e["source"]] = float(e["metrics"]["accuracy"])
+        return {sid: latest.get(sid, 1.0) for sid in schools}
 
     def count_dense(self, number: int, sent: int, dense: int) -> None:
         acc = self._dense_bytes.setdefault(number, [0, 0])
@@ -255,7 +260,8 @@ class RoundEngine:
                 await asyncio.to_thread(self.store.add_bytes, number, up, down)
 
     def count_bytes(self, up: int = 0, down: int = 0) -> None:
-        rnd = self.current.number if self.current else self.store.last_round_number()
+        # Between rounds: the round last closed (its adapter is being downloaded for evaluation).
+        rnd = self.current.number if self.current else self._last_closed
         acc = self._bytes.setdefault(rnd, [0, 0])
         acc[0] += up
         acc[1] += down
@@ -409,6 +415,7 @@ class RoundEngine:
             await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, time.time(), kind.name, {})
             await asyncio.to_thread(self.store.close_round, number, "failed", None, {"seconds": 0.0},
                                     {"plan": f"{kind.name} round could not be planned: {exc!r}"[:500]})
+            self._last_closed = number
             return False
         rnd.deadline = time.time() + self.cfg.rounds.deadline_s
         rnd.started = time.monotonic()
@@ -476,6 +483,7 @@ class RoundEngine:
                 self.log.warning("round failed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
                                  quorum=self.cfg.rounds.quorum, failed=rnd.failed)
             self.current = None
+            self._last_closed = rnd.number
             shutil.rmtree(self.updates_dir / f"round-{rnd.number}", ignore_errors=True)
             return committed
 

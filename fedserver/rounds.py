@@ -56,7 +56,8 @@ class OpenRound:
     plan: dict[str, Any] = field(default_factory=dict)
     accepted: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)   # kind-specific: teach keeps answer sets here
+    results: dict[str, Any] = field(default_factory=dict)   # kind-specific, by school: teach keeps answer sets here
+    pack: Pack | None = None                                 # the parsed pack of a teach round
     started: float = field(default_factory=time.monotonic)
 
     def pending(self) -> set[str]:
@@ -215,14 +216,14 @@ class TeachKind(RoundKind):
         data = Pack(tuple(questions)).to_bytes()
         sha = await asyncio.to_thread(eng.artifacts.put, data)
         # Fixed now, so a restarted round ensembles with the weights it opened with.
-        weights = {sid: eng.last_school_accuracy(sid) for sid in participants}
+        weights = await asyncio.to_thread(eng.last_school_accuracies, participants)
         return {"pack": sha, "pack_questions": len(questions), "weights": weights}
 
     def _pack(self, eng: RoundEngine, rnd: OpenRound) -> Pack:
-        cached = rnd.results.get("_pack")
-        if cached is None:
-            cached = rnd.results["_pack"] = Pack.from_bytes(eng.artifacts.get(rnd.plan["pack"]))
-        return cached
+        """The round's pool pack, parsed once per round (acceptance reads it for every upload)."""
+        if rnd.pack is None:
+            rnd.pack = Pack.from_bytes(eng.artifacts.get(rnd.plan["pack"]))
+        return rnd.pack
 
     def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
         return TeachCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha), _ref(eng, rnd.plan["pack"], "pool-pack"),
@@ -249,7 +250,7 @@ class TeachKind(RoundKind):
         if eng.teacher is None:
             raise RoundFailed("no teacher is configured")
         pack = self._pack(eng, rnd)
-        answers = {sid: v for sid, v in rnd.results.items() if not sid.startswith("_")}
+        answers = dict(rnd.results)
         width = max(len(q.choices) for q in pack.questions)
         support = torch.tensor([[j < len(q.choices) for j in range(width)] for q in pack.questions])
         d = eng.cfg.distill

@@ -59,6 +59,7 @@ class TeacherBackend(Protocol):
     name: str
 
     def label(self, questions: Sequence[Question], temperature: float) -> torch.Tensor: ...
+    def count_tokens(self, questions: Sequence[Question]) -> int: ...
     def evaluate(self, questions: Sequence[Question]) -> EvalResult: ...
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]: ...
     def generate(self, prompts: Sequence[str], max_new_tokens: int, top_k: int = 0) -> list[Generation]: ...
@@ -281,6 +282,10 @@ class OpenAITeacher:
             out[i] = [float(v) for v, off, tok in zip(lp["token_logprobs"], lp["text_offset"], lp["tokens"])
                       if v is not None and off + len(tok) > start]
         return out
+
+    def count_tokens(self, questions: Sequence[Question]) -> int:
+        """Not known without the server's tokenizer."""
+        return 0
 
     def label(self, questions: Sequence[Question], temperature: float) -> torch.Tensor:
         prompts, conts, owner = [], [], []
