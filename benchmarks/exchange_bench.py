@@ -59,7 +59,7 @@ def main() -> None:
 
     import tempfile
 
-    from common.data import prepare_federation_data, prompt_text, read_jsonl
+    from common.data import open_answer, prepare_federation_data, prompt_text, read_pool
     from common.distill import Pack, answers_to_bytes
     from common.lora import LoraSettings, expected_layout
     from common.models import load_config
@@ -71,15 +71,18 @@ def main() -> None:
     data = args.data
     if data is None:
         data = Path(tempfile.mkdtemp()) / "data"
-        prepare_federation_data(data, 3, 200, 0, pool_size=300, ood_source="openbookqa")
-    questions = read_jsonl(data / "public" / "pool.jsonl")[: args.questions]
+        prepare_federation_data(data, 3, 200, 0, pool_size=300, ood_source="openbookqa", open_pool_size=64)
+    questions, open_prompts = read_pool(data / "public" / "pool.jsonl")
+    questions = questions[: args.questions]
     cfg = TeacherSection(model=args.model, quantization=args.quantization, threads=args.threads)
     t0 = time.perf_counter()
     teacher = LocalTeacher(cfg, args.cache_dir)
     load_s = time.perf_counter() - t0
 
     batched, loop, gen_b, gen_l = [], [], [], []
-    prompts = [prompt_text(q) for q in questions[:8]]
+    # generation on the pool's open prompts (what distill rounds send as text), else on questions
+    asked = open_prompts[:8] if open_prompts else questions[:8]
+    prompts = [prompt_text(q) for q in asked]
     for _ in range(args.repeats):   # interleaved: both ways see the same machine state
         t = time.perf_counter()
         probs = teacher.label(questions, 1.0)
@@ -101,7 +104,9 @@ def main() -> None:
     pool = Pack(tuple(questions))
     labelled = dataclasses.replace(pool, probs=tuple(tuple(float(x) for x in r) for r in probs), teacher=args.model)
     answers = answers_to_bytes(probs)
-    text = sum(len(g.text.encode()) + 8 for g in gens) * len(questions) / len(gens)          # answer text + framing
+    # a labelled pack of the open prompts with the teacher's answers, scaled to the slice size
+    text_pack = Pack((), (), args.model, 1.0, tuple(asked), tuple(open_answer(g.text) for g in gens)) if open_prompts else None
+    text = len(text_pack.to_bytes()) * len(questions) / len(asked) if text_pack else 0
     topk = sum(len(g.top) for g in gens) * 5 * 8 * len(questions) / len(gens)                # k × (int32 id + float32 log p) a token
     smol = load_config("packaged:smollm2-135m-instruct", args.cache_dir)
     layout = expected_layout(smol, LoraSettings(16, 32.0, 0.0))
@@ -115,7 +120,7 @@ def main() -> None:
         "score_tokens_per_s": tokens / m(batched), "argmax_agreement": agree,
         "generate_batched_s": m(gen_b), "generate_loop_s": m(gen_l), "generate_speedup": m(gen_l) / m(gen_b),
         "bytes": {"pool_pack": len(pool.to_bytes()), "labelled_pack": len(labelled.to_bytes()), "answer_set": len(answers),
-                  "seqkd_text_est": int(text), "topk5_est": int(topk), "lora_delta": delta},
+                  "open_prompt_pack": int(text), "topk5_est": int(topk), "lora_delta": delta},
     }
     b = result["bytes"]
     table = "\n".join([

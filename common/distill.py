@@ -6,8 +6,14 @@ with its own tokenizer. That makes teacher and student comparable across vocabul
 exactly and cheaply (a KL over 2-5 values). The same functions label a pool slice, score a
 school's answers and give the differentiable loss a student or the teacher trains on.
 
+Open-ended pool prompts (no options) take the sequence-level route: the teacher generates an
+answer in its own tokenizer and the pack carries the text, which any student tokenizes its
+own way and trains on with cross-entropy (Kim & Rush's sequence-level KD, as in MiniLLM's
+setting), so it too works across vocabularies.
+
 Wire forms (both content-addressed, both allow-listed):
-- a pack (JSON): public pool questions, and for a labelled pack the teacher's distributions;
+- a pack (JSON): public pool questions and open prompts, and for a labelled pack the
+  teacher's distributions (multiple choice) and generated answers (open prompts);
 - an answer set (safetensors): exactly one float32 tensor `probs` [questions, max options],
   one row per pack question in pack order, zero past a question's last option, rows summing
   to one, no metadata. Only numbers: no field can carry a student's text.
@@ -26,14 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.data import Question, answer_text, prompt_text
+from common.data import OpenPrompt, Question, answer_text, prompt_text
 from common.errors import ValidationError
 from common.evaluation import option_logprobs
-from common.training import TrainParams, answer_loss_sum, collate, encode, frozen, micro_batches
+from common.training import TrainParams, answer_loss_sum, collate, encode, encode_pair, frozen, micro_batches
 from common.wire import bytes_to_tensors, tensors_to_bytes
 
 ANSWERS_TENSOR = "probs"
 SUM_TOLERANCE = 1e-3
+MAX_TEXT_CHARS = 2000   # one generated answer in a labelled pack
 
 
 # ---------------------------------------------------------------- packs
@@ -41,21 +48,29 @@ SUM_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class Pack:
-    """A slice of the public prompt pool; `probs` (teacher labels) only in a labelled pack."""
+    """A slice of the public prompt pool: multiple-choice `questions` and open `prompts`; a
+    labelled pack adds the teacher's `probs` (one row per question) and `texts` (its answer
+    to each prompt)."""
 
     questions: tuple[Question, ...]
     probs: tuple[tuple[float, ...], ...] = ()
     teacher: str = ""
     temperature: float = 1.0
+    prompts: tuple[OpenPrompt, ...] = ()
+    texts: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
-        return "labelled-pack" if self.probs else "pool-pack"
+        return "labelled-pack" if self.probs or self.texts else "pool-pack"
 
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {"kind": self.kind, "questions": [q.to_json() for q in self.questions]}
-        if self.probs:
+        if self.prompts:   # absent otherwise, so a multiple-choice pack keeps its address
+            body["prompts"] = [p.to_json() for p in self.prompts]
+        if self.kind == "labelled-pack":
             body.update(probs=[list(p) for p in self.probs], teacher=self.teacher, temperature=self.temperature)
+            if self.prompts:
+                body["texts"] = list(self.texts)
         return json.dumps(body, sort_keys=True, ensure_ascii=False).encode()
 
     @classmethod
@@ -63,15 +78,28 @@ class Pack:
         try:
             body = json.loads(data)
             questions = tuple(Question.from_json(q) for q in body["questions"])
+            prompts = tuple(OpenPrompt.from_json(p) for p in body.get("prompts", ()))
             probs = tuple(tuple(float(x) for x in row) for row in body.get("probs", ()))
-        except (ValueError, KeyError, TypeError) as exc:
+            texts = body.get("texts", [])
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError("field 'texts' must be a list of strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValidationError(f"not a prompt pack: {exc}") from exc
         if probs and len(probs) != len(questions):
             raise ValidationError(f"pack has {len(questions)} questions but {len(probs)} label rows")
-        return cls(questions, probs, str(body.get("teacher", "")), float(body.get("temperature", 1.0)))
+        if texts and len(texts) != len(prompts):
+            raise ValidationError(f"pack has {len(prompts)} open prompts but {len(texts)} answers")
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            raise ValidationError(f"a generated answer in the pack is longer than {MAX_TEXT_CHARS} characters")
+        return cls(questions, probs, str(body.get("teacher", "")), float(body.get("temperature", 1.0)),
+                   prompts, tuple(texts))
+
+    def open_items(self) -> list[tuple[OpenPrompt, str]]:
+        """(prompt, teacher's answer) pairs worth training on (an empty answer teaches nothing)."""
+        return [(p, t) for p, t in zip(self.prompts, self.texts) if t.strip()]
 
 
-def pool_slice(pool: Sequence[Question], size: int, index: int, seed: int = 0) -> list[Question]:
+def pool_slice(pool: Sequence[Any], size: int, index: int, seed: int = 0) -> list[Any]:
     """The `index`-th slice of `size` questions from a seeded permutation of the pool; slices
     cycle through the whole pool before any question repeats."""
     if not pool:
@@ -146,37 +174,57 @@ class DistillResult:
     kd_loss: float          # mean over steps of the KD term
     ce_loss: float          # mean over steps of the own-data term (nan if kd_weight = 1)
     seconds: float
+    seq_kd_loss: float = float("nan")   # mean over steps of the open prompts' term (nan without them)
 
     def metrics(self) -> dict[str, float]:
         out = {"loss": self.kd_loss, "kd_loss": self.kd_loss, "steps": float(self.steps), "seconds": self.seconds}
         if not math.isnan(self.ce_loss):
             out["ce_loss"] = self.ce_loss
+        if not math.isnan(self.seq_kd_loss):
+            out["seq_kd_loss"] = self.seq_kd_loss
         return out
 
 
 def train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: torch.Tensor, params: TrainParams,
                   kd_weight: float = 1.0, temperature: float = 1.0, own: Sequence[Question] = (),
                   progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, max_batch_tokens: int = 1024) -> DistillResult:
+                  should_stop: Callable[[], bool] | None = None, max_batch_tokens: int = 1024,
+                  open_items: Sequence[tuple[OpenPrompt, str]] = ()) -> DistillResult:
     """`params.local_steps` AdamW steps on the trainable (LoRA) parameters: each step takes
-    `params.batch_size` pool questions (loss: KL to `targets`, weight kd_weight) and, when
-    kd_weight < 1, as many of the school's own questions (answer cross-entropy, weight
-    1 − kd_weight). Blocking: run it on a worker thread."""
-    if not questions or targets.shape[0] != len(questions):
-        raise ValueError(f"{len(questions)} questions but {targets.shape[0]} target rows")
+    `params.batch_size` pool questions (loss: KL to `targets`), as many open prompts with the
+    teacher's answers (sequence-level KD: the answer's cross-entropy), their mean weighted
+    kd_weight, and, when kd_weight < 1, as many of the school's own questions (answer
+    cross-entropy, weight 1 − kd_weight). Blocking: run it on a worker thread."""
+    if targets.shape[0] != len(questions) or not (questions or open_items):
+        raise ValueError(f"{len(questions)} questions, {targets.shape[0]} target rows, {len(open_items)} open prompts: "
+                         "need one target row per question and something to learn from")
     if not 0 <= kd_weight <= 1:
         raise ValueError("kd_weight must be in [0, 1]")
     if kd_weight < 1 and not own:
         raise ValueError("kd_weight < 1 mixes in the school's own questions, but there are none")
     with frozen(model, params.freeze):
         return _train_distill(model, tok, questions, targets, params, kd_weight, temperature, own, progress,
-                              should_stop, max_batch_tokens)
+                              should_stop, max_batch_tokens, open_items)
+
+
+def _ce(model: Any, tok: Any, rows: list[tuple[list[int], list[int]]], weight: float, max_batch_tokens: int) -> float:
+    """Backward of `weight` · the token-mean answer cross-entropy of `rows`; returns the mean."""
+    groups = [collate(g, tok.pad_token_id) for g in micro_batches(rows, max_batch_tokens)]
+    count = sum(int((g["labels"][:, 1:] != -100).sum()) for g in groups)
+    total = 0.0
+    for g in groups:
+        part = answer_loss_sum(model, g) / count
+        if not torch.isfinite(part):
+            raise FloatingPointError(f"answer loss became {float(part)}; lower the learning rate")
+        (weight * part).backward()
+        total += float(part.detach())
+    return total
 
 
 def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: torch.Tensor, params: TrainParams,
                    kd_weight: float, temperature: float, own: Sequence[Question],
                    progress: Callable[[int, int, float], None] | None, should_stop: Callable[[], bool] | None,
-                   max_batch_tokens: int) -> DistillResult:
+                   max_batch_tokens: int, open_items: Sequence[tuple[OpenPrompt, str]] = ()) -> DistillResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters; wrap it with LoRA first")
@@ -184,40 +232,49 @@ def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets:
     rng = random.Random(params.seed)
     order = list(range(len(questions)))
     own_order = list(range(len(own)))
+    open_order = list(range(len(open_items)))
     rng.shuffle(order)
     rng.shuffle(own_order)
-    kd_losses, ce_losses, start = [], [], time.perf_counter()
+    rng.shuffle(open_order)
+    parts = int(bool(questions)) + int(bool(open_items))   # the KD term is the mean of its parts
+    kd_losses, ce_losses, seq_losses, start = [], [], [], time.perf_counter()
     model.train()
     for step in range(params.local_steps):
         if should_stop is not None and should_stop():
             break
-        idx = [order[(step * params.batch_size + i) % len(order)] for i in range(params.batch_size)]
-        batch = [questions[i] for i in idx]
-        scores = option_scores(model, tok, batch)
-        kd = kd_loss(scores, targets[idx, : scores.shape[1]], temperature)
-        if not torch.isfinite(kd):
+        kd_total = 0.0
+        try:
+            if questions:
+                idx = [order[(step * params.batch_size + i) % len(order)] for i in range(params.batch_size)]
+                scores = option_scores(model, tok, [questions[i] for i in idx])
+                kd = kd_loss(scores, targets[idx, : scores.shape[1]], temperature)
+                if not torch.isfinite(kd):
+                    raise FloatingPointError(f"distillation loss became {float(kd)} at step {step}; lower the learning rate")
+                (kd_weight / parts * kd).backward()
+                kd_total += float(kd.detach())
+            if open_items:
+                picked = [open_items[open_order[(step * params.batch_size + i) % len(open_items)]]
+                          for i in range(params.batch_size)]
+                rows = [encode_pair(tok, prompt_text(p), " " + text, params.max_seq_len) for p, text in picked]
+                seq = _ce(model, tok, rows, kd_weight / parts, max_batch_tokens)
+                seq_losses.append(seq)
+                kd_total += seq
+            if kd_weight < 1:
+                rows = [encode(tok, own[own_order[(step * params.batch_size + i) % len(own)]], params.max_seq_len)
+                        for i in range(params.batch_size)]
+                ce_losses.append(_ce(model, tok, rows, 1 - kd_weight, max_batch_tokens))
+        except FloatingPointError:
             opt.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"distillation loss became {float(kd)} at step {step}; lower the learning rate")
-        (kd_weight * kd).backward()
-        kd_losses.append(float(kd.detach()))
-        if kd_weight < 1:
-            rows = [encode(tok, own[own_order[(step * params.batch_size + i) % len(own)]], params.max_seq_len)
-                    for i in range(params.batch_size)]
-            groups = [collate(g, tok.pad_token_id) for g in micro_batches(rows, max_batch_tokens)]
-            count = sum(int((g["labels"][:, 1:] != -100).sum()) for g in groups)
-            ce = 0.0
-            for g in groups:
-                part = answer_loss_sum(model, g) / count
-                ((1 - kd_weight) * part).backward()
-                ce += float(part.detach())
-            ce_losses.append(ce)
+            raise
+        kd_losses.append(kd_total / parts)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step + 1, params.local_steps, kd_losses[-1])
     model.eval()
     return DistillResult(len(kd_losses), sum(kd_losses) / max(1, len(kd_losses)),
-                         sum(ce_losses) / len(ce_losses) if ce_losses else float("nan"), time.perf_counter() - start)
+                         sum(ce_losses) / len(ce_losses) if ce_losses else float("nan"), time.perf_counter() - start,
+                         sum(seq_losses) / len(seq_losses) if seq_losses else float("nan"))
 
 
 # ---------------------------------------------------------------- answer sets

@@ -45,8 +45,13 @@ class TrainResult:
 
 def encode(tok: Any, q: Question, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels: loss only on the answer (and the end-of-turn token)."""
-    prompt = tok(prompt_text(q), add_special_tokens=False).input_ids
-    answer = tok(answer_text(q, q.answer_index), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return encode_pair(tok, prompt_text(q), answer_text(q, q.answer_index), max_len)
+
+
+def encode_pair(tok: Any, prompt_str: str, answer_str: str, max_len: int) -> tuple[list[int], list[int]]:
+    """`encode` for any prompt and continuation (a teacher's generated answer, say)."""
+    prompt = tok(prompt_str, add_special_tokens=False).input_ids
+    answer = tok(answer_str, add_special_tokens=False).input_ids + [tok.eos_token_id]
     answer = answer[:max_len]
     prompt = prompt[-(max_len - len(answer)) :] if max_len > len(answer) else []
     return prompt + answer, [-100] * len(prompt) + answer

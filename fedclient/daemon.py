@@ -246,15 +246,16 @@ class SchoolDaemon:
         await self._deliver_delta(cmd, cmd.params, compute)
 
     async def _distill(self, cmd: DistillCommand) -> None:
-        """Server teaches: fit the adapter to the teacher's option distributions on the pack."""
+        """Server teaches: fit the adapter to the teacher's option distributions and generated
+        answers on the pack."""
         async def compute() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
             global_bytes = await self._fetch(cmd)
             pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
-            if not pack.probs:
+            if pack.kind != "labelled-pack":
                 raise ValueError("a distill command needs a labelled pack; the coordinator sent an unlabelled one")
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
             self.log.info("distilling", round=cmd.round, steps=cmd.params.local_steps, pool_questions=len(pack.questions),
-                          kd_weight=cmd.kd_weight)
+                          open_prompts=len(pack.open_items()), kd_weight=cmd.kd_weight)
             tensors, result = await asyncio.to_thread(self.model.distill, global_bytes, pack, cmd.params, cmd.kd_weight,
                                                       cmd.temperature, self._progress(cmd.round, "distill"))
             return tensors, result.metrics()

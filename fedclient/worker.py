@@ -107,14 +107,16 @@ class SchoolModel:
 
     def distill(self, global_payload: bytes, pack: Pack, params: TrainParams, kd_weight: float, temperature: float,
                 progress: Callable[[int, int, float], None]) -> tuple[dict[str, torch.Tensor], DistillResult]:
-        """Start from the global adapter, fit the teacher's option distributions on the pack
-        (mixed with this school's own questions when kd_weight < 1), return the delta."""
+        """Start from the global adapter, fit the teacher's option distributions and generated
+        answers on the pack (mixed with this school's own questions when kd_weight < 1),
+        return the delta."""
         glob, start = self._start_state(global_payload, params)
         load_adapter_state(self._model, start)
         targets = torch.tensor([list(row) for row in pack.probs], dtype=torch.float32)
         try:
             result = train_distill(self._model, self._tok, pack.questions, targets, params, kd_weight, temperature,
-                                   self.train_questions, progress, self.stop_flag.is_set, self.max_batch_tokens or 1024)
+                                   self.train_questions, progress, self.stop_flag.is_set, self.max_batch_tokens or 1024,
+                                   pack.open_items())
         finally:
             release_memory()
         return self._delta(glob, start, params), result

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import systemd
-from common.data import read_jsonl
+from common.data import read_jsonl, read_pool
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.models import load_config
@@ -62,13 +62,13 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     layout = await asyncio.to_thread(expected_layout, model_cfg, cfg.lora.settings())
     evaluator = ServerEvaluator(cfg, store) if cfg.evaluation.eval_file else None
     teacher = TeacherHost(cfg.teacher, cfg.model.cache_dir) if cfg.teacher.model else None
-    pool = await asyncio.to_thread(read_jsonl, cfg.distill.pool_file) if cfg.distill.pool_file else []
+    pool, open_pool = await asyncio.to_thread(read_pool, cfg.distill.pool_file) if cfg.distill.pool_file else ([], [])
     teacher_eval = []
     if teacher is not None and cfg.evaluation.eval_file and cfg.teacher.eval_max_examples:
         teacher_eval = (await asyncio.to_thread(read_jsonl, cfg.evaluation.eval_file))[: cfg.teacher.eval_max_examples]
     engine = RoundEngine(cfg, store, artifacts, layout, strategies.build(cfg.strategy),
                          checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator,
-                         teacher=teacher, pool=pool, teacher_eval=teacher_eval)
+                         teacher=teacher, pool=pool, open_pool=open_pool, teacher_eval=teacher_eval)
     auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
                                   cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base)

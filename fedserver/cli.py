@@ -73,7 +73,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare_federation_data(args.out, args.schools, args.eval_size, args.seed, by=args.split,
                                        max_per_school=args.max_per_school, pool_size=args.pool,
-                                       ood_source=args.ood_source, ood_size=args.ood_size)
+                                       ood_source=args.ood_source, ood_size=args.ood_size,
+                                       open_pool_size=args.open_pool, open_source=args.open_source)
     print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "eval", "counts", "public_pool", "ood")},
                      indent=2, default=str))
     return 0
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ood-source", default=None, choices=["arc_easy", "arc_challenge", "sciq", "openbookqa"],
                     help="keep this source out of schools, pool and eval; write eval/ood.jsonl from it")
     pr.add_argument("--ood-size", type=int, default=200)
+    pr.add_argument("--open-pool", type=int, default=0, metavar="N",
+                    help="add N open-ended prompts (no options) to the pool: sequence-level distillation material")
+    pr.add_argument("--open-source", default="naturalqs_open", choices=["naturalqs_open", "gsm8k"],
+                    help="where the open prompts come from (a source no school trains on)")
     pr.set_defaults(fn=_prepare)
     e = sub.add_parser("evaluate", help="score a base model (and optionally a saved adapter) on held-out questions")
     e.add_argument("--model", default="packaged:smollm2-135m-instruct")

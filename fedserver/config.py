@@ -195,6 +195,8 @@ class DistillSection:
 
     pool_file: Path | None = None   # public questions (school-data JSONL), disjoint from schools and eval; prepare-data --pool
     slice_size: int = 64            # pool questions per distill / teach round
+    open_slice_size: int = 16       # open prompts (if the pool has any) per distill round: the teacher answers them
+    max_new_tokens: int = 24        # the teacher's answer to an open prompt: at most this many tokens, first line kept
     temperature: float = 1.0        # softens option distributions (teacher labels, school answers, KD loss)
     kd_weight: float = 1.0          # distill rounds: share of the school's loss from the teacher; the rest from its own data
     ensemble: str = "trimmed_mean"  # teach rounds: mean | weighted (by last held-out accuracy) | trimmed_mean | median
@@ -207,6 +209,10 @@ class DistillSection:
         out = []
         if self.slice_size < 1:
             out.append("slice_size: must be >= 1")
+        if self.open_slice_size < 0:
+            out.append("open_slice_size: must be >= 0 (0 = do not use the pool's open prompts)")
+        if not 1 <= self.max_new_tokens <= 512:
+            out.append("max_new_tokens: must be in [1, 512]")
         if self.temperature <= 0:
             out.append("temperature: must be > 0")
         if not 0 <= self.kd_weight <= 1:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from common.data import Question
+from common.data import OpenPrompt, Question, open_answer, prompt_text
 from common.distill import Pack
 from common.errors import DuplicateUploadError, WrongRoundError
 from common.evaluation import EvalResult
@@ -49,7 +49,8 @@ class RoundEngine:
     def __init__(self, cfg: CoordinatorConfig, store: Store, artifacts: ArtifactStore,
                  layout: Mapping[str, TensorSpec], strategy: Strategy, checkpoint_dir: Path,
                  updates_dir: Path, evaluate: Callable[[int, dict[str, torch.Tensor] | None], Any] | None = None,
-                 teacher: Any = None, pool: Sequence[Question] = (), teacher_eval: Sequence[Question] = ()) -> None:
+                 teacher: Any = None, pool: Sequence[Question] = (), teacher_eval: Sequence[Question] = (),
+                 open_pool: Sequence[OpenPrompt] = ()) -> None:
         self.cfg = cfg
         self.store = store
         self.artifacts = artifacts
@@ -60,7 +61,8 @@ class RoundEngine:
         self.settings: LoraSettings = cfg.lora.settings()
         self._evaluate = evaluate   # async callable(round, state or None for the base model)
         self.teacher = teacher      # fedserver.teacher.TeacherHost, or None (train/evaluate rounds only)
-        self.pool = list(pool)      # the public prompt pool (distill / teach rounds)
+        self.pool = list(pool)      # the public prompt pool's multiple-choice questions (distill / teach rounds)
+        self.open_pool = list(open_pool)   # its open prompts (distill rounds: the teacher answers them)
         self.teacher_eval = list(teacher_eval)   # held-out questions the teacher is scored on
         self.sessions: dict[str, SchoolSession] = {}
         self.current: OpenRound | None = None
@@ -120,28 +122,42 @@ class RoundEngine:
             self._spawn(self.evaluate_teacher(0))   # the teacher before it learned anything
 
     # ---------------------------------------------------------------- the teacher
-    async def teacher_labels(self, questions: Sequence[Question]) -> tuple[str, int]:
-        """A labelled pack for `questions` from the current teacher: (artefact sha256, tokens
-        scored). Content-addressed and cached: the same teacher, adapter, temperature and
-        questions are labelled once, also across restarts."""
+    async def teacher_labels(self, questions: Sequence[Question],
+                             prompts: Sequence[OpenPrompt] = ()) -> tuple[str, dict[str, int]]:
+        """A labelled pack for `questions` (option distributions) and `prompts` (generated
+        answers) from the current teacher: (artefact sha256, {"scored": tokens, "generated":
+        tokens}). Content-addressed and cached: the same teacher, adapter, temperature and
+        items are labelled once, also across restarts."""
         assert self.teacher is not None
-        temperature = self.cfg.distill.temperature
+        d = self.cfg.distill
         version = self.store.get_meta("teacher_adapter") or "initial"
-        key = hashlib.sha256(json.dumps([self.cfg.teacher.model, self.cfg.teacher.quantization, version, temperature,
-                                         [q.id for q in questions]]).encode()).hexdigest()
+        ident: list[Any] = [self.cfg.teacher.model, self.cfg.teacher.quantization, version, d.temperature,
+                            [q.id for q in questions]]
+        if prompts:   # appended only when present: multiple-choice packs keep the keys they had
+            ident.append([d.max_new_tokens, [p.id for p in prompts]])
+        key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
         cached = self.store.get_meta(f"labels:{key}")
         if cached and self.artifacts.path(cached).is_file():
-            return cached, 0
+            return cached, {"scored": 0, "generated": 0}
         t0 = time.monotonic()
-        probs = await self.teacher.call(lambda b: b.label(questions, temperature))
-        tokens = await self.teacher.call(lambda b: b.count_tokens(questions))
+        probs: Any = []
+        scored = 0
+        if questions:
+            probs = await self.teacher.call(lambda b: b.label(questions, d.temperature))
+            scored = await self.teacher.call(lambda b: b.count_tokens(questions))
+        texts: list[str] = []
+        generated = 0
+        if prompts:
+            gens = await self.teacher.call(lambda b: b.generate([prompt_text(p) for p in prompts], d.max_new_tokens))
+            texts = [open_answer(g.text) for g in gens]
+            generated = sum(max(len(g.token_ids), len(g.logprobs)) for g in gens)
         pack = Pack(tuple(questions), tuple(tuple(float(x) for x in row) for row in probs),
-                    self.cfg.teacher.model, temperature)
+                    self.cfg.teacher.model, d.temperature, tuple(prompts), tuple(texts))
         sha = await asyncio.to_thread(self.artifacts.put, pack.to_bytes())
         await asyncio.to_thread(self.store.set_meta, f"labels:{key}", sha)
-        self.log.info("teacher labelled a pool slice", questions=len(questions), tokens=tokens,
-                      seconds=round(time.monotonic() - t0, 1), sha256=sha[:12])
-        return sha, tokens
+        self.log.info("teacher labelled a pool slice", questions=len(questions), open_prompts=len(prompts),
+                      tokens=scored, generated=generated, seconds=round(time.monotonic() - t0, 1), sha256=sha[:12])
+        return sha, {"scored": scored, "generated": generated}
 
     async def save_teacher(self, number: int) -> None:
         """Write the teacher's adapter as a PEFT directory; it becomes the teacher's state of

@@ -187,10 +187,15 @@ class DistillKind(TrainKind):
 
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
         plan = await super().plan(eng, number, participants)
-        questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "distill"),
-                               eng.cfg.distill.seed)
-        sha, tokens = await eng.teacher_labels(questions)
-        return {**plan, "pack": sha, "pack_questions": len(questions), "teacher_tokens_scored": tokens}
+        d, index = eng.cfg.distill, eng.exchange_index(number, "distill")
+        if not eng.pool and not (eng.open_pool and d.open_slice_size):
+            raise RoundFailed("the prompt pool has no questions and no open prompts to distill on; set [distill] "
+                              "pool_file (fedserver prepare-data --pool N [--open-pool M] writes one)")
+        questions = pool_slice(eng.pool, d.slice_size, index, d.seed) if eng.pool else []
+        prompts = pool_slice(eng.open_pool, d.open_slice_size, index, d.seed + 2) if eng.open_pool and d.open_slice_size else []
+        sha, tokens = await eng.teacher_labels(questions, prompts)
+        return {**plan, "pack": sha, "pack_questions": len(questions), "pack_prompts": len(prompts),
+                "teacher_tokens_scored": tokens["scored"], "teacher_tokens_generated": tokens["generated"]}
 
     def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
         d = eng.cfg.distill
@@ -199,8 +204,8 @@ class DistillKind(TrainKind):
 
     async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
         c = await super().commit(eng, rnd)
-        return Commit(c.sha, c.state, {**c.metrics, "pack_questions": float(rnd.plan.get("pack_questions", 0)),
-                                       "teacher_tokens_scored": float(rnd.plan.get("teacher_tokens_scored", 0))})
+        return Commit(c.sha, c.state, {**c.metrics, **{k: float(rnd.plan.get(k, 0)) for k in (
+            "pack_questions", "pack_prompts", "teacher_tokens_scored", "teacher_tokens_generated")}})
 
 
 # ---------------------------------------------------------------- teach (schools teach)
@@ -211,6 +216,8 @@ class TeachKind(RoundKind):
     upload = "answers"
 
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
+        if not eng.pool:   # open prompts are taught by the teacher only (see docs/DISTILLATION.md)
+            raise RoundFailed("teach rounds need multiple-choice questions in the prompt pool; it has none")
         questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "teach"),
                                eng.cfg.distill.seed + 1)
         data = Pack(tuple(questions)).to_bytes()

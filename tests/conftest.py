@@ -46,10 +46,11 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def exchange_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """School folders plus a public prompt pool and an out-of-distribution eval source."""
+    """School folders plus a public prompt pool (24 questions, 8 open prompts) and an
+    out-of-distribution eval source."""
     out = tmp_path_factory.mktemp("exchange-data")
     prepare_federation_data(out, num_schools=3, eval_size=12, seed=0, max_per_school=24, pool_size=24,
-                            ood_source="openbookqa", ood_size=8)
+                            ood_source="openbookqa", ood_size=8, open_pool_size=8)
     return out
 
 

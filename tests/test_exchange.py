@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import PROTOCOL_VERSION
-from common.data import Question, answer_text, prompt_text, read_jsonl
+from common.data import Question, answer_text, prompt_text, read_jsonl, read_pool
 from common.distill import (
     Pack, answers_to_bytes, distributions, kd_loss, label, option_scores, pool_slice, train_distill, validate_answers,
 )
@@ -133,7 +133,8 @@ def exchange_config(tmp_path, tiny_model, tiny_teacher, exchange_data, schedule,
     sections = {"rounds": dict(total=total, min_schools=3, quorum=2, deadline_s=120.0),
                 "teacher": dict(model=tiny_teacher, quantization="none", eval_max_examples=6, learn_steps=2, learn_batch=4,
                                 threads=1),
-                "distill": dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=8, kd_weight=0.5),
+                "distill": dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=8, kd_weight=0.5,
+                                open_slice_size=4, max_new_tokens=6),
                 "schedule": dict(rounds=schedule), **sections}
     return coordinator_config(tmp_path, tiny_model, eval_file=exchange_data / "eval" / "eval.jsonl", **sections)
 
@@ -155,9 +156,14 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
     assert set(train.plan["params"]) == set(train.participants)
     pack = Pack.from_bytes(rc.engine.artifacts.get(distill.plan["pack"]))
     assert pack.kind == "labelled-pack" and len(pack.questions) == 8
-    pool_ids = {x.id for x in read_jsonl(exchange_data / "public" / "pool.jsonl")}
-    assert {x.id for x in pack.questions} <= pool_ids
+    pool_qs, pool_open = read_pool(exchange_data / "public" / "pool.jsonl")
+    assert {x.id for x in pack.questions} <= {x.id for x in pool_qs}
     assert all(abs(sum(row) - 1) < 1e-4 for row in pack.probs)
+    # open prompts: the teacher answered each (sequence-level KD, text across tokenizers)
+    assert len(pack.prompts) == len(pack.texts) == 4 and {p.id for p in pack.prompts} <= {p.id for p in pool_open}
+    assert distill.metrics["pack_prompts"] == 4 and distill.metrics["teacher_tokens_generated"] > 0
+    # every school trained on the teacher's answers too (its receipt says so)
+    assert pack.open_items() and all("seq_kd_loss" in r.metrics for r in rc.store.receipts(distill.round))
     # distill changed the schools' adapter; teach did not, but trained the teacher's
     assert distill.global_out != distill.global_in and teach.global_out == teach.global_in
     assert distill.metrics["updates"] == 3 and distill.metrics["teacher_tokens_scored"] > 0
@@ -283,7 +289,8 @@ async def test_unknown_command_is_reported_back_as_a_failure(tmp_path, tiny_mode
 def test_pool_eval_and_ood_are_disjoint_from_the_schools(exchange_data):
     from common.data import normalize_text
 
-    pool = read_jsonl(exchange_data / "public" / "pool.jsonl")
+    pool, open_prompts = read_pool(exchange_data / "public" / "pool.jsonl")
+    assert len(open_prompts) == 8 and {p.source for p in open_prompts} == {"naturalqs_open"}
     ood = read_jsonl(exchange_data / "eval" / "ood.jsonl")
     evals = read_jsonl(exchange_data / "eval" / "eval.jsonl")
     schools = [q for k in (1, 2, 3) for f in ("train", "heldout")

@@ -1,0 +1,104 @@
+"""Open-ended pool prompts: the pool format, prepare-data, packs that carry the teacher's
+answers, and sequence-level distillation (a student trains on the teacher's text in its own
+tokenization)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.data import OpenPrompt, Question, open_answer, pool_item, prompt_text, read_pool, write_jsonl
+from common.distill import MAX_TEXT_CHARS, Pack, train_distill
+from common.errors import ValidationError
+from common.lora import LoraSettings, wrap
+from common.models import load_model
+from common.training import TrainParams, encode_pair
+
+
+def _open(i: int) -> OpenPrompt:
+    return OpenPrompt(f"o:{i}", "o", "o", f"who wrote book {i}", (f"author {i}",))
+
+
+def _mc(i: int) -> Question:
+    return Question(f"t:{i}", "t", "t", f"What is {i}?", ("a", "b"), 1, "b")
+
+
+def test_pool_lines_are_questions_or_open_prompts(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    write_jsonl(path, [_mc(1), _open(1), _mc(2), _open(2)])
+    questions, prompts = read_pool(path)
+    assert [q.id for q in questions] == ["t:1", "t:2"] and [p.id for p in prompts] == ["o:1", "o:2"]
+    assert prompt_text(_open(3)) == "Question: who wrote book 3\nAnswer:"
+    with pytest.raises(ValueError, match="answers"):
+        pool_item({"id": "x", "source": "s", "group": "g", "question": "q?", "answers": []})
+    with pytest.raises(ValueError, match="missing"):   # neither choices nor answers: read as a question, and refused
+        pool_item({"id": "x", "source": "s", "group": "g", "question": "q?"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "source": "s", "group": "g", "question": "q?", "answers": "Paris"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'answers' must be a list"):
+        read_pool(bad)
+
+
+def test_prepare_data_adds_open_prompts_from_a_source_no_school_has(exchange_data):
+    manifest = json.loads((exchange_data / "manifest.json").read_text())
+    assert manifest["public_pool"]["open_prompts"] == 8 and manifest["public_pool"]["open_source"] == "naturalqs_open"
+    _, prompts = read_pool(exchange_data / "public" / "pool.jsonl")
+    assert all(p.id.startswith("naturalqs_open:") and p.answers for p in prompts)
+    assert "naturalqs_open" not in manifest["counts"]["per_source"]
+
+
+def test_open_answer_keeps_the_first_line():
+    assert open_answer("  Justin Timberlake\nQuestion: next") == "Justin Timberlake"
+    assert open_answer("\n\nx\ny") == "x" and open_answer(" \n ") == "" and len(open_answer("y" * 5000)) == 400
+
+
+def test_labelled_pack_carries_the_teacher_answers_and_refuses_bad_ones():
+    pack = Pack((_mc(1),), ((0.25, 0.75),), "teacher", 1.0, (_open(1), _open(2)), ("author 1", ""))
+    back = Pack.from_bytes(pack.to_bytes())
+    assert back == pack and back.kind == "labelled-pack"
+    assert back.open_items() == [(_open(1), "author 1")]   # an empty answer teaches nothing
+    # prompts only, no multiple choice: still a labelled pack
+    only = Pack((), (), "teacher", 1.0, (_open(1),), ("author 1",))
+    assert Pack.from_bytes(only.to_bytes()).kind == "labelled-pack"
+    # a multiple-choice pack's bytes (hence its address) did not change with the new fields
+    assert "prompts" not in json.loads(Pack((_mc(1),)).to_bytes())
+    body = json.loads(pack.to_bytes())
+    for change, msg in ((dict(texts=["only one"]), "2 open prompts but 1 answers"),
+                        (dict(texts=["x" * (MAX_TEXT_CHARS + 1), "y"]), "longer than"),
+                        (dict(texts=[1, 2]), "list of strings"),
+                        (dict(prompts=[{"id": "o"}]), "not a prompt pack")):
+        with pytest.raises(ValidationError, match=msg):
+            Pack.from_bytes(json.dumps({**body, **change}).encode())
+
+
+def _answer_nll(model, tok, items) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, text in items:
+            ids, labels = encode_pair(tok, prompt_text(p), " " + text, 96)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            tgt = torch.tensor(labels[1:])
+            keep = tgt != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+def test_sequence_level_kd_fits_the_teacher_answers(tiny_model, fed_data):
+    from common.data import read_jsonl
+
+    model, tok = load_model(tiny_model)
+    model = wrap(model, LoraSettings(4, 8.0, 0.0, ("q_proj", "v_proj")))
+    items = [(_open(i), f"the author is number {i}") for i in range(4)]
+    before = _answer_nll(model, tok, items)
+    own = read_jsonl(fed_data / "schools" / "school-1" / "train.jsonl")[:4]
+    result = train_distill(model, tok, [], torch.zeros((0,)), TrainParams(local_steps=6, batch_size=4, learning_rate=5e-3),
+                           0.5, own=own, open_items=items)
+    after = _answer_nll(model, tok, items)
+    assert result.steps == 6 and after < before - 0.1
+    assert result.seq_kd_loss == pytest.approx(result.kd_loss) and "seq_kd_loss" in result.metrics()
+    assert result.ce_loss == result.ce_loss   # own data mixed in (not nan)
+    with pytest.raises(ValueError, match="something to learn from"):
+        train_distill(model, tok, [], torch.zeros((0,)), TrainParams(local_steps=1), 1.0)
