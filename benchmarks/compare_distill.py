@@ -29,7 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--schools", "3", "--local-steps", "16", "--seed", "0", "--pool-size", "300", "--slice-size", "32",
-          "--teacher-eval", "40", "--ood-source", "openbookqa"]
+          "--teacher-eval", "40", "--ood-source", "openbookqa", "--distill-steps", "0"]
 RUNS = {
     "fedavg": ["--schedule", "train", "--rounds", "3"],
     "distill": ["--schedule", "train,distill,train,teach", "--rounds", "4"],

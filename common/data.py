@@ -157,6 +157,16 @@ def answer_text(q: Question, i: int) -> str:
     return " " + q.choices[i]
 
 
+def spread(items: Sequence[Any], n: int | None) -> list[Any]:
+    """`n` items evenly spaced through `items` (all of them when n is None, <= 0 or too big).
+    Eval files are sorted by id, hence grouped by source: the first n would all come from one
+    source (the first 40 of the demo's eval set are all ARC-Challenge), an even spread keeps
+    the mix."""
+    if not n or n <= 0 or n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
 def normalize_text(text: str) -> str:
     """Case-, punctuation- and whitespace-insensitive key used to catch duplicate questions."""
     return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import systemd
-from common.data import read_jsonl, read_pool
+from common.data import read_jsonl, read_pool, spread
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.models import load_config
@@ -65,7 +65,8 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     pool, open_pool = await asyncio.to_thread(read_pool, cfg.distill.pool_file) if cfg.distill.pool_file else ([], [])
     teacher_eval = []
     if teacher is not None and cfg.evaluation.eval_file and cfg.teacher.eval_max_examples:
-        teacher_eval = (await asyncio.to_thread(read_jsonl, cfg.evaluation.eval_file))[: cfg.teacher.eval_max_examples]
+        # the same kind of spread as the server's evaluation: a mix of sources, not the first few
+        teacher_eval = spread(await asyncio.to_thread(read_jsonl, cfg.evaluation.eval_file), cfg.teacher.eval_max_examples)
     engine = RoundEngine(cfg, store, artifacts, layout, strategies.build(cfg.strategy),
                          checkpoint_dir or state / "rounds", state / "updates", evaluate=evaluator,
                          teacher=teacher, pool=pool, open_pool=open_pool, teacher_eval=teacher_eval)

@@ -85,13 +85,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
     from peft import PeftModel
 
-    from common.data import read_jsonl
+    from common.data import read_jsonl, spread
     from common.evaluation import evaluate_choices
     from common.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = read_jsonl(args.eval_file)[: args.max_examples or None]
+    questions = spread(read_jsonl(args.eval_file), args.max_examples)   # evenly spaced: a mix of sources
     if args.quantization != "none":   # e.g. a teacher as the coordinator loads it
         from transformers import AutoModelForCausalLM
 
@@ -133,6 +133,7 @@ def _demo(args: argparse.Namespace) -> int:
                        schedule=tuple(k.strip() for k in args.schedule.split(",") if k.strip()), teacher=args.teacher,
                        teacher_quantization=args.teacher_quantization, teacher_eval=args.teacher_eval,
                        pool_size=args.pool_size, slice_size=args.slice_size, kd_weight=args.kd_weight,
+                       open_pool=args.open_pool, open_slice_size=args.open_slice_size, distill_steps=args.distill_steps,
                        ood_source=args.ood_source or None)
     if args.rounds is None:
         opts = dataclasses.replace(opts, rounds=len(opts.schedule))
@@ -235,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher-eval", type=int, default=40, help="held-out questions the teacher is scored on")
     d.add_argument("--pool-size", type=int, default=300, help="public questions set aside as the prompt pool")
     d.add_argument("--slice-size", type=int, default=32, help="pool questions per distill / teach round")
+    d.add_argument("--distill-steps", type=int, default=8,
+                   help="the schools' local steps in a distill round (0 = --local-steps); a distill step costs ~2 train steps")
+    d.add_argument("--open-pool", type=int, default=0,
+                   help="open-ended prompts (NaturalQuestions-open) added to the pool: distill rounds then also "
+                        "train the schools on the teacher's generated answers (costs teacher generation time)")
+    d.add_argument("--open-slice-size", type=int, default=8, help="open prompts per distill round")
     d.add_argument("--kd-weight", type=float, default=0.5, help="distill rounds: share of the loss from the teacher")
     d.add_argument("--ood-source", default="openbookqa", help="a source kept from schools and pool, scored at the end ('' = none)")
     d.set_defaults(fn=_demo)

@@ -199,6 +199,7 @@ class DistillSection:
     max_new_tokens: int = 24        # the teacher's answer to an open prompt: at most this many tokens, first line kept
     temperature: float = 1.0        # softens option distributions (teacher labels, school answers, KD loss)
     kd_weight: float = 1.0          # distill rounds: share of the school's loss from the teacher; the rest from its own data
+    local_steps: int = 0            # distill rounds: the schools' steps (0 = [train] local_steps); a step costs ~2 train steps
     ensemble: str = "trimmed_mean"  # teach rounds: mean | weighted (by last held-out accuracy) | trimmed_mean | median
     trim: float = 0.2               # trimmed_mean: share cut from each end per question and option
     seed: int = 0                   # the pool's slice order
@@ -209,6 +210,8 @@ class DistillSection:
         out = []
         if self.slice_size < 1:
             out.append("slice_size: must be >= 1")
+        if self.local_steps < 0:
+            out.append("local_steps: must be >= 0 (0 = the [train] local_steps)")
         if self.open_slice_size < 0:
             out.append("open_slice_size: must be >= 0 (0 = do not use the pool's open prompts)")
         if not 1 <= self.max_new_tokens <= 512:

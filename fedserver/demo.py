@@ -53,6 +53,9 @@ class DemoOptions:
     teacher_eval: int = 40          # held-out questions the teacher is scored on (before / after teach rounds)
     pool_size: int = 300            # public questions set aside for the exchange channel
     slice_size: int = 32            # pool questions per distill / teach round
+    distill_steps: int = 8          # the schools' steps in a distill round: a step sees batch_size pool + batch_size own questions, so 8 see what 16 train steps see
+    open_pool: int = 0              # open prompts added to the pool (sequence-level KD in distill rounds)
+    open_slice_size: int = 8        # open prompts per distill round, when the pool has any
     kd_weight: float = 0.5
     ood_source: str | None = "openbookqa"   # a source no school and no pool slice contains
     ood_size: int = 100
@@ -101,6 +104,9 @@ learn_batch = 4
 [distill]
 pool_file = {_toml_str(out / "data" / "public" / "pool.jsonl")}
 slice_size = {opts.slice_size}
+open_slice_size = {opts.open_slice_size}
+local_steps = {opts.distill_steps}
+max_new_tokens = 16
 kd_weight = {opts.kd_weight}
 """
 
@@ -195,7 +201,8 @@ def run_demo(opts: DemoOptions) -> int:
     manifest = prepare_federation_data(out / "data", opts.schools, opts.eval_size, opts.seed,
                                        max_per_school=opts.train_per_school,
                                        pool_size=opts.pool_size,   # carved out either way: runs with and without a teacher see the same schools
-                                       ood_source=opts.ood_source, ood_size=opts.ood_size)
+                                       ood_source=opts.ood_source, ood_size=opts.ood_size,
+                                       open_pool_size=opts.open_pool if opts.pool_size else 0)
     console.print(f"      eval set: {opts.eval_size} held-out questions; schools: "
                   + ", ".join(f"{s['name']}={s['train']} questions" for s in manifest["schools"]))
 

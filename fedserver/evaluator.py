@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common.data import read_jsonl
+from common.data import read_jsonl, spread
 from common.evaluation import EvalResult, evaluate_choices
 from common.lora import BaseMerge, LoraSettings, load_adapter_state, split_merge, wrap
 from common.logs import get_logger
@@ -28,7 +28,7 @@ class ServerEvaluator:
         self._model: Any = None
         self._merge = BaseMerge()
         self._tok: Any = None
-        self._questions = read_jsonl(cfg.evaluation.eval_file)[: cfg.evaluation.max_examples]
+        self._questions = spread(read_jsonl(cfg.evaluation.eval_file), cfg.evaluation.max_examples)
         self.log = get_logger("evaluator", eval_file=str(cfg.evaluation.eval_file), count=len(self._questions))
 
     def _run(self, state: dict[str, torch.Tensor] | None) -> EvalResult:

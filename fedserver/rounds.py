@@ -185,6 +185,11 @@ class TrainKind(RoundKind):
 class DistillKind(TrainKind):
     name = "distill"
 
+    def base_params(self, eng: RoundEngine, number: int) -> TrainParams:
+        params = super().base_params(eng, number)
+        steps = eng.cfg.distill.local_steps
+        return dataclasses.replace(params, local_steps=steps) if steps else params
+
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
         plan = await super().plan(eng, number, participants)
         d, index = eng.cfg.distill, eng.exchange_index(number, "distill")

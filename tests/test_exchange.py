@@ -134,7 +134,7 @@ def exchange_config(tmp_path, tiny_model, tiny_teacher, exchange_data, schedule,
                 "teacher": dict(model=tiny_teacher, quantization="none", eval_max_examples=6, learn_steps=2, learn_batch=4,
                                 threads=1),
                 "distill": dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=8, kd_weight=0.5,
-                                open_slice_size=4, max_new_tokens=6),
+                                open_slice_size=4, max_new_tokens=6, local_steps=1),
                 "schedule": dict(rounds=schedule), **sections}
     return coordinator_config(tmp_path, tiny_model, eval_file=exchange_data / "eval" / "eval.jsonl", **sections)
 
@@ -154,6 +154,9 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
     train, distill, teach = rounds
     # The plan was fixed when each round opened, and stored with it.
     assert set(train.plan["params"]) == set(train.participants)
+    # distill rounds take [distill] local_steps; train rounds keep [train]'s
+    assert {p["local_steps"] for p in train.plan["params"].values()} == {2}
+    assert {p["local_steps"] for p in distill.plan["params"].values()} == {1}
     pack = Pack.from_bytes(rc.engine.artifacts.get(distill.plan["pack"]))
     assert pack.kind == "labelled-pack" and len(pack.questions) == 8
     pool_qs, pool_open = read_pool(exchange_data / "public" / "pool.jsonl")

@@ -304,6 +304,14 @@ def test_evaluation_section_checks_its_fields():
     assert len(problems) == 3 and any("school_timeout_s" in p for p in problems)
 
 
+def test_distill_section_checks_its_fields():
+    from fedserver.config import DistillSection
+
+    assert DistillSection().problems() == []
+    problems = DistillSection(local_steps=-1, open_slice_size=-2, max_new_tokens=0).problems()
+    assert len(problems) == 3 and any("local_steps" in p for p in problems) and any("max_new_tokens" in p for p in problems)
+
+
 async def test_watchdog_pings_and_reports_a_stalled_loop():
     import asyncio
     import time
