@@ -272,6 +272,8 @@ class TeachKind(RoundKind):
         before = await eng.teacher.call(lambda b: b.adapter())
         try:
             learned = await eng.teacher.call(lambda b: b.learn(pack.questions, target, d.temperature, rnd.number))
+            eng.log.info("teacher learned from the schools", round=rnd.number, loss=round(learned.kd_loss, 4),
+                         steps=learned.steps, seconds=round(time.monotonic() - t0, 1))
             await eng.save_teacher(rnd.number)
             after = await eng.evaluate_teacher(rnd.number)
         except Exception as exc:   # the teacher failing must not take the coordinator down
