@@ -21,6 +21,7 @@ Wire forms (both content-addressed, both allow-listed):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -58,6 +59,11 @@ class Pack:
     temperature: float = 1.0
     prompts: tuple[OpenPrompt, ...] = ()
     texts: tuple[str, ...] = ()
+    # Same vocabulary only: the teacher's generated token ids for each prompt and, per token,
+    # its k most likely (token id, log p); `vocab` fingerprints the teacher's tokenizer.
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    topk: tuple[tuple[tuple[tuple[int, float], ...], ...], ...] = ()
+    vocab: str = ""
 
     @property
     def kind(self) -> str:
@@ -71,6 +77,9 @@ class Pack:
             body.update(probs=[list(p) for p in self.probs], teacher=self.teacher, temperature=self.temperature)
             if self.prompts:
                 body["texts"] = list(self.texts)
+            if self.topk:
+                body.update(token_ids=[list(t) for t in self.token_ids], vocab=self.vocab,
+                            topk=[[[[i, lp] for i, lp in pos] for pos in seq] for seq in self.topk])
         return json.dumps(body, sort_keys=True, ensure_ascii=False).encode()
 
     @classmethod
@@ -83,8 +92,17 @@ class Pack:
             texts = body.get("texts", [])
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise ValueError("field 'texts' must be a list of strings")
+            token_ids = tuple(tuple(_int_id(i) for i in seq) for seq in body.get("token_ids", ()))
+            topk = tuple(tuple(tuple((_int_id(i), float(lp)) for i, lp in pos) for pos in seq)
+                         for seq in body.get("topk", ()))
+            vocab = str(body.get("vocab", ""))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValidationError(f"not a prompt pack: {exc}") from exc
+        if topk and (len(topk) != len(prompts) or len(token_ids) != len(prompts)
+                     or any(len(a) != len(b) for a, b in zip(topk, token_ids)) or not vocab):
+            raise ValidationError("pack's top-k log-probabilities do not match its prompts' generated tokens")
+        if any(not math.isfinite(lp) or lp > 0 for seq in topk for pos in seq for _, lp in pos):
+            raise ValidationError("pack's top-k log-probabilities must be finite and <= 0")
         if probs and len(probs) != len(questions):
             raise ValidationError(f"pack has {len(questions)} questions but {len(probs)} label rows")
         if texts and len(texts) != len(prompts):
@@ -92,11 +110,51 @@ class Pack:
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise ValidationError(f"a generated answer in the pack is longer than {MAX_TEXT_CHARS} characters")
         return cls(questions, probs, str(body.get("teacher", "")), float(body.get("temperature", 1.0)),
-                   prompts, tuple(texts))
+                   prompts, tuple(texts), token_ids, topk, vocab)
 
     def open_items(self) -> list[tuple[OpenPrompt, str]]:
         """(prompt, teacher's answer) pairs worth training on (an empty answer teaches nothing)."""
         return [(p, t) for p, t in zip(self.prompts, self.texts) if t.strip()]
+
+    def topk_items(self, vocab: str) -> list[TopkItem]:
+        """The teacher's per-token top-k for each prompt, when `vocab` (the student's tokenizer
+        fingerprint) is the teacher's; else none (the student learns from the text)."""
+        if not self.topk or vocab != self.vocab:
+            return []
+        return [TopkItem(p, ids, top) for p, ids, top in zip(self.prompts, self.token_ids, self.topk) if ids]
+
+
+@dataclass(frozen=True)
+class TopkItem:
+    prompt: OpenPrompt
+    token_ids: tuple[int, ...]                            # the teacher's answer, in the shared vocabulary
+    topk: tuple[tuple[tuple[int, float], ...], ...]       # per answer token: the teacher's k best (id, log p)
+
+
+def _int_id(x: Any) -> int:
+    if type(x) is not int or x < 0:
+        raise ValueError(f"token ids must be non-negative integers, got {x!r}")
+    return x
+
+
+def vocab_fingerprint(tok: Any) -> str:
+    """sha256 of a tokenizer's vocabulary (token -> id): equal only when ids mean the same."""
+    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def cut_first_line(tok: Any, ids: Sequence[int], eos: int | None = None) -> list[int]:
+    """The teacher's generated ids up to its answer's first line break (kept whole, so the
+    student sees exactly the context the teacher's top-k was computed in)."""
+    out: list[int] = []
+    for i in ids:
+        if i == eos:
+            break
+        piece = tok.decode([i])
+        if "\n" in piece and tok.decode(out).strip():
+            break
+        out.append(i)
+    return out
 
 
 def pool_slice(pool: Sequence[Any], size: int, index: int, seed: int = 0) -> list[Any]:
@@ -175,6 +233,7 @@ class DistillResult:
     ce_loss: float          # mean over steps of the own-data term (nan if kd_weight = 1)
     seconds: float
     seq_kd_loss: float = float("nan")   # mean over steps of the open prompts' term (nan without them)
+    topk: bool = False                  # that term was token-level (shared vocabulary), not the text's
 
     def metrics(self) -> dict[str, float]:
         out = {"loss": self.kd_loss, "kd_loss": self.kd_loss, "steps": float(self.steps), "seconds": self.seconds}
@@ -182,6 +241,7 @@ class DistillResult:
             out["ce_loss"] = self.ce_loss
         if not math.isnan(self.seq_kd_loss):
             out["seq_kd_loss"] = self.seq_kd_loss
+            out["topk_kd"] = float(self.topk)
         return out
 
 
@@ -189,13 +249,18 @@ def train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: 
                   kd_weight: float = 1.0, temperature: float = 1.0, own: Sequence[Question] = (),
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, max_batch_tokens: int = 1024,
-                  open_items: Sequence[tuple[OpenPrompt, str]] = ()) -> DistillResult:
+                  open_items: Sequence[tuple[OpenPrompt, str]] = (), topk_items: Sequence[TopkItem] = ()) -> DistillResult:
     """`params.local_steps` AdamW steps on the trainable (LoRA) parameters: each step takes
     `params.batch_size` pool questions (loss: KL to `targets`), as many open prompts with the
     teacher's answers (sequence-level KD: the answer's cross-entropy), their mean weighted
     kd_weight, and, when kd_weight < 1, as many of the school's own questions (answer
-    cross-entropy, weight 1 − kd_weight). Blocking: run it on a worker thread."""
-    if targets.shape[0] != len(questions) or not (questions or open_items):
+    cross-entropy, weight 1 − kd_weight). With `topk_items` (student and teacher share a
+    vocabulary) the open prompts' term is token-level instead: cross-entropy of the student's
+    next-token distribution against the teacher's renormalised top-k at each of the teacher's
+    answer tokens. Blocking: run it on a worker thread."""
+    if topk_items:
+        open_items = ()   # the same prompts, learned the finer way
+    if targets.shape[0] != len(questions) or not (questions or open_items or topk_items):
         raise ValueError(f"{len(questions)} questions, {targets.shape[0]} target rows, {len(open_items)} open prompts: "
                          "need one target row per question and something to learn from")
     if not 0 <= kd_weight <= 1:
@@ -204,7 +269,34 @@ def train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: 
         raise ValueError("kd_weight < 1 mixes in the school's own questions, but there are none")
     with frozen(model, params.freeze):
         return _train_distill(model, tok, questions, targets, params, kd_weight, temperature, own, progress,
-                              should_stop, max_batch_tokens, open_items)
+                              should_stop, max_batch_tokens, open_items, topk_items)
+
+
+def _topk_ce(model: Any, tok: Any, items: Sequence[TopkItem], weight: float, max_len: int) -> float:
+    """Backward of `weight` · the token-mean cross-entropy of the student against the teacher's
+    renormalised top-k at each teacher answer token; returns the mean."""
+    rows = []
+    for it in items:
+        answer = list(it.token_ids)[:max_len]
+        prompt = tok(prompt_text(it.prompt), add_special_tokens=False).input_ids
+        prompt = prompt[-(max_len - len(answer)):] if max_len > len(answer) else prompt[-1:]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    batch = collate(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    width = logits.shape[1]
+    terms = []
+    for b, (it, (_, labels)) in enumerate(zip(items, rows)):
+        n = sum(1 for y in labels if y != -100)
+        logq = logits[b, width - n - 1: width - 1].float().log_softmax(-1)                  # [n, vocab]
+        ids = torch.tensor([[i for i, _ in pos] for pos in it.topk[:n]])
+        p = torch.tensor([[lp for _, lp in pos] for pos in it.topk[:n]]).softmax(-1)         # renormalised top-k
+        terms.append(-(p * logq.gather(1, ids)).sum(-1))
+    loss = torch.cat(terms).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"top-k distillation loss became {float(loss)}; lower the learning rate")
+    (weight * loss).backward()
+    return float(loss.detach())
 
 
 def _ce(model: Any, tok: Any, rows: list[tuple[list[int], list[int]]], weight: float, max_batch_tokens: int) -> float:
@@ -224,7 +316,8 @@ def _ce(model: Any, tok: Any, rows: list[tuple[list[int], list[int]]], weight: f
 def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: torch.Tensor, params: TrainParams,
                    kd_weight: float, temperature: float, own: Sequence[Question],
                    progress: Callable[[int, int, float], None] | None, should_stop: Callable[[], bool] | None,
-                   max_batch_tokens: int, open_items: Sequence[tuple[OpenPrompt, str]] = ()) -> DistillResult:
+                   max_batch_tokens: int, open_items: Sequence[tuple[OpenPrompt, str]] = (),
+                   topk_items: Sequence[TopkItem] = ()) -> DistillResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters; wrap it with LoRA first")
@@ -232,11 +325,11 @@ def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets:
     rng = random.Random(params.seed)
     order = list(range(len(questions)))
     own_order = list(range(len(own)))
-    open_order = list(range(len(open_items)))
+    open_order = list(range(len(topk_items) or len(open_items)))
     rng.shuffle(order)
     rng.shuffle(own_order)
     rng.shuffle(open_order)
-    parts = int(bool(questions)) + int(bool(open_items))   # the KD term is the mean of its parts
+    parts = int(bool(questions)) + int(bool(open_items or topk_items))   # the KD term is the mean of its parts
     kd_losses, ce_losses, seq_losses, start = [], [], [], time.perf_counter()
     model.train()
     for step in range(params.local_steps):
@@ -252,7 +345,13 @@ def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets:
                     raise FloatingPointError(f"distillation loss became {float(kd)} at step {step}; lower the learning rate")
                 (kd_weight / parts * kd).backward()
                 kd_total += float(kd.detach())
-            if open_items:
+            if topk_items:
+                chosen = [topk_items[open_order[(step * params.batch_size + i) % len(topk_items)]]
+                          for i in range(params.batch_size)]
+                seq = _topk_ce(model, tok, chosen, kd_weight / parts, params.max_seq_len)
+                seq_losses.append(seq)
+                kd_total += seq
+            elif open_items:
                 picked = [open_items[open_order[(step * params.batch_size + i) % len(open_items)]]
                           for i in range(params.batch_size)]
                 rows = [encode_pair(tok, prompt_text(p), " " + text, params.max_seq_len) for p, text in picked]
@@ -274,7 +373,7 @@ def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets:
     model.eval()
     return DistillResult(len(kd_losses), sum(kd_losses) / max(1, len(kd_losses)),
                          sum(ce_losses) / len(ce_losses) if ce_losses else float("nan"), time.perf_counter() - start,
-                         sum(seq_losses) / len(seq_losses) if seq_losses else float("nan"))
+                         sum(seq_losses) / len(seq_losses) if seq_losses else float("nan"), bool(topk_items))
 
 
 # ---------------------------------------------------------------- answer sets

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from common.data import Question, read_jsonl
-from common.distill import DistillResult, Pack, label, train_distill
+from common.distill import DistillResult, Pack, label, train_distill, vocab_fingerprint
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
 from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
@@ -116,10 +116,16 @@ class SchoolModel:
         try:
             result = train_distill(self._model, self._tok, pack.questions, targets, params, kd_weight, temperature,
                                    self.train_questions, progress, self.stop_flag.is_set, self.max_batch_tokens or 1024,
-                                   pack.open_items())
+                                   pack.open_items(), pack.topk_items(self._vocab()))
         finally:
             release_memory()
         return self._delta(glob, start, params), result
+
+    def _vocab(self) -> str:
+        """This school's tokenizer fingerprint (a pack's top-k is used only when it matches)."""
+        if getattr(self, "_vocab_sha", None) is None:
+            self._vocab_sha = vocab_fingerprint(self._tok)
+        return self._vocab_sha
 
     def answer(self, global_payload: bytes, questions: Sequence[Question], temperature: float,
                params: TrainParams | None = None) -> torch.Tensor:

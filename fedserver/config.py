@@ -197,6 +197,7 @@ class DistillSection:
     slice_size: int = 64            # pool questions per distill / teach round
     open_slice_size: int = 16       # open prompts (if the pool has any) per distill round: the teacher answers them
     max_new_tokens: int = 24        # the teacher's answer to an open prompt: at most this many tokens, first line kept
+    top_k: int = 0                  # > 0: packs also carry the teacher's per-token top-k (used by schools sharing its vocabulary)
     temperature: float = 1.0        # softens option distributions (teacher labels, school answers, KD loss)
     kd_weight: float = 1.0          # distill rounds: share of the school's loss from the teacher; the rest from its own data
     local_steps: int = 0            # distill rounds: the schools' steps (0 = [train] local_steps); a step costs ~2 train steps
@@ -214,6 +215,8 @@ class DistillSection:
             out.append("local_steps: must be >= 0 (0 = the [train] local_steps)")
         if self.open_slice_size < 0:
             out.append("open_slice_size: must be >= 0 (0 = do not use the pool's open prompts)")
+        if not 0 <= self.top_k <= 64:
+            out.append("top_k: must be in [0, 64] (0 = text only)")
         if not 1 <= self.max_new_tokens <= 512:
             out.append("max_new_tokens: must be in [1, 512]")
         if self.temperature <= 0:

@@ -134,7 +134,7 @@ class RoundEngine:
         ident: list[Any] = [self.cfg.teacher.model, self.cfg.teacher.quantization, version, d.temperature,
                             [q.id for q in questions]]
         if prompts:   # appended only when present: multiple-choice packs keep the keys they had
-            ident.append([d.max_new_tokens, [p.id for p in prompts]])
+            ident.append([d.max_new_tokens, [p.id for p in prompts]] + ([d.top_k] if d.top_k else []))
         key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
         cached = self.store.get_meta(f"labels:{key}")
         if cached and self.artifacts.path(cached).is_file():
@@ -147,12 +147,24 @@ class RoundEngine:
             scored = await self.teacher.call(lambda b: b.count_tokens(questions))
         texts: list[str] = []
         generated = 0
+        token_ids: list[tuple[int, ...]] = []
+        topk: list[Any] = []
+        vocab = ""
         if prompts:
-            gens = await self.teacher.call(lambda b: b.generate([prompt_text(p) for p in prompts], d.max_new_tokens))
+            gens = await self.teacher.call(lambda b: b.generate([prompt_text(p) for p in prompts], d.max_new_tokens, d.top_k))
             texts = [open_answer(g.text) for g in gens]
             generated = sum(max(len(g.token_ids), len(g.logprobs)) for g in gens)
+            vocab = await self.teacher.call(lambda b: b.vocab()) if d.top_k else ""
+            if d.top_k and not vocab:
+                self.log.warning("top_k is set but this teacher backend gives no token ids; sending text only")
+            if vocab:   # the same tokens as the text: cut at the first line break
+                for g in gens:
+                    ids = tuple(await self.teacher.call(lambda b, g=g: b.answer_ids(g.token_ids)))
+                    token_ids.append(ids)
+                    topk.append(tuple(g.top[: len(ids)]))
         pack = Pack(tuple(questions), tuple(tuple(float(x) for x in row) for row in probs),
-                    self.cfg.teacher.model, d.temperature, tuple(prompts), tuple(texts))
+                    self.cfg.teacher.model, d.temperature, tuple(prompts), tuple(texts),
+                    tuple(token_ids), tuple(topk), vocab)
         sha = await asyncio.to_thread(self.artifacts.put, pack.to_bytes())
         await asyncio.to_thread(self.store.set_meta, f"labels:{key}", sha)
         self.log.info("teacher labelled a pool slice", questions=len(questions), open_prompts=len(prompts),

@@ -35,7 +35,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch
 
 from common.data import Question, answer_text, prompt_text
-from common.distill import DistillResult, distributions, label, train_distill
+from common.distill import DistillResult, cut_first_line, distributions, label, train_distill, vocab_fingerprint
 from common.errors import ConfigError, ModelUnavailableError
 from common.evaluation import EvalResult, evaluate_choices
 from common.logs import get_logger
@@ -124,6 +124,16 @@ class LocalTeacher:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
 
+    def vocab(self) -> str:
+        """The tokenizer's fingerprint: top-k labels are usable by students whose matches."""
+        if not hasattr(self, "_vocab_sha"):
+            self._vocab_sha = vocab_fingerprint(self.tok)
+        return self._vocab_sha
+
+    def answer_ids(self, ids: Sequence[int]) -> list[int]:
+        """A generated answer's ids cut at its first line break, as its text is."""
+        return cut_first_line(self.tok, ids, self.tok.eos_token_id)
+
     def count_tokens(self, questions: Sequence[Question]) -> int:
         """Tokens the teacher scores for `questions` (each prompt once, every option)."""
         n = 0
@@ -169,10 +179,12 @@ class LocalTeacher:
         self._threads()
         self.tok.padding_side = "left"
         enc = self.tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        res = self.infer.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+        res = self.infer.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                                   return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
         new = res.sequences[:, enc.input_ids.shape[1]:]
-        steps = torch.stack(res.scores, 1).float().log_softmax(-1)      # [batch, new tokens, vocab]
+        # the model's own distribution (raw logits), not the one the generation config's
+        # processors (repetition penalty) reshaped to pick the token
+        steps = torch.stack(res.logits, 1).float().log_softmax(-1)      # [batch, new tokens, vocab]
         gens = []
         for b in range(len(prompts)):
             ids, lps, tops = [], [], []
@@ -259,6 +271,13 @@ class OpenAITeacher:
         self.name = cfg.served_model or cfg.model
         self.url = cfg.url.rstrip("/")
         self.timeout_s = timeout_s
+
+    def vocab(self) -> str:
+        """No token ids over this API (top-k comes keyed by token text): text-only labels."""
+        return ""
+
+    def answer_ids(self, ids: Sequence[int]) -> list[int]:
+        return []
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.url}/completions", data=json.dumps({"model": self.name, **body}).encode(),

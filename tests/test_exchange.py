@@ -134,7 +134,7 @@ def exchange_config(tmp_path, tiny_model, tiny_teacher, exchange_data, schedule,
                 "teacher": dict(model=tiny_teacher, quantization="none", eval_max_examples=6, learn_steps=2, learn_batch=4,
                                 threads=1),
                 "distill": dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=8, kd_weight=0.5,
-                                open_slice_size=4, max_new_tokens=6, local_steps=1),
+                                open_slice_size=4, max_new_tokens=6, local_steps=1, top_k=3),
                 "schedule": dict(rounds=schedule), **sections}
     return coordinator_config(tmp_path, tiny_model, eval_file=exchange_data / "eval" / "eval.jsonl", **sections)
 
@@ -167,6 +167,8 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
     assert distill.metrics["pack_prompts"] == 4 and distill.metrics["teacher_tokens_generated"] > 0
     # every school trained on the teacher's answers too (its receipt says so)
     assert pack.open_items() and all("seq_kd_loss" in r.metrics for r in rc.store.receipts(distill.round))
+    # the pack carries the teacher's top-k, but its vocabulary is not the schools': they used the text
+    assert pack.topk and all(r.metrics["topk_kd"] == 0.0 for r in rc.store.receipts(distill.round))
     # distill changed the schools' adapter; teach did not, but trained the teacher's
     assert distill.global_out != distill.global_in and teach.global_out == teach.global_in
     assert distill.metrics["updates"] == 3 and distill.metrics["teacher_tokens_scored"] > 0

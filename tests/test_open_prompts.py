@@ -102,3 +102,90 @@ def test_sequence_level_kd_fits_the_teacher_answers(tiny_model, fed_data):
     assert result.ce_loss == result.ce_loss   # own data mixed in (not nan)
     with pytest.raises(ValueError, match="something to learn from"):
         train_distill(model, tok, [], torch.zeros((0,)), TrainParams(local_steps=1), 1.0)
+
+
+# ---------------------------------------------------------------- top-k (shared vocabulary)
+
+
+def _topk_pack(vocab: str = "v1") -> Pack:
+    top = (((5, -0.1), (7, -2.5)), ((9, -0.3), (5, -1.4)))
+    return Pack((), (), "teacher", 1.0, (_open(1),), ("answer",), ((5, 9),), (top,), vocab)
+
+
+def test_topk_pack_round_trips_and_is_used_only_with_the_same_vocabulary():
+    pack = _topk_pack()
+    back = Pack.from_bytes(pack.to_bytes())
+    assert back == pack
+    (item,) = back.topk_items("v1")
+    assert item.token_ids == (5, 9) and item.topk[1] == ((9, -0.3), (5, -1.4))
+    assert back.topk_items("another tokenizer") == [] and back.open_items() == [(_open(1), "answer")]
+    body = json.loads(pack.to_bytes())
+    for change, msg in ((dict(token_ids=[[5]]), "do not match"),
+                        (dict(vocab=""), "do not match"),
+                        (dict(topk=[[[[5, 0.5], [7, -1.0]], [[9, -0.3], [5, -1.4]]]]), "finite and <= 0"),
+                        (dict(token_ids=[[5, -9]]), "non-negative integers"),
+                        (dict(token_ids=[[5, "9"]]), "non-negative integers")):
+        with pytest.raises(ValidationError, match=msg):
+            Pack.from_bytes(json.dumps({**body, **change}).encode())
+
+
+def test_cut_first_line_keeps_the_teacher_context_whole(tiny_teacher):
+    from common.distill import cut_first_line
+    from common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_teacher)
+    ids = tok("\nParis is\nthe answer", add_special_tokens=False).input_ids
+    cut = cut_first_line(tok, ids, tok.eos_token_id)
+    assert tok.decode(cut).strip() == "Paris is"            # a leading line break stays (it is the teacher's context)
+    assert cut_first_line(tok, ids + [tok.eos_token_id], tok.eos_token_id)[:1] == cut[:1]
+
+
+def _topk_ce_value(model, tok, items) -> float:
+    from common.distill import _topk_ce
+
+    model.zero_grad()
+    value = _topk_ce(model, tok, items, 0.0, 96)
+    model.zero_grad()
+    return value
+
+
+def test_token_level_kd_fits_the_teacher_topk(tiny_teacher):
+    from common.distill import TopkItem
+
+    model, tok = load_model(tiny_teacher)
+    model = wrap(model, LoraSettings(4, 8.0, 0.0, ("q_proj", "v_proj")))
+    ids = tok(" the answer is four", add_special_tokens=False).input_ids
+    items = [TopkItem(_open(i), tuple(ids), tuple(((t, -0.2), (t + 1, -1.8)) for t in ids)) for i in range(3)]
+    before = _topk_ce_value(model, tok, items)
+    result = train_distill(model, tok, [], torch.zeros((0,)), TrainParams(local_steps=6, batch_size=3, learning_rate=5e-3),
+                           1.0, open_items=[(items[0].prompt, "ignored when top-k is given")], topk_items=items)
+    after = _topk_ce_value(model, tok, items)
+    assert result.steps == 6 and result.topk and result.metrics()["topk_kd"] == 1.0
+    assert after < before - 0.1
+
+
+async def test_schools_sharing_the_teacher_vocabulary_learn_from_its_topk(tmp_path, tiny_teacher, exchange_data,
+                                                                        start_coordinator, start_school):
+    """Schools on the teacher's tokenizer: the labelled pack carries the teacher's per-token
+    top-k and every school trains token-level on it (its receipt says so)."""
+    import asyncio
+
+    from tests.conftest import school_config
+    from tests.test_exchange import exchange_config
+
+    cfg = exchange_config(tmp_path, tiny_teacher, tiny_teacher, exchange_data, ("distill",), 1,
+                          rounds=dict(total=1, min_schools=2, quorum=2, deadline_s=120.0),
+                          distill=dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=2, kd_weight=1.0,
+                                       open_slice_size=3, max_new_tokens=5, top_k=3, local_steps=1))
+    cfg = __import__("dataclasses").replace(cfg, schools=cfg.schools[:2])
+    rc = await start_coordinator(cfg)
+    for k in (1, 2):
+        await start_school(school_config(tmp_path, rc.address, f"school-{k}", exchange_data, tiny_teacher))
+    await asyncio.wait_for(rc.run_task, timeout=240)
+    (rnd,) = rc.store.rounds()
+    assert rnd.status == "committed"
+    pack = Pack.from_bytes(rc.engine.artifacts.get(rnd.plan["pack"]))
+    assert pack.vocab and len(pack.topk) == 3 and all(len(t) == len(i) for t, i in zip(pack.topk, pack.token_ids))
+    assert all(len(pos) == 3 for seq in pack.topk for pos in seq)
+    receipts = rc.store.receipts(rnd.round)
+    assert len(receipts) == 2 and all(r.metrics.get("topk_kd") == 1.0 for r in receipts)
