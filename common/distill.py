@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.data import OpenPrompt, Question, answer_text, prompt_text
+from common.data import OpenPrompt, Question, prompt_text
 from common.errors import ValidationError
 from common.evaluation import option_logprobs
 from common.training import TrainParams, answer_loss_sum, collate, encode, encode_pair, frozen, micro_batches

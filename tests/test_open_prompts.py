@@ -4,6 +4,8 @@ tokenization)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -168,8 +170,6 @@ async def test_schools_sharing_the_teacher_vocabulary_learn_from_its_topk(tmp_pa
                                                                         start_coordinator, start_school):
     """Schools on the teacher's tokenizer: the labelled pack carries the teacher's per-token
     top-k and every school trains token-level on it (its receipt says so)."""
-    import asyncio
-
     from tests.conftest import school_config
     from tests.test_exchange import exchange_config
 
@@ -177,7 +177,7 @@ async def test_schools_sharing_the_teacher_vocabulary_learn_from_its_topk(tmp_pa
                           rounds=dict(total=1, min_schools=2, quorum=2, deadline_s=120.0),
                           distill=dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=2, kd_weight=1.0,
                                        open_slice_size=3, max_new_tokens=5, top_k=3, local_steps=1))
-    cfg = __import__("dataclasses").replace(cfg, schools=cfg.schools[:2])
+    cfg = dataclasses.replace(cfg, schools=cfg.schools[:2])
     rc = await start_coordinator(cfg)
     for k in (1, 2):
         await start_school(school_config(tmp_path, rc.address, f"school-{k}", exchange_data, tiny_teacher))
