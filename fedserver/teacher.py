@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -262,6 +263,10 @@ def no_cpu_repack(model: Any) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+class TeacherServerError(RuntimeError):
+    """The OpenAI-compatible teacher server answered with an HTTP error."""
+
+
 class OpenAITeacher:
     """An OpenAI-compatible completions server (vLLM, llama.cpp's server) as the teacher. It
     scores through `echo` + `logprobs` and cannot learn (teach rounds need the local backend)."""
@@ -271,6 +276,8 @@ class OpenAITeacher:
         self.name = cfg.served_model or cfg.model
         self.url = cfg.url.rstrip("/")
         self.timeout_s = timeout_s
+        self._one_at_a_time = False
+        self.log = get_logger("teacher", model=self.name, backend="openai")
 
     def vocab(self) -> str:
         """No token ids over this API (top-k comes keyed by token text): text-only labels."""
@@ -285,21 +292,36 @@ class OpenAITeacher:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            raise TeacherServerError(f"teacher server {self.url} refused the request: HTTP {exc.code} {detail}") from None
         except OSError as exc:
             raise ModelUnavailableError(f"teacher server {self.url} did not answer: {exc}; is it running?") from None
 
+    def _choices(self, prompts: Sequence[str], body: dict[str, Any]) -> list[dict[str, Any]]:
+        """One completion per prompt, in order: batched when the server takes a list of prompts,
+        else one request each (llama-cpp-python's server takes one prompt a request)."""
+        if len(prompts) > 1 and not self._one_at_a_time:
+            try:
+                res = self._post({**body, "prompt": list(prompts)})
+                return sorted(res["choices"], key=lambda c: c["index"])
+            except TeacherServerError as exc:
+                self._one_at_a_time = True
+                self.log.warning("teacher server refused a batch of prompts; sending one a request", error=str(exc))
+        return [self._post({**body, "prompt": [p]})["choices"][0] for p in prompts]
+
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
         texts = [p + c for p, c in zip(prompts, continuations, strict=True)]
-        res = self._post({"prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0})
-        out: list[list[float]] = [[] for _ in texts]
-        for choice in res["choices"]:
-            i = choice["index"]
+        # max_tokens 1, not 0: some servers read 0 as "no limit"; the generated token is dropped below.
+        choices = self._choices(texts, {"max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0})
+        out: list[list[float]] = []
+        for i, choice in enumerate(choices):
             lp = choice["logprobs"]
-            start = len(prompts[i])
+            start, end = len(prompts[i]), len(texts[i])
             # Tokens that begin inside the continuation (a token straddling the boundary
-            # belongs to the continuation: its text ends there).
-            out[i] = [float(v) for v, off, tok in zip(lp["token_logprobs"], lp["text_offset"], lp["tokens"])
-                      if v is not None and off + len(tok) > start]
+            # belongs to the continuation: its text ends there), and none past the echoed text.
+            out.append([float(v) for v, off, tok in zip(lp["token_logprobs"], lp["text_offset"], lp["tokens"])
+                        if v is not None and off + len(tok) > start and off < end])
         return out
 
     def count_tokens(self, questions: Sequence[Question]) -> int:
@@ -327,14 +349,12 @@ class OpenAITeacher:
         return EvalResult(correct / len(questions), nll / len(questions), len(questions))
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, top_k: int = 0) -> list[Generation]:
-        res = self._post({"prompt": list(prompts), "max_tokens": max_new_tokens, "temperature": 0,
-                          "logprobs": max(1, top_k)})
-        out: list[Generation] = [Generation("", (), (), ()) for _ in prompts]
-        for choice in res["choices"]:
+        choices = self._choices(prompts, {"max_tokens": max_new_tokens, "temperature": 0, "logprobs": max(1, top_k)})
+        out: list[Generation] = []
+        for choice in choices:
             lp = choice.get("logprobs") or {}
-            tops = tuple(tuple((hash(t) & 0x7FFFFFFF, float(v)) for t, v in (d or {}).items())
-                         for d in lp.get("top_logprobs") or [])
-            out[choice["index"]] = Generation(choice["text"], (), tuple(float(v) for v in lp.get("token_logprobs") or []), tops)
+            # The API keys alternatives by token text, not id: no ids here, so no top-k packs.
+            out.append(Generation(choice["text"], (), tuple(float(v) for v in lp.get("token_logprobs") or []), ()))
         return out
 
 

@@ -81,15 +81,28 @@ class _Completions(BaseHTTPRequestHandler):
     local model (the teacher's own scorer), to check the client's request and offset logic."""
 
     teacher: LocalTeacher
+    one_prompt_only = False   # as llama-cpp-python's server: a list of several prompts is an HTTP 500
+    requests: list[int]       # prompts per request, as received
 
     def do_POST(self) -> None:   # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append(len(body["prompt"]))
+        if self.one_prompt_only and len(body["prompt"]) > 1:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         tok = self.teacher.tok
         choices = []
         for i, text in enumerate(body["prompt"]):
             ids = tok(text, add_special_tokens=False).input_ids
             with torch.no_grad():
                 logp = self.teacher.infer(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            if body.get("max_tokens", 16) > 0:   # echo, then the tokens it generates (the client must drop them)
+                nxt = int(logp[-1].argmax())
+                ids, text = ids + [nxt], text + tok.decode([nxt])
+                with torch.no_grad():
+                    logp = self.teacher.infer(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
             pieces = [tok.decode([t]) for t in ids]
             offsets, pos = [], 0
             for p in pieces:
@@ -109,9 +122,11 @@ class _Completions(BaseHTTPRequestHandler):
         pass
 
 
-def test_openai_backend_scores_continuations_like_the_local_model(tiny_teacher, fed_data):
+@pytest.mark.parametrize("one_prompt_only", [False, True], ids=["batched", "one-prompt-a-request"])
+def test_openai_backend_scores_continuations_like_the_local_model(tiny_teacher, fed_data, one_prompt_only):
     local = LocalTeacher(teacher_cfg(tiny_teacher, "none"), None)
-    handler = type("H", (_Completions,), {"teacher": local})
+    requests: list[int] = []
+    handler = type("H", (_Completions,), {"teacher": local, "one_prompt_only": one_prompt_only, "requests": requests})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -128,5 +143,7 @@ def test_openai_backend_scores_continuations_like_the_local_model(tiny_teacher, 
             assert g == pytest.approx(w, abs=1e-4)
         probs = remote.label(qs, 1.0)
         assert torch.allclose(probs.sum(-1), torch.ones(len(qs)))
+        # a server that takes one prompt a request gets one a request after its first refusal
+        assert requests[0] == 3 and (set(requests[1:]) == {1} if one_prompt_only else all(n > 1 for n in requests))
     finally:
         server.shutdown()
