@@ -26,6 +26,7 @@ import json
 import math
 import random
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.data import OpenPrompt, Question, prompt_text
+from common.data import OpenPrompt, Question, normalize_text, open_answer, prompt_text
 from common.errors import ValidationError
 from common.evaluation import option_logprobs
 from common.training import TrainParams, answer_loss_sum, collate, encode, encode_pair, frozen, micro_batches
 from common.wire import bytes_to_tensors, tensors_to_bytes
 
 ANSWERS_TENSOR = "probs"
+TEXTS_TENSOR = "texts"            # open prompts: the answers' UTF-8 bytes, concatenated
+OFFSETS_TENSOR = "text_offsets"   # ... and where each starts (one more than there are prompts)
+MAX_ANSWER_CHARS = 400            # a school's answer to an open prompt: one short line
+LEAK_NGRAM = 8                    # an answer repeating this many words of the school's own data is withheld
 SUM_TOLERANCE = 1e-3
 MAX_TEXT_CHARS = 2000   # one generated answer in a labelled pack
 
@@ -64,6 +69,7 @@ class Pack:
     token_ids: tuple[tuple[int, ...], ...] = ()
     topk: tuple[tuple[tuple[tuple[int, float], ...], ...], ...] = ()
     vocab: str = ""
+    max_new_tokens: int = 0   # a pool pack with open prompts: how long the schools' answers may be
 
     @property
     def kind(self) -> str:
@@ -73,6 +79,8 @@ class Pack:
         body: dict[str, Any] = {"kind": self.kind, "questions": [q.to_json() for q in self.questions]}
         if self.prompts:   # absent otherwise, so a multiple-choice pack keeps its address
             body["prompts"] = [p.to_json() for p in self.prompts]
+            if self.max_new_tokens:
+                body["max_new_tokens"] = self.max_new_tokens
         if self.kind == "labelled-pack":
             body.update(probs=[list(p) for p in self.probs], teacher=self.teacher, temperature=self.temperature)
             if self.prompts:
@@ -96,6 +104,9 @@ class Pack:
             topk = tuple(tuple(tuple((_int_id(i), float(lp)) for i, lp in pos) for pos in seq)
                          for seq in body.get("topk", ()))
             vocab = str(body.get("vocab", ""))
+            max_new = int(body.get("max_new_tokens", 0))
+            if not 0 <= max_new <= 512:
+                raise ValueError(f"max_new_tokens {max_new} is not in [0, 512]")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValidationError(f"not a prompt pack: {exc}") from exc
         if topk and (len(topk) != len(prompts) or len(token_ids) != len(prompts)
@@ -110,7 +121,7 @@ class Pack:
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise ValidationError(f"a generated answer in the pack is longer than {MAX_TEXT_CHARS} characters")
         return cls(questions, probs, str(body.get("teacher", "")), float(body.get("temperature", 1.0)),
-                   prompts, tuple(texts), token_ids, topk, vocab)
+                   prompts, tuple(texts), token_ids, topk, vocab, max_new)
 
     def open_items(self) -> list[tuple[OpenPrompt, str]]:
         """(prompt, teacher's answer) pairs worth training on (an empty answer teaches nothing)."""
@@ -379,29 +390,60 @@ def _train_distill(model: Any, tok: Any, questions: Sequence[Question], targets:
 # ---------------------------------------------------------------- answer sets
 
 
-def answers_to_bytes(probs: torch.Tensor) -> bytes:
-    return tensors_to_bytes({ANSWERS_TENSOR: probs.to(torch.float32)})
+def answers_to_bytes(probs: torch.Tensor, texts: Sequence[str] | None = None) -> bytes:
+    """An answer set: the option distributions and, for a pack with open prompts, one answer
+    text each (UTF-8 bytes and their offsets: numbers only on the wire, checked on arrival)."""
+    tensors = {ANSWERS_TENSOR: probs.to(torch.float32)}
+    if texts is not None:
+        encoded = [t.encode() for t in texts]
+        offsets = [0]
+        for e in encoded:
+            offsets.append(offsets[-1] + len(e))
+        tensors[TEXTS_TENSOR] = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
+        tensors[OFFSETS_TENSOR] = torch.tensor(offsets, dtype=torch.int64)
+    return tensors_to_bytes(tensors)
+
+
+def answer_texts(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The answer texts of an answer set's tensors ([] without open prompts)."""
+    if TEXTS_TENSOR not in tensors:
+        return []
+    raw = bytes(tensors[TEXTS_TENSOR].tolist())
+    offs = tensors[OFFSETS_TENSOR].tolist()
+    return [raw[a:b].decode() for a, b in zip(offs, offs[1:])]
 
 
 def validate_answers(payload: bytes, questions: Sequence[Question]) -> torch.Tensor:
-    """Parse and check a school's answer set for a pool pack: the allow-listed schema (one
-    float32 tensor, no metadata), the pack's shape, finite probabilities in [0, 1], zero past
-    each question's options, rows summing to one. Raises ValidationError saying what is wrong."""
+    """`validate_answer_set` for a pack without open prompts: the probabilities."""
+    return validate_answer_set(payload, questions)[0]
+
+
+def validate_answer_set(payload: bytes, questions: Sequence[Question],
+                        prompts: Sequence[OpenPrompt] = ()) -> tuple[torch.Tensor, list[str]]:
+    """Parse and check a school's answer set for a pool pack: the allow-listed schema (float32
+    `probs`; with open prompts also uint8 `texts` and int64 `text_offsets`; no metadata), the
+    pack's shape, finite probabilities in [0, 1], zero past each question's options, rows
+    summing to one, one short single-line UTF-8 answer per prompt. Raises ValidationError
+    saying what is wrong."""
     if len(payload) < 8:
         raise ValidationError("answer set is not safetensors (too short)")
     header_len = int.from_bytes(payload[:8], "little")
-    if header_len > 4096 or 8 + header_len > len(payload):   # one tensor's header is ~100 bytes
-        raise ValidationError(f"answer set header of {header_len} bytes; an answer set holds exactly one tensor {ANSWERS_TENSOR!r}")
+    if header_len > 4096 or 8 + header_len > len(payload):   # three tensors' header is ~300 bytes
+        raise ValidationError(f"answer set header of {header_len} bytes; an answer set holds only {ANSWERS_TENSOR!r}"
+                              + (f", {TEXTS_TENSOR!r} and {OFFSETS_TENSOR!r}" if prompts else ""))
     try:
         header = json.loads(payload[8:8 + header_len])
     except ValueError as exc:
         raise ValidationError(f"answer set header is not JSON: {exc}") from exc
     if header.get("__metadata__"):
-        raise ValidationError("answer sets carry no metadata (only the probabilities); remove it")
+        raise ValidationError("answer sets carry no metadata (only the answers); remove it")
     names = sorted(k for k in header if k != "__metadata__")
-    if names != [ANSWERS_TENSOR]:
-        raise ValidationError(f"answer set must hold exactly one tensor {ANSWERS_TENSOR!r}, got {names[:5]}")
-    probs = bytes_to_tensors(payload)[ANSWERS_TENSOR]
+    want = sorted([ANSWERS_TENSOR, TEXTS_TENSOR, OFFSETS_TENSOR] if prompts else [ANSWERS_TENSOR])
+    if names != want:
+        raise ValidationError(f"answer set must hold exactly the tensors {want} for this pack, got {names[:5]}")
+    tensors = bytes_to_tensors(payload)
+    texts = _check_texts(tensors, prompts) if prompts else []
+    probs = tensors[ANSWERS_TENSOR]
     width = max(len(q.choices) for q in questions)
     if probs.dtype != torch.float32:
         raise ValidationError(f"answer set dtype {probs.dtype}, expected float32")
@@ -420,4 +462,87 @@ def validate_answers(payload: bytes, questions: Sequence[Question]) -> torch.Ten
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValidationError(f"row {i} sums to {float(sums[i]):.4f}, not 1 (tolerance {SUM_TOLERANCE})")
-    return probs
+    return probs, texts
+
+
+def _check_texts(tensors: dict[str, torch.Tensor], prompts: Sequence[OpenPrompt]) -> list[str]:
+    raw, offs = tensors[TEXTS_TENSOR], tensors[OFFSETS_TENSOR]
+    if raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise ValidationError(f"{TEXTS_TENSOR!r} must be a 1-D uint8 tensor (UTF-8 bytes), got {raw.dtype} {tuple(raw.shape)}")
+    if offs.dtype != torch.int64 or tuple(offs.shape) != (len(prompts) + 1,):
+        raise ValidationError(f"{OFFSETS_TENSOR!r} must be int64 of shape ({len(prompts) + 1},): one answer per open prompt")
+    o = offs.tolist()
+    if o[0] != 0 or o[-1] != raw.numel() or any(b < a for a, b in zip(o, o[1:])):
+        raise ValidationError(f"{OFFSETS_TENSOR!r} must rise from 0 to the length of {TEXTS_TENSOR!r}")
+    data = bytes(raw.tolist())
+    texts = []
+    for i, (a, b) in enumerate(zip(o, o[1:])):
+        try:
+            text = data[a:b].decode()
+        except UnicodeDecodeError as exc:
+            raise ValidationError(f"answer {i} is not UTF-8: {exc.reason}") from None
+        if len(text) > MAX_ANSWER_CHARS:
+            raise ValidationError(f"answer {i} has {len(text)} characters; at most {MAX_ANSWER_CHARS} (one short line)")
+        if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in text):
+            raise ValidationError(f"answer {i} contains control characters; an answer is one line of text")
+        texts.append(text)
+    return texts
+
+
+# ---------------------------------------------------------------- open answers from the schools
+
+
+def generate_answers(model: Any, tok: Any, prompts: Sequence[OpenPrompt], max_new_tokens: int) -> list[str]:
+    """Greedy answers of a (student) model to open prompts, first line each, batched with left
+    padding."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok([prompt_text(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        new = out[:, enc.input_ids.shape[1]:]
+        return [open_answer(tok.decode(row, skip_special_tokens=True), MAX_ANSWER_CHARS) for row in new]
+    finally:
+        tok.padding_side = side
+        if was_training:
+            model.train()
+
+
+def _words(text: str) -> list[str]:
+    return normalize_text(text).split()
+
+
+def leaks_own_data(text: str, own: Sequence[Question], n: int = LEAK_NGRAM) -> bool:
+    """True when `text` repeats `n` consecutive words of the school's own questions, options
+    or answers: such an answer is not sent (a model can recite what it trained on)."""
+    words = _words(text)
+    if len(words) < n:
+        return False
+    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    for q in own:
+        for part in (q.question, *q.choices):
+            w = _words(part)
+            if any(tuple(w[i:i + n]) in grams for i in range(len(w) - n + 1)):
+                return True
+    return False
+
+
+def vote_texts(answers: Sequence[Sequence[str]], prompts: int) -> list[str]:
+    """Per prompt, the answer (compared case-, punctuation- and space-insensitively) that more
+    than half of the schools gave; "" where there is no such majority. The text analogue of a
+    robust ensemble: one poisoned school cannot put words in the teacher's mouth."""
+    out = []
+    for i in range(prompts):
+        given = [a[i] for a in answers if i < len(a) and a[i].strip()]
+        counts: dict[str, list[str]] = {}
+        for t in given:
+            counts.setdefault(normalize_text(t), []).append(t)
+        best = max(counts.values(), key=len, default=[])
+        out.append(best[0] if len(best) * 2 > len(answers) else "")
+    return out

@@ -263,14 +263,19 @@ class SchoolDaemon:
         await self._deliver_delta(cmd, cmd.params, compute)
 
     async def _teach(self, cmd: TeachCommand) -> None:
-        """Schools teach: answer the pool slice with this school's current model; only the
-        option distributions (numbers, one row per pack question) leave the school."""
+        """Schools teach: answer the pool slice with this school's current model. What leaves
+        the school: option distributions (numbers, one row per pack question) and, for open
+        prompts, one short answer each, withheld when it repeats words of the school's data."""
         async def compute() -> tuple[bytes, UploadHeader]:
             global_bytes = await self._fetch(cmd)
             pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
-            probs = await asyncio.to_thread(self.model.answer, global_bytes, pack.questions, cmd.temperature, self._last_params)
-            payload = answers_to_bytes(probs)
+            probs, texts, withheld = await asyncio.to_thread(self.model.answer, global_bytes, pack.questions,
+                                                             cmd.temperature, self._last_params, pack.prompts,
+                                                             pack.max_new_tokens)
+            if withheld:
+                self.log.warning("answers withheld: they repeat this school's own data", round=cmd.round, count=withheld)
+            payload = answers_to_bytes(probs, texts if pack.prompts else None)
             return payload, UploadHeader(cmd.round, "", len(pack.questions), sha256_hex(payload), len(payload), 0,
                                          cmd.adapter.sha256, {}, "", "answers")
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from common.data import Question, read_jsonl
-from common.distill import DistillResult, Pack, label, train_distill, vocab_fingerprint
+from common.data import OpenPrompt, Question, read_jsonl
+from common.distill import (
+    DistillResult, Pack, generate_answers, label, leaks_own_data, train_distill, vocab_fingerprint,
+)
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
 from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
@@ -128,15 +130,22 @@ class SchoolModel:
         return self._vocab_sha
 
     def answer(self, global_payload: bytes, questions: Sequence[Question], temperature: float,
-               params: TrainParams | None = None) -> torch.Tensor:
-        """This school's option distributions for public pool questions, with the model it
-        would evaluate (global adapter + its personal tensors)."""
+               params: TrainParams | None = None, prompts: Sequence[OpenPrompt] = (),
+               max_new_tokens: int = 24) -> tuple[torch.Tensor, list[str], int]:
+        """This school's answers to a pool pack, with the model it would evaluate (global
+        adapter + its personal tensors): option distributions for the questions, and a greedy
+        one-line answer to each open prompt, except that an answer repeating words of this
+        school's own data is withheld (sent empty). Returns (probs, texts, withheld)."""
         _, start = self._start_state(global_payload, params or TrainParams())
         load_adapter_state(self._model, start)
         try:
-            return label(self._model, self._tok, questions, temperature)
+            probs = label(self._model, self._tok, questions, temperature)
+            texts = generate_answers(self._model, self._tok, prompts, max_new_tokens or 24)
         finally:
             release_memory()
+        own = [*self.train_questions, *self.heldout]
+        kept = ["" if leaks_own_data(t, own) else t for t in texts]
+        return probs, kept, sum(1 for a, b in zip(texts, kept) if a != b)
 
     def evaluate(self, global_payload: bytes, max_examples: int, params: TrainParams | None = None) -> EvalResult | None:
         if not self.heldout or max_examples <= 0:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.distill import Pack, pool_slice, validate_answers
+from common.distill import ANSWERS_TENSOR, Pack, answer_texts, pool_slice, validate_answer_set, vote_texts
 from common.errors import ChecksumError, WrongRoundError
 from common.files import atomic_write_bytes
 from common.messages import (
@@ -223,13 +223,14 @@ class TeachKind(RoundKind):
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
         if not eng.pool:   # open prompts are taught by the teacher only (see docs/DISTILLATION.md)
             raise RoundFailed("teach rounds need multiple-choice questions in the prompt pool; it has none")
-        questions = pool_slice(eng.pool, eng.cfg.distill.slice_size, eng.exchange_index(number, "teach"),
-                               eng.cfg.distill.seed + 1)
-        data = Pack(tuple(questions)).to_bytes()
+        d, index = eng.cfg.distill, eng.exchange_index(number, "teach")
+        questions = pool_slice(eng.pool, d.slice_size, index, d.seed + 1)
+        prompts = pool_slice(eng.open_pool, d.open_slice_size, index, d.seed + 3) if eng.open_pool and d.open_slice_size else []
+        data = Pack(tuple(questions), prompts=tuple(prompts), max_new_tokens=d.max_new_tokens if prompts else 0).to_bytes()
         sha = await asyncio.to_thread(eng.artifacts.put, data)
         # Fixed now, so a restarted round ensembles with the weights it opened with.
         weights = await asyncio.to_thread(eng.last_school_accuracies, participants)
-        return {"pack": sha, "pack_questions": len(questions), "weights": weights}
+        return {"pack": sha, "pack_questions": len(questions), "pack_prompts": len(prompts), "weights": weights}
 
     def _pack(self, eng: RoundEngine, rnd: OpenRound) -> Pack:
         """The round's pool pack, parsed once per round (acceptance reads it for every upload)."""
@@ -246,23 +247,28 @@ class TeachKind(RoundKind):
         if digest != h.sha256:
             raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; re-send the upload")
         data = await asyncio.to_thread(payload.read_bytes)
-        probs = await asyncio.to_thread(validate_answers, data, self._pack(eng, rnd).questions)
+        pack = self._pack(eng, rnd)
+        answers = await asyncio.to_thread(validate_answer_set, data, pack.questions, pack.prompts)
         final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.answers.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(payload.replace, final)
-        return final, probs
+        return final, answers
 
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
         if result is None:   # a restart: the kept file was validated when it was accepted
-            result = bytes_to_tensors(path.read_bytes())["probs"]
-        rnd.results[school] = result
+            tensors = bytes_to_tensors(path.read_bytes())
+            result = (tensors[ANSWERS_TENSOR], answer_texts(tensors))
+        rnd.results[school] = result   # (probabilities, answer texts)
 
     async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
         if eng.teacher is None:
             raise RoundFailed("no teacher is configured")
         pack = self._pack(eng, rnd)
-        answers = dict(rnd.results)
+        answers = {sid: probs for sid, (probs, _) in rnd.results.items()}
+        # open prompts: the answer more than half of the schools gave, if any
+        agreed = vote_texts([texts for _, texts in rnd.results.values()], len(pack.prompts))
+        open_items = [(p, t) for p, t in zip(pack.prompts, agreed) if t]
         width = max(len(q.choices) for q in pack.questions)
         support = torch.tensor([[j < len(q.choices) for j in range(width)] for q in pack.questions])
         d = eng.cfg.distill
@@ -271,7 +277,8 @@ class TeachKind(RoundKind):
         t0 = time.monotonic()
         before = await eng.teacher.call(lambda b: b.adapter())
         try:
-            learned = await eng.teacher.call(lambda b: b.learn(pack.questions, target, d.temperature, rnd.number))
+            learned = await eng.teacher.call(lambda b: b.learn(pack.questions, target, d.temperature, rnd.number,
+                                                               open_items))
             eng.log.info("teacher learned from the schools", round=rnd.number, loss=round(learned.kd_loss, 4),
                          steps=learned.steps, seconds=round(time.monotonic() - t0, 1))
             await eng.save_teacher(rnd.number)
@@ -282,6 +289,8 @@ class TeachKind(RoundKind):
         metrics = {
             "answer_sets": float(len(answers)),
             "pack_questions": float(len(pack.questions)),
+            "pack_prompts": float(len(pack.prompts)),
+            "open_answers_agreed": float(len(open_items)),   # open prompts the teacher learned an answer for
             # How often the ensemble's top option is the right one (pool questions are public
             # and carry answers; the teacher never trains on those answers).
             "ensemble_accuracy": float((target.argmax(-1) == gold).float().mean()),

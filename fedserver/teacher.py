@@ -35,7 +35,7 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 
-from common.data import Question, answer_text, prompt_text
+from common.data import OpenPrompt, Question, answer_text, prompt_text
 from common.distill import DistillResult, cut_first_line, distributions, label, train_distill, vocab_fingerprint
 from common.errors import ConfigError, ModelUnavailableError
 from common.evaluation import EvalResult, evaluate_choices
@@ -204,14 +204,16 @@ class LocalTeacher:
         return gens
 
     # ---- learning (teach rounds)
-    def learn(self, questions: Sequence[Question], targets: torch.Tensor, temperature: float, round_: int) -> DistillResult:
+    def learn(self, questions: Sequence[Question], targets: torch.Tensor, temperature: float, round_: int,
+              open_items: Sequence[tuple[OpenPrompt, str]] = ()) -> DistillResult:
         """Train the teacher's adapter toward the schools' ensemble, on the training instance;
         then the inference instance takes the new adapter. The loss is `learn_kd_weight` ·
         KL(ensemble ‖ teacher) over the options plus the rest · the answer cross-entropy of the
         ensemble's top option (sequence-level KD on the ensemble's answer). The KL alone only
         sees differences between options, and the teacher learns them by pushing every
         option's text down (measured: held-out answer loss 3.19 -> 13.0 after 4 steps); the
-        cross-entropy term keeps its likelihoods anchored."""
+        cross-entropy term keeps its likelihoods anchored. `open_items`: open prompts with the
+        answer most schools agreed on, learned as sequence-level KD (part of the KD term)."""
         self._threads()
         if self._trainer is None:
             separate = self.quantized and self.cfg.trainer == "separate"
@@ -224,7 +226,7 @@ class LocalTeacher:
             answered = [dataclasses.replace(q, answer_index=i, answer=q.choices[i]) for q, i in zip(questions, top)]
             result = train_distill(self._trainer, self.tok, questions, targets, params, self.cfg.learn_kd_weight,
                                    temperature, answered if self.cfg.learn_kd_weight < 1 else (),
-                                   max_batch_tokens=self.cfg.max_batch_tokens)
+                                   max_batch_tokens=self.cfg.max_batch_tokens, open_items=open_items)
         finally:
             release_memory()
         if self._trainer is not self.infer:

@@ -23,7 +23,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import command_from_pb
 from common.training import TrainParams
-from common.wire import grpc_options, sha256_hex, tensors_to_bytes
+from common.wire import bytes_to_tensors, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.transfer import download, upload
 from fedserver.ensemble import ensemble
 from tests.conftest import TOKENS, coordinator_config, school_config
@@ -84,7 +84,7 @@ def _answers(rows):
     (_answers([[1.5, -0.5, 0.0, 0.0], [0.4, 0.3, 0.3, 0.0]]), "[0, 1]"),
     (_answers([[0.5, 0.5, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1]]), "past question"),
     (tensors_to_bytes({"probs": torch.full((2, 4), 0.25)}, {"note": "my students wrote this"}), "no metadata"),
-    (tensors_to_bytes({"probs": torch.full((2, 4), 0.25), "text": torch.zeros(3)}), "exactly one tensor"),
+    (tensors_to_bytes({"probs": torch.full((2, 4), 0.25), "text": torch.zeros(3)}), "exactly the tensors"),
     (tensors_to_bytes({"probs": torch.full((2, 4), 0.25, dtype=torch.float64)}), "dtype"),
     (b"\x00" * 4, "too short"),
 ])
@@ -173,6 +173,8 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
     assert distill.global_out != distill.global_in and teach.global_out == teach.global_in
     assert distill.metrics["updates"] == 3 and distill.metrics["teacher_tokens_scored"] > 0
     assert teach.metrics["answer_sets"] == 3 and 0 <= teach.metrics["ensemble_accuracy"] <= 1
+    # the schools answered the teach pack's open prompts too; the teacher learned the agreed ones
+    assert teach.metrics["pack_prompts"] == 4 and 0 <= teach.metrics["open_answers_agreed"] <= 4
     saved = cfg.server.state_dir / "rounds" / "3" / "teacher-adapter"
     assert rc.store.get_meta("teacher_adapter") == str(saved)
     state = load_file(str(saved / "adapter_model.safetensors"))
@@ -224,11 +226,22 @@ def _uniform(pack: Pack) -> torch.Tensor:
     return torch.tensor([[1 / len(x.choices) if j < len(x.choices) else 0.0 for j in range(width)] for x in pack.questions])
 
 
+def _answer_set(pack: Pack, probs: torch.Tensor, texts: list[str] | None = None) -> bytes:
+    return answers_to_bytes(probs, texts if texts is not None else ["an answer"] * len(pack.prompts))
+
+
 @pytest.mark.parametrize("case, code, text", [
     ("nan", grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
     ("not_normalised", grpc.StatusCode.INVALID_ARGUMENT, "sums to"),
     ("wrong_rows", grpc.StatusCode.INVALID_ARGUMENT, "one row per pack question"),
     ("smuggled_text", grpc.StatusCode.INVALID_ARGUMENT, "no metadata"),
+    ("smuggled_tensor", grpc.StatusCode.INVALID_ARGUMENT, "exactly the tensors"),
+    ("missing_texts", grpc.StatusCode.INVALID_ARGUMENT, "exactly the tensors"),
+    ("text_too_long", grpc.StatusCode.INVALID_ARGUMENT, "at most 400"),
+    ("text_with_newline", grpc.StatusCode.INVALID_ARGUMENT, "control characters"),
+    ("text_not_utf8", grpc.StatusCode.INVALID_ARGUMENT, "not UTF-8"),
+    ("text_offsets_wrong", grpc.StatusCode.INVALID_ARGUMENT, "must rise from 0"),
+    ("texts_per_prompt", grpc.StatusCode.INVALID_ARGUMENT, "one answer per open prompt"),
     ("delta_in_teach_round", grpc.StatusCode.FAILED_PRECONDITION, "takes answers uploads"),
     ("bad_checksum", grpc.StatusCode.DATA_LOSS, "does not match"),
 ])
@@ -240,11 +253,28 @@ async def test_bad_answer_uploads_get_clear_statuses_and_change_nothing(teach_ro
         probs[0, 0] = float("nan")
     if case == "not_normalised":
         probs[1] *= 2
-    payload = answers_to_bytes(probs)
+    assert len(pack.prompts) == 4   # the pool's open prompts are answered in text too
+    payload = _answer_set(pack, probs)
     if case == "wrong_rows":
-        payload = answers_to_bytes(probs[:-1])
+        payload = _answer_set(pack, probs[:-1])
+    good_parts = bytes_to_tensors(_answer_set(pack, probs))
     if case == "smuggled_text":
-        payload = tensors_to_bytes({"probs": probs}, {"answer": "a student's essay"})
+        payload = tensors_to_bytes(good_parts, {"answer": "a student's essay"})
+    if case == "smuggled_tensor":
+        payload = tensors_to_bytes({**good_parts, "essay": torch.zeros(3, dtype=torch.uint8)})
+    if case == "missing_texts":
+        payload = answers_to_bytes(probs)
+    if case == "text_too_long":
+        payload = _answer_set(pack, probs, ["x" * 401, "", "", ""])
+    if case == "text_with_newline":
+        payload = _answer_set(pack, probs, ["one line\nand a second", "", "", ""])
+    if case == "text_not_utf8":
+        raw = torch.tensor(list(b"\xff\xfe"), dtype=torch.uint8)
+        payload = tensors_to_bytes({**good_parts, "texts": raw, "text_offsets": torch.tensor([0, 2, 2, 2, 2])})
+    if case == "text_offsets_wrong":
+        payload = tensors_to_bytes({**good_parts, "text_offsets": torch.tensor([0, 5, 3, 9, 36])})
+    if case == "texts_per_prompt":
+        payload = _answer_set(pack, probs, ["a", "b", "c"])
     if case == "delta_in_teach_round":
         kind = ""
     sha = sha256_hex(payload)
@@ -256,7 +286,7 @@ async def test_bad_answer_uploads_get_clear_statuses_and_change_nothing(teach_ro
     assert err.value.code() == code and text in err.value.details(), err.value.details()
     assert rc.store.receipts(cmd.round) == [] and rc.engine.current.accepted == set()
     # a good answer set from the same school still goes through
-    good = answers_to_bytes(_uniform(pack))
+    good = _answer_set(pack, _uniform(pack))
     h = UploadHeader(cmd.round, "a-good", len(pack.questions), sha256_hex(good), len(good), 0, cmd.adapter.sha256, {}, "", "answers")
     assert await upload(stub, h, good, sessions["school-1"]) is not None
     assert [r.school_id for r in rc.store.receipts(cmd.round)] == ["school-1"]

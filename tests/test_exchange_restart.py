@@ -33,6 +33,8 @@ threads = 1
 [distill]
 pool_file = {q(str(data / "public" / "pool.jsonl"))}
 slice_size = 6
+open_slice_size = 2
+max_new_tokens = 4
 
 [schedule]
 rounds = [{q(kind)}]
@@ -115,7 +117,8 @@ async def test_killed_coordinator_resumes_a_teach_round(tmp_path, tiny_model, ti
         a1[:, 0] = 1.0
         a2 = torch.zeros(len(pack.questions), width)
         a2[torch.arange(len(pack.questions)), torch.tensor([x.answer_index for x in pack.questions])] = 1.0
-        p1 = answers_to_bytes(a1)
+        # both answer the first open prompt alike (the teacher learns it), the second not
+        p1 = answers_to_bytes(a1, ["Paris", "red"])
         h1 = UploadHeader(cmd.round, "s1-answers", len(pack.questions), sha256_hex(p1), len(p1), 0, glob_sha, {}, "", "answers")
         assert await upload(s1.stub, h1, p1, s1.md) is not None
     finally:
@@ -136,7 +139,7 @@ async def test_killed_coordinator_resumes_a_teach_round(tmp_path, tiny_model, ti
         cmd2 = await next_command(s2, "teach")
         assert cmd2.round == 1 and cmd2.teach.pack.sha256 == pack_sha
         assert await upload(s1.stub, h1, p1, s1.md) is None
-        p2 = answers_to_bytes(a2)
+        p2 = answers_to_bytes(a2, ["paris.", "blue"])
         h2 = UploadHeader(1, "s2-answers", len(pack.questions), sha256_hex(p2), len(p2), 0, glob_sha, {}, "", "answers")
         assert await upload(s2.stub, h2, p2, s2.md) is not None
         assert await asyncio.to_thread(proc.wait, 90) == 0
@@ -151,5 +154,7 @@ async def test_killed_coordinator_resumes_a_teach_round(tmp_path, tiny_model, ti
     assert r1.kind == "teach" and r1.status == "committed"
     assert r1.metrics["answer_sets"] == 2 and r1.global_out == glob_sha   # the schools' adapter is unchanged
     assert 0.0 <= r1.metrics["ensemble_accuracy"] <= 1.0
+    # the answer texts survived the restart too: one agreed answer of two prompts
+    assert r1.metrics["pack_prompts"] == 2 and r1.metrics["open_answers_agreed"] == 1
     assert state.get_meta("teacher_adapter") == str(tmp_path / "state" / "rounds" / "1" / "teacher-adapter")
     assert (tmp_path / "state" / "rounds" / "1" / "teacher-adapter" / "adapter_model.safetensors").is_file()

@@ -189,3 +189,41 @@ async def test_schools_sharing_the_teacher_vocabulary_learn_from_its_topk(tmp_pa
     assert all(len(pos) == 3 for seq in pack.topk for pos in seq)
     receipts = rc.store.receipts(rnd.round)
     assert len(receipts) == 2 and all(r.metrics.get("topk_kd") == 1.0 for r in receipts)
+
+
+# ---------------------------------------------------------------- schools' answers to open prompts
+
+
+def test_answer_texts_round_trip_and_the_vote_needs_a_majority():
+    from common.distill import answer_texts, answers_to_bytes, validate_answer_set, vote_texts
+    from common.wire import bytes_to_tensors
+
+    qs, prompts = [_mc(1)], [_open(1), _open(2), _open(3)]
+    payload = answers_to_bytes(torch.tensor([[0.5, 0.5]]), ["Paris", "", "caf\u00e9 au lait"])
+    probs, texts = validate_answer_set(payload, qs, prompts)
+    assert texts == ["Paris", "", "caf\u00e9 au lait"] and answer_texts(bytes_to_tensors(payload)) == texts
+    # three schools: two agree (up to case and punctuation), one poisoned school alone cannot win
+    votes = vote_texts([["Paris", "blue", "x"], ["paris.", "red", ""], ["BUY NOW", "green", ""]], 3)
+    assert votes == ["Paris", "", ""]
+    assert vote_texts([["a"], ["b"]], 1) == [""]   # a tie is no majority
+    assert vote_texts([], 2) == ["", ""]
+
+
+def test_an_answer_that_recites_the_school_data_is_withheld():
+    from common.distill import leaks_own_data
+
+    own = [Question("s:1", "s", "s", "Which organelle of the cell makes most of the energy it uses every day?",
+                    ("mitochondria", "ribosome"), 0, "mitochondria")]
+    assert leaks_own_data("well: which organelle of the cell makes most of the energy it uses", own)
+    assert not leaks_own_data("mitochondria", own) and not leaks_own_data("the energy it uses every day", own)
+
+
+def test_a_student_answers_open_prompts_in_one_line(tiny_model):
+    from common.distill import MAX_ANSWER_CHARS, generate_answers
+
+    model, tok = load_model(tiny_model)
+    side = tok.padding_side
+    answers = generate_answers(model, tok, [_open(1), _open(2)], 5)
+    assert len(answers) == 2 and all("\n" not in a and len(a) <= MAX_ANSWER_CHARS for a in answers)
+    assert tok.padding_side == side   # restored
+    assert generate_answers(model, tok, [], 5) == []
