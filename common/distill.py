@@ -483,7 +483,7 @@ def _check_texts(tensors: dict[str, torch.Tensor], prompts: Sequence[OpenPrompt]
             raise ValidationError(f"answer {i} is not UTF-8: {exc.reason}") from None
         if len(text) > MAX_ANSWER_CHARS:
             raise ValidationError(f"answer {i} has {len(text)} characters; at most {MAX_ANSWER_CHARS} (one short line)")
-        if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in text):
+        if any(unicodedata.category(c) in _CONTROL for c in text):
             raise ValidationError(f"answer {i} contains control characters; an answer is one line of text")
         texts.append(text)
     return texts
@@ -507,11 +507,22 @@ def generate_answers(model: Any, tok: Any, prompts: Sequence[OpenPrompt], max_ne
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         new = out[:, enc.input_ids.shape[1]:]
-        return [open_answer(tok.decode(row, skip_special_tokens=True), MAX_ANSWER_CHARS) for row in new]
+        return [_one_line(tok.decode(row, skip_special_tokens=True)) for row in new]
     finally:
         tok.padding_side = side
         if was_training:
             model.train()
+
+
+def _one_line(text: str) -> str:
+    """A generated answer as the answer-set check wants it: its first line, control
+    characters (tabs, zero-width marks) made spaces, at most MAX_ANSWER_CHARS."""
+    line = open_answer(text, 10 * MAX_ANSWER_CHARS)
+    clean = "".join(" " if unicodedata.category(c) in _CONTROL else c for c in line)
+    return " ".join(clean.split())[:MAX_ANSWER_CHARS]
+
+
+_CONTROL = ("Cc", "Cf", "Cs", "Co")
 
 
 def _words(text: str) -> list[str]:

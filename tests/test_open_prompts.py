@@ -227,3 +227,11 @@ def test_a_student_answers_open_prompts_in_one_line(tiny_model):
     assert len(answers) == 2 and all("\n" not in a and len(a) <= MAX_ANSWER_CHARS for a in answers)
     assert tok.padding_side == side   # restored
     assert generate_answers(model, tok, [], 5) == []
+
+
+def test_a_generated_answer_is_cleaned_to_what_the_coordinator_accepts():
+    from common.distill import _one_line, answers_to_bytes, validate_answer_set
+
+    text = _one_line("  Paris\tis\u200bthe  capital\nnext line" + "x" * 900)
+    assert text.startswith("Paris is the capital") and "\n" not in text and len(text) <= 400
+    validate_answer_set(answers_to_bytes(torch.tensor([[0.5, 0.5]]), [text]), [_mc(1)], [_open(1)])
