@@ -151,17 +151,19 @@ class RoundEngine:
         topk: list[Any] = []
         vocab = ""
         if prompts:
-            gens = await self.teacher.call(lambda b: b.generate([prompt_text(p) for p in prompts], d.max_new_tokens, d.top_k))
+            def answer(b: Any) -> tuple[list[Any], str, list[list[int]]]:   # on the teacher's thread, in one go
+                gens = b.generate([prompt_text(p) for p in prompts], d.max_new_tokens, d.top_k)
+                voc = b.vocab() if d.top_k else ""
+                return gens, voc, [b.answer_ids(g.token_ids) for g in gens] if voc else []
+
+            gens, vocab, cut = await self.teacher.call(answer)
             texts = [open_answer(g.text) for g in gens]
             generated = sum(max(len(g.token_ids), len(g.logprobs)) for g in gens)
-            vocab = await self.teacher.call(lambda b: b.vocab()) if d.top_k else ""
             if d.top_k and not vocab:
                 self.log.warning("top_k is set but this teacher backend gives no token ids; sending text only")
-            if vocab:   # the same tokens as the text: cut at the first line break
-                for g in gens:
-                    ids = tuple(await self.teacher.call(lambda b, g=g: b.answer_ids(g.token_ids)))
-                    token_ids.append(ids)
-                    topk.append(tuple(g.top[: len(ids)]))
+            # the same tokens as the text (cut at its first line break) and their top-k
+            token_ids = [tuple(ids) for ids in cut]
+            topk = [tuple(g.top[: len(ids)]) for g, ids in zip(gens, cut)]
         pack = Pack(tuple(questions), tuple(tuple(float(x) for x in row) for row in probs),
                     self.cfg.teacher.model, d.temperature, tuple(prompts), tuple(texts),
                     tuple(token_ids), tuple(topk), vocab)
