@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from common.data import OpenPrompt, Question, normalize_text, open_answer, prompt_text
 from common.errors import ValidationError
 from common.evaluation import option_logprobs
-from common.training import TrainParams, answer_loss_sum, collate, encode, encode_pair, frozen, micro_batches
+from common.training import TrainParams, answer_loss_sum, collate, encode, encode_pair, fit_pair, frozen, micro_batches
 from common.wire import bytes_to_tensors, tensors_to_bytes
 
 ANSWERS_TENSOR = "probs"
@@ -286,12 +286,9 @@ def train_distill(model: Any, tok: Any, questions: Sequence[Question], targets: 
 def _topk_ce(model: Any, tok: Any, items: Sequence[TopkItem], weight: float, max_len: int) -> float:
     """Backward of `weight` · the token-mean cross-entropy of the student against the teacher's
     renormalised top-k at each teacher answer token; returns the mean."""
-    rows = []
-    for it in items:
-        answer = list(it.token_ids)[:max_len]
-        prompt = tok(prompt_text(it.prompt), add_special_tokens=False).input_ids
-        prompt = prompt[-(max_len - len(answer)):] if max_len > len(answer) else prompt[-1:]
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    # at most max_len - 1 answer tokens: at least one prompt token predicts the first of them
+    rows = [fit_pair(tok(prompt_text(it.prompt), add_special_tokens=False).input_ids, list(it.token_ids)[: max_len - 1],
+                     max_len) for it in items]
     batch = collate(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
@@ -529,19 +526,25 @@ def _words(text: str) -> list[str]:
     return normalize_text(text).split()
 
 
-def leaks_own_data(text: str, own: Sequence[Question], n: int = LEAK_NGRAM) -> bool:
-    """True when `text` repeats `n` consecutive words of the school's own questions, options
-    or answers: such an answer is not sent (a model can recite what it trained on)."""
-    words = _words(text)
-    if len(words) < n:
-        return False
-    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def own_ngrams(own: Sequence[Question], n: int = LEAK_NGRAM) -> frozenset[tuple[str, ...]]:
+    """Every run of `n` consecutive words in a school's own questions and options (built once
+    per school; `leaks_own_data` checks answers against it)."""
+    grams: set[tuple[str, ...]] = set()
     for q in own:
         for part in (q.question, *q.choices):
-            w = _words(part)
-            if any(tuple(w[i:i + n]) in grams for i in range(len(w) - n + 1)):
-                return True
-    return False
+            grams |= _ngrams(_words(part), n)
+    return frozenset(grams)
+
+
+def leaks_own_data(text: str, own: frozenset[tuple[str, ...]]) -> bool:
+    """True when `text` repeats a run of words of the school's own data (`own_ngrams`): such an
+    answer is not sent (a model can recite what it trained on)."""
+    n = len(next(iter(own))) if own else LEAK_NGRAM
+    return not own.isdisjoint(_ngrams(_words(text), n))
 
 
 def vote_texts(answers: Sequence[Sequence[str]], prompts: int) -> list[str]:

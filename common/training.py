@@ -52,6 +52,12 @@ def encode_pair(tok: Any, prompt_str: str, answer_str: str, max_len: int) -> tup
     """`encode` for any prompt and continuation (a teacher's generated answer, say)."""
     prompt = tok(prompt_str, add_special_tokens=False).input_ids
     answer = tok(answer_str, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return fit_pair(prompt, answer, max_len)
+
+
+def fit_pair(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a prompt and its answer in at most `max_len` tokens: the answer
+    kept from its start, the prompt from its end; loss only on the answer."""
     answer = answer[:max_len]
     prompt = prompt[-(max_len - len(answer)) :] if max_len > len(answer) else []
     return prompt + answer, [-100] * len(prompt) + answer

@@ -11,7 +11,7 @@ import torch
 
 from common.data import OpenPrompt, Question, read_jsonl
 from common.distill import (
-    DistillResult, Pack, generate_answers, label, leaks_own_data, train_distill, vocab_fingerprint,
+    DistillResult, Pack, generate_answers, label, leaks_own_data, own_ngrams, train_distill, vocab_fingerprint,
 )
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
@@ -32,6 +32,8 @@ class SchoolModel:
         if not self.train_questions:
             raise ValueError(f"no questions under {data_dir}; put the school's *.jsonl files there")
         self.heldout: list[Question] = read_jsonl(heldout_file) if heldout_file and heldout_file.exists() else []
+        self._own_ngrams: frozenset[tuple[str, ...]] | None = None   # built at the first teach round
+        self._vocab_sha: str | None = None
         self.torch_threads = torch_threads
         self.max_batch_tokens = max_batch_tokens
         self.gradient_checkpointing = gradient_checkpointing
@@ -125,7 +127,7 @@ class SchoolModel:
 
     def _vocab(self) -> str:
         """This school's tokenizer fingerprint (a pack's top-k is used only when it matches)."""
-        if getattr(self, "_vocab_sha", None) is None:
+        if self._vocab_sha is None:
             self._vocab_sha = vocab_fingerprint(self._tok)
         return self._vocab_sha
 
@@ -143,8 +145,9 @@ class SchoolModel:
             texts = generate_answers(self._model, self._tok, prompts, max_new_tokens or 24)
         finally:
             release_memory()
-        own = [*self.train_questions, *self.heldout]
-        kept = ["" if leaks_own_data(t, own) else t for t in texts]
+        if self._own_ngrams is None:   # this school's data does not change while it runs
+            self._own_ngrams = own_ngrams([*self.train_questions, *self.heldout])
+        kept = ["" if leaks_own_data(t, self._own_ngrams) else t for t in texts]
         return probs, kept, sum(1 for a, b in zip(texts, kept) if a != b)
 
     def evaluate(self, global_payload: bytes, max_examples: int, params: TrainParams | None = None) -> EvalResult | None:

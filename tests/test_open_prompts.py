@@ -210,10 +210,11 @@ def test_answer_texts_round_trip_and_the_vote_needs_a_majority():
 
 
 def test_an_answer_that_recites_the_school_data_is_withheld():
-    from common.distill import leaks_own_data
+    from common.distill import leaks_own_data, own_ngrams
 
-    own = [Question("s:1", "s", "s", "Which organelle of the cell makes most of the energy it uses every day?",
+    questions = [Question("s:1", "s", "s", "Which organelle of the cell makes most of the energy it uses every day?",
                     ("mitochondria", "ribosome"), 0, "mitochondria")]
+    own = own_ngrams(questions)   # built once per school
     assert leaks_own_data("well: which organelle of the cell makes most of the energy it uses", own)
     assert not leaks_own_data("mitochondria", own) and not leaks_own_data("the energy it uses every day", own)
 
