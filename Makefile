@@ -36,7 +36,8 @@ demo: $(STAMP)
 	$(BIN)/fedserver demo --out $(DEMO_OUT) --cache-dir .cache/models $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	bash scripts/install-browser.sh
+	$(BIN)/python -m pytest -q -rs
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -29,6 +29,15 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     except (ValueError, OSError) as exc:   # no data, unreadable data: a configuration problem
         raise ConfigError(f"school data: {exc}") from None
     daemon = SchoolDaemon(cfg, token, model)
+    metrics = None
+    if cfg.monitor.metrics_listen:
+        from common.monitoring import serve_metrics
+
+        try:
+            metrics = await asyncio.to_thread(serve_metrics, cfg.monitor.metrics_listen, daemon.metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"[monitor] {exc}; choose another port or set metrics_listen = '' to turn it off") from None
+        daemon.log.info("metrics", url=metrics.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,11 +47,30 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     dog = asyncio.create_task(systemd.watchdog(
         notify, on_stall=lambda s: daemon.log.warning("event loop stalled; the coordinator may drop this session",
                                                       late_s=round(s, 1))))
+    from common.monitoring import probe_loop_lag
+
+    lag = asyncio.create_task(probe_loop_lag(daemon.metrics.lag, daemon.metrics.lag_hist))
     try:
         return await daemon.run(stop)
     finally:
         notify("STOPPING=1")
         dog.cancel()
+        lag.cancel()
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
+
+
+def _status(cfg: SchoolConfig, as_json: bool) -> int:
+    """Exit 0 when the daemon runs and is connected, 3 when it is not running (as systemctl
+    status does), 1 when it runs but is not connected."""
+    import json
+
+    from fedclient.monitor import STATUS_FILE, describe, format_status, read_status
+
+    state_dir = cfg.school.state_dir
+    view = describe(read_status(state_dir / STATUS_FILE), state_dir, cfg.school.data_dir)
+    print(json.dumps(view, indent=2) if as_json else format_status(view))
+    return 0 if view["connected"] else 1 if view["running"] else 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", type=Path, required=True, help="school.toml")
     check = sub.add_parser("check-config", help="load and validate a config, print it, exit")
     check.add_argument("--config", type=Path, required=True)
+    status = sub.add_parser("status", help="is the daemon running and connected, its last round, what it sent and "
+                                           "keeps on disk (from its state directory; does not contact the coordinator)")
+    status.add_argument("--config", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="one JSON document")
     args = parser.parse_args(argv)
     try:
         cfg = load_toml(SchoolConfig, args.config)
+        if args.command == "status":
+            return _status(cfg, args.json)
         configure_logging(cfg.school.log_level)
         if args.command == "check-config":
             print(cfg)

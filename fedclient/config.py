@@ -63,7 +63,27 @@ class SimulationSection:
 
 
 @dataclass(frozen=True)
+class ClientMonitorSection:
+    """Prometheus metrics of this daemon ('' = off, the default). Bind loopback unless the
+    school's monitoring scrapes from elsewhere; the page carries no school data, only counts."""
+
+    metrics_listen: str = ""    # e.g. "127.0.0.1:9465"
+
+    def problems(self) -> list[str]:
+        from common.monitoring import parse_listen
+
+        if not self.metrics_listen:
+            return []
+        try:
+            parse_listen(self.metrics_listen)
+        except ValueError as exc:
+            return [f"metrics_listen: {exc}"]
+        return []
+
+
+@dataclass(frozen=True)
 class SchoolConfig:
     school: SchoolSection = field(default_factory=SchoolSection)
     model: ClientModelSection = field(default_factory=ClientModelSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    monitor: ClientMonitorSection = field(default_factory=ClientMonitorSection)

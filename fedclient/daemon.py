@@ -33,6 +33,7 @@ from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, setti
 from common.training import TrainParams
 from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.config import SchoolConfig
+from fedclient.monitor import STATUS_EVERY_S, DaemonMetrics, DaemonStatus
 from fedclient.transfer import download, upload
 from fedclient.worker import SchoolModel
 
@@ -66,6 +67,9 @@ class SchoolDaemon:
         self._superseded: deque[float] = deque(maxlen=3)   # when the coordinator last replaced this school's stream
         self.pending_dir = cfg.school.state_dir / "pending"
         self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self._kind = ""   # the command the worker is on (progress reports name it)
+        self.metrics = DaemonMetrics()
+        self.status = DaemonStatus(cfg.school.state_dir, cfg.school.coordinator)
 
     # ------------------------------------------------------------ connection loop
     async def run(self, stop: asyncio.Event) -> int:
@@ -74,6 +78,7 @@ class SchoolDaemon:
             self.log.warning("SIMULATION: this school sends attacked updates (research only)",
                              attack=self.cfg.simulation.attack, scale=self.cfg.simulation.scale)
         worker = asyncio.create_task(self._work())
+        keeper = asyncio.create_task(self._keep_status())
         try:
             while not stop.is_set() and self.shutdown_reason is None:
                 try:
@@ -83,6 +88,7 @@ class SchoolDaemon:
                     return EXIT_CONFIG
                 except grpc.aio.AioRpcError as exc:
                     self.log.warning("connection lost", code=exc.code().name, detail=exc.details())
+                    self.status.disconnected(f"{exc.code().name}: {exc.details()}")
                 if stop.is_set() or self.shutdown_reason is not None:
                     break
                 delay = backoff.next_delay()
@@ -94,7 +100,9 @@ class SchoolDaemon:
         finally:
             self.model.stop_flag.set()
             worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            keeper.cancel()
+            await asyncio.gather(worker, keeper, return_exceptions=True)
+            self.status.stopped(self.shutdown_reason or "signal")
         self.log.info("stopped", reason=self.shutdown_reason or "signal")
         return EXIT_OK
 
@@ -119,11 +127,16 @@ class SchoolDaemon:
             self.log.info("joined", school=settings.school_id, coordinator=address)
             self._link = (stub, md)
             self._link_ready.set()
+            self.metrics.connected.set(1)
+            self.metrics.joins.inc()
+            self.status.joined(settings.school_id)
             try:
                 await self._session(stub, md, settings.heartbeat_interval_s, stop)
             finally:
                 self._link = None
                 self._link_ready.clear()
+                self.metrics.connected.set(0)
+                self.status.disconnected()
 
     async def _session(self, stub: pb_grpc.FederationStub, md: list[tuple[str, str]], beat: float,
                        stop: asyncio.Event) -> None:
@@ -144,7 +157,7 @@ class SchoolDaemon:
                     if cmd.final:
                         self.log.info("coordinator says shut down", reason=cmd.reason)
                         self.shutdown_reason = cmd.reason
-                    else:
+                    elif cmd.reason.startswith("superseded"):
                         self._superseded.append(time.monotonic())
                         if len(self._superseded) == 3 and self._superseded[-1] - self._superseded[0] < 300:
                             self.log.error("this school's session keeps being replaced: is a second daemon running "
@@ -152,6 +165,12 @@ class SchoolDaemon:
                                            reason=cmd.reason)
                         else:
                             self.log.info("coordinator ended this stream; reconnecting", reason=cmd.reason)
+                    else:   # e.g. the coordinator is stopping
+                        self.log.info("coordinator ended this stream; reconnecting", reason=cmd.reason)
+                    try:   # let the coordinator close the stream itself rather than cancel it under it
+                        await asyncio.wait_for(call.code(), timeout=2.0)
+                    except (TimeoutError, grpc.aio.AioRpcError):
+                        pass
                     return
                 if isinstance(cmd, IdleCommand):
                     continue
@@ -184,6 +203,8 @@ class SchoolDaemon:
                 if exc.code() not in RETRYABLE:
                     raise
                 self.log.info("transfer interrupted; will resume", code=exc.code().name)
+                self.metrics.retries.inc()
+                self.status.add("transfer_retries", 1)
                 self._link_ready.clear()
                 await asyncio.sleep(0.2)
 
@@ -198,6 +219,7 @@ class SchoolDaemon:
         while True:
             cmd = await self.commands.get()
             handler = handlers.get(type(cmd), self._unknown)
+            self._kind = command_name(cmd)
             try:
                 await handler(cmd)
             except asyncio.CancelledError:
@@ -205,6 +227,8 @@ class SchoolDaemon:
             except Exception as exc:
                 self.log.error("command failed", kind=command_name(cmd), round=cmd.round, error=repr(exc), exc_info=True)
                 self.events.put_nowait(Failure(cmd.round, command_name(cmd), repr(exc)[:500]))
+                self.metrics.rounds.labels(command_name(cmd), "failed").inc()
+                self.status.finished(cmd.round, command_name(cmd), "failed", error=repr(exc)[:300])
 
     async def _unknown(self, cmd: Any) -> None:
         """Never drop a command silently: tell the coordinator, which fails this school's part."""
@@ -217,8 +241,15 @@ class SchoolDaemon:
 
         def report(done: float, total: float, *extra: Any) -> None:
             detail = f"loss={extra[0]:.3f}" if extra else ""
+            self.status.working(round_, self._kind, phase, done / max(total, 1))
             loop.call_soon_threadsafe(self.events.put_nowait, Progress(round_, phase, done / max(total, 1), detail))
         return report
+
+    async def _keep_status(self) -> None:
+        """Rewrite status.json now and then: its age tells `fedclient status` the daemon lives."""
+        while True:
+            await asyncio.to_thread(self.status.write)
+            await asyncio.sleep(STATUS_EVERY_S)
 
     async def _fetch(self, cmd: Any, ref: ArtifactRef | None = None) -> bytes:
         """An artefact of the command (its global adapter unless `ref` says otherwise), from
@@ -229,7 +260,10 @@ class SchoolDaemon:
         if cached is not None and cached[0] == sha:
             return cached[1]
         buf = self._partial.setdefault(sha, bytearray())
+        before = len(buf)
         data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download")), cmd.deadline_unix)
+        self.metrics.received.inc(len(data) - before)
+        self.status.add("received_bytes", len(data) - before)
         self._partial.pop(sha, None)
         self._adapters[ref.kind] = (sha, data)   # keep only the newest artefact of each kind
         return data
@@ -313,12 +347,31 @@ class SchoolDaemon:
             else:
                 header, payload = pending
                 log.info("resuming a pending upload", upload_id=header.upload_id)
-            receipt = await self._rpc(lambda s, md: upload(s, header, payload, md), cmd.deadline_unix)
+            kind = command_name(cmd)
+            receipt = await self._rpc(lambda s, md: upload(s, header, payload, md,
+                                                           on_sent=lambda n: self.metrics.sent.labels(kind).inc(n)),
+                                      cmd.deadline_unix)
             log.info("result delivered", upload_id=header.upload_id, bytes=len(payload), resent=receipt is None)
             self._finished_rounds.add(cmd.round)
+            self._delivered(cmd.round, kind, len(payload), header.metrics)
             await asyncio.to_thread(self._drop_pending, cmd.round)
         finally:
             self._active_round = 0
+
+    def _delivered(self, round_: int, kind: str, size: int, metrics: dict[str, float]) -> None:
+        self.metrics.rounds.labels(kind, "delivered").inc()
+        self.metrics.last_round.set(round_)
+        info: dict[str, Any] = {"bytes": size}
+        if "seconds" in metrics:
+            self.metrics.work_seconds.labels(kind).observe(metrics["seconds"])
+            info["seconds"] = round(float(metrics["seconds"]), 1)
+        if "loss" in metrics:
+            info["loss"] = round(float(metrics["loss"]), 4)
+        if metrics.get("tokens") and metrics.get("seconds"):
+            self.metrics.tokens.inc(metrics["tokens"])
+            self.metrics.tokens_per_s.set(metrics["tokens"] / metrics["seconds"])
+            info["tokens_per_s"] = round(metrics["tokens"] / metrics["seconds"], 1)
+        self.status.finished(round_, kind, "delivered", **info)
 
     def _encode(self, delta: dict[str, torch.Tensor], compression: str, round_: int) -> tuple[bytes, str]:
         """The upload payload: dense float32, or compressed with this school's error feedback
@@ -353,6 +406,9 @@ class SchoolDaemon:
         # Always answer (0 questions: nothing held out here), so the coordinator need not wait.
         self.events.put_nowait(EvalReport(cmd.round, result.count, result.metrics()) if result is not None
                                else EvalReport(cmd.round, 0, {}))
+        self.metrics.rounds.labels("evaluate", "reported").inc()
+        if result is not None:
+            self.status.evaluated(cmd.round, result.accuracy, result.count)
 
     # ------------------------------------------------------------ pending uploads on disk
     def _pending_paths(self, round_: int) -> tuple[Path, Path]:

@@ -36,9 +36,10 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
 
 
 async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: bytes, metadata: Metadata,
-                 chunk_size: int = MAX_CHUNK_BYTES) -> pb.UploadReceipt | None:
+                 chunk_size: int = MAX_CHUNK_BYTES, on_sent: Callable[[int], None] | None = None) -> pb.UploadReceipt | None:
     """Send `payload`, resuming from what the coordinator already holds. Returns None when
-    the coordinator says this upload was accepted before (a resumed, already-finished send)."""
+    the coordinator says this upload was accepted before (a resumed, already-finished send).
+    `on_sent(n)` is told of every chunk's bytes as it is handed to gRPC."""
     # Pre-flight: a refusal (wrong round, too large, replay) comes back here as a clean status.
     status = await stub.UploadStatus(pb.UploadStatusRequest(upload_id=header.upload_id, header=header_to_pb(header)),
                                      metadata=metadata)
@@ -58,5 +59,7 @@ async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: by
             msg.chunk.SetInParent()   # the oneof says "chunk" even for an all-default chunk
             msg.chunk.offset, msg.chunk.data, msg.chunk.total_size = start, data, total
             yield msg
+            if on_sent is not None:
+                on_sent(len(data))
 
     return await stub.Upload(messages(), metadata=metadata)

@@ -24,6 +24,7 @@ from fedserver.auth import Authenticator
 from fedserver.config import CoordinatorConfig
 from fedserver.engine import RoundEngine
 from fedserver.evaluator import ServerEvaluator
+from fedserver.monitor import Monitor, start_monitor
 from fedserver.servicer import FederationServicer
 from fedserver.store import Store
 from fedserver.teacher import TeacherHost
@@ -41,10 +42,22 @@ class Coordinator:
     health: health.aio.HealthServicer
     evaluator: ServerEvaluator | None
     teacher: TeacherHost | None = None
+    monitor: Monitor | None = None
+
+    async def start_monitor(self) -> Monitor:
+        """The /metrics endpoint and the dashboard, as [monitor] asks (ConfigError if a port is taken)."""
+        self.monitor = await start_monitor(self.engine, self.engine.cfg.server.state_dir)
+        return self.monitor
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.create_task(self.server.stop(grace))   # refuses new RPCs at once
+        await asyncio.sleep(0)
+        self.engine.end_sessions("the coordinator is stopping; reconnect when it is back")
+        await stopping
+        await self.engine.flush_bytes()   # counted since the last flush; the open round resumes with them
         if self.evaluator is not None:
             self.evaluator.close()
         if self.teacher is not None:
@@ -89,6 +102,11 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     log = get_logger("coordinator")
     coord = await create_server(cfg, checkpoint_dir)
     await coord.engine.start()
+    try:
+        await coord.start_monitor()
+    except BaseException:
+        await coord.stop(grace=0)
+        raise
     await coord.server.start()
     await coord.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await coord.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -124,5 +142,6 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     watchdog.cancel()
     live.cancel()
     stopper.cancel()
+    await asyncio.gather(rounds, live, watchdog, stopper, return_exceptions=True)   # unwound before the store closes
     await coord.stop()
     return code

@@ -249,6 +249,37 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
+class MonitorSection:
+    """What the operator sees: Prometheus /metrics and the live dashboard, each on an HTTP port
+    of its own ('' turns it off; port 0 picks a free one, written to STATE_DIR/monitor.json)."""
+
+    metrics_listen: str = "127.0.0.1:9464"     # Prometheus text format at /metrics
+    dashboard_listen: str = "127.0.0.1:8787"   # read-only web page at / (JSON at /api/state, live at /api/events)
+    dashboard_token_file: Path | None = None   # required when the dashboard is bound beyond loopback; open it with ?token=...
+    school_labels: bool = False                # per-school metric series (school ids as label values): opt in
+
+    def problems(self) -> list[str]:
+        from common.monitoring import is_loopback, parse_listen
+
+        out = []
+        for key in ("metrics_listen", "dashboard_listen"):
+            value = getattr(self, key)
+            if value:
+                try:
+                    parse_listen(value)
+                except ValueError as exc:
+                    out.append(f"{key}: {exc}")
+        if self.dashboard_listen and self.dashboard_token_file is None:
+            try:
+                if not is_loopback(parse_listen(self.dashboard_listen)[0]):
+                    out.append(f"dashboard_listen: {self.dashboard_listen} is reachable beyond this machine; set "
+                               "dashboard_token_file (a file holding a long random secret, mode 0600) or bind 127.0.0.1")
+            except ValueError:
+                pass
+        return out
+
+
+@dataclass(frozen=True)
 class SchoolEntry:
     id: str
     token_sha256: str   # sha256 hex of the school's enrolment token (`fedserver token` makes one)
@@ -274,6 +305,7 @@ class CoordinatorConfig:
     teacher: TeacherSection = field(default_factory=TeacherSection)
     distill: DistillSection = field(default_factory=DistillSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
     schools: tuple[SchoolEntry, ...] = ()
 
     def problems(self) -> list[str]:

@@ -33,6 +33,7 @@ from fedserver.config import CoordinatorConfig
 from fedserver.rounds import KINDS, OpenRound, RoundFailed, RoundKind
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
+from fedserver.monitor import CoordinatorMetrics
 from fedserver.transfers import upload_key
 
 
@@ -78,6 +79,9 @@ class RoundEngine:
         self._last_closed = store.last_round_number()   # kept in memory: count_bytes runs per chunk
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
+        self.phase = "starting"   # what the engine is doing now (dashboard): waiting, planning, collecting, closing, finished
+        self.metrics = CoordinatorMetrics(cfg.monitor.school_labels)
+        self.metrics.bind(self)
 
     # ---------------------------------------------------------------- start-up
     async def start(self) -> None:
@@ -260,11 +264,19 @@ class RoundEngine:
             self._changed.set()
             self.log.info("school detached", school=sess.school_id, connected=len(self.sessions))
 
+    def end_sessions(self, reason: str) -> None:
+        """The coordinator is stopping: end every Session stream with a (non-final) Shutdown, so
+        each handler returns normally instead of being cancelled when the server's grace runs
+        out; the schools reconnect with backoff."""
+        for sess in list(self.sessions.values()):
+            sess.queue.put_nowait(ShutdownCommand(reason))
+
     def live_status(self) -> dict[str, Any]:
         """What is happening now (for `fedserver status` and the demo); not durable state."""
         rnd = self.current
         return {
             "time": time.time(),
+            "phase": self.phase,
             "round": rnd.number if rnd else None,
             "kind": rnd.kind if rnd else None,
             "participants": rnd.participants if rnd else [],
@@ -279,7 +291,12 @@ class RoundEngine:
         while True:
             data = json.dumps(self.live_status())
             await asyncio.to_thread(atomic_write_text, path, data, fsync=False)
+            await self._flush_bytes()   # a crash loses at most a few seconds of byte counts
             await asyncio.sleep(every_s)
+
+    async def flush_bytes(self) -> None:
+        """Store the byte counters held in memory (on stop: the open round resumes with them)."""
+        await self._flush_bytes()
 
     async def _flush_bytes(self) -> None:
         """Write the byte counters of every round that has some (the open one, and the last
@@ -295,6 +312,10 @@ class RoundEngine:
         acc = self._bytes.setdefault(rnd, [0, 0])
         acc[0] += up
         acc[1] += down
+        if up:
+            self.metrics.bytes_received.inc(up)
+        if down:
+            self.metrics.bytes_sent.inc(down)
 
     async def report_failure(self, school_id: str, f: Failure) -> None:
         if f.phase == "evaluate":
@@ -306,6 +327,7 @@ class RoundEngine:
             if rnd is None or f.round != rnd.number or school_id not in rnd.pending():
                 return
             rnd.failed[school_id] = f"{f.phase}: {f.message}"
+            self.metrics.school_failure(school_id, rnd.number, f.phase, f.message)
             KINDS[rnd.kind].fail(self, rnd, school_id, rnd.failed[school_id])
             self.log.warning("school reported failure", school=school_id, round=rnd.number, phase=f.phase, error=f.message)
             self._changed.set()
@@ -368,11 +390,15 @@ class RoundEngine:
             rnd = self.current
             assert rnd is not None
             kind = KINDS[rnd.kind]
+            t0 = time.monotonic()
             final, result = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "")
             rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics), str(final))
             await asyncio.to_thread(self.store.add_receipt, rc)
+            t1 = time.monotonic()
             await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
             rnd.accepted.add(school_id)
+            self.metrics.upload_accepted(rnd.kind, school_id, t1 - t0, time.monotonic() - t1)
+            self.metrics.accepted.set(len(rnd.accepted))
             if school_id in self.sessions:
                 self.sessions[school_id].progress = f"{kind.name} result accepted for round {rnd.number}"
             self.log.info("result accepted", school=school_id, round=rnd.number, kind=rnd.kind, examples=h.num_examples,
@@ -395,6 +421,7 @@ class RoundEngine:
         failed_in_a_row = 0
         while total == 0 or self.store.committed_rounds() < total:
             if self.current is None:
+                self.phase = "waiting for schools"
                 while len(self.sessions) < self.cfg.rounds.min_schools:
                     limit = self.cfg.rounds.start_timeout_s
                     if limit and time.monotonic() - started > limit:
@@ -425,6 +452,7 @@ class RoundEngine:
         await self._flush_bytes()
         for sess in list(self.sessions.values()):
             sess.queue.put_nowait(ShutdownCommand(f"federation finished after {total} rounds", final=True))
+        self.phase = "finished"
         self.finished.set()
 
     async def _open_next(self) -> bool:
@@ -435,6 +463,8 @@ class RoundEngine:
         participants = sorted(random.Random(number).sample(connected, min(want, len(connected))))
         rnd = OpenRound(number, kind.name, participants, self.global_sha, self.global_state, 0.0)
         kind.begin(self, rnd)
+        self.phase = f"planning round {number}"
+        planned = time.monotonic()
         # The plan may take long (the teacher labels a pool slice); the deadline starts after it.
         try:
             rnd.plan = await kind.plan(self, number, participants)
@@ -442,6 +472,8 @@ class RoundEngine:
             raise
         except Exception as exc:   # e.g. the teacher could not label: this round fails, the loop goes on
             self.log.error("could not plan the round", round=number, kind=kind.name, error=repr(exc))
+            self.metrics.note_failure("", number, f"{kind.name} round could not be planned", repr(exc))
+            self.metrics.round_seconds.labels(kind.name, "failed").observe(time.monotonic() - planned)
             await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, time.time(), kind.name, {})
             await asyncio.to_thread(self.store.close_round, number, "failed", None, {"seconds": 0.0},
                                     {"plan": f"{kind.name} round could not be planned: {exc!r}"[:500]})
@@ -449,8 +481,14 @@ class RoundEngine:
             return False
         rnd.deadline = time.time() + self.cfg.rounds.deadline_s
         rnd.started = time.monotonic()
+        rnd.plan_seconds = rnd.started - planned
+        self.metrics.phase_seconds.labels(kind.name, "plan").observe(rnd.plan_seconds)
         await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, rnd.deadline, kind.name, rnd.plan)
         self.current = rnd
+        self.phase = "collecting results"
+        self.metrics.current_round.set(number)
+        self.metrics.participants.set(len(participants))
+        self.metrics.accepted.set(0)
         for sid in participants:
             if sid in self.sessions:   # it may have left while the round was planned
                 self.sessions[sid].queue.put_nowait(kind.command(self, rnd, sid))
@@ -471,10 +509,14 @@ class RoundEngine:
         """Commit (True) or fail (False) the round."""
         async with self._lock:
             kind = KINDS[rnd.kind]
+            self.phase = f"closing round {rnd.number}"
+            closing = time.monotonic()
+            self.metrics.phase_seconds.labels(rnd.kind, "collect").observe(closing - rnd.started)
             for sid in rnd.pending():
                 reason = "disconnected" if sid not in self.sessions else "no result by the deadline"
                 rnd.failed[sid] = reason
                 kind.fail(self, rnd, sid, reason)
+                self.metrics.note_failure(sid, rnd.number, f"{rnd.kind} round", reason)
             await self._flush_bytes()
             committed = len(rnd.accepted) >= self.cfg.rounds.quorum
             sent, dense = self._dense_bytes.pop(rnd.number, [0, 0])
@@ -487,7 +529,9 @@ class RoundEngine:
                     self.log.error("the round could not be committed; the global adapter is kept",
                                    round=rnd.number, kind=rnd.kind, error=str(exc))
                     rnd.failed["commit"] = str(exc)
+                    self.metrics.note_failure("", rnd.number, f"{rnd.kind} round could not be committed", str(exc))
                     committed = False
+                self.metrics.commit_seconds.labels(rnd.kind).observe(time.monotonic() - closing)
             seconds = time.monotonic() - rnd.started
             if committed and commit is not None:
                 sha = commit.sha
@@ -514,6 +558,14 @@ class RoundEngine:
                                  quorum=self.cfg.rounds.quorum, failed=rnd.failed)
             self.current = None
             self._last_closed = rnd.number
+            outcome = "committed" if committed and commit is not None else "failed"
+            end = time.monotonic()
+            self.metrics.phase_seconds.labels(rnd.kind, "commit").observe(end - closing)
+            self.metrics.round_seconds.labels(rnd.kind, outcome).observe(end - rnd.started + rnd.plan_seconds)
+            self.metrics.current_round.set(0)
+            self.metrics.participants.set(0)
+            self.metrics.accepted.set(0)
+            self.phase = "between rounds"
             shutil.rmtree(self.updates_dir / f"round-{rnd.number}", ignore_errors=True)
             return committed
 

@@ -59,6 +59,7 @@ class OpenRound:
     results: dict[str, Any] = field(default_factory=dict)   # kind-specific, by school: teach keeps answer sets here
     pack: Pack | None = None                                 # the parsed pack of a teach round
     started: float = field(default_factory=time.monotonic)
+    plan_seconds: float = 0.0   # how long planning took before `started` (the teacher labelling a pack...)
 
     def pending(self) -> set[str]:
         return set(self.participants) - self.accepted - set(self.failed)

@@ -41,12 +41,14 @@ def _spec(model: str) -> str:
 def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map the domain exception tree to a gRPC status, for unary and streaming handlers."""
 
-    async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
+    async def _abort(self: Any, context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
         if isinstance(exc, FederationError):
             log.info("rpc refused", rpc=name, status=exc.status, error=str(exc))
+            self.engine.metrics.refusal(name, exc.status, exc)
             await context.abort(grpc.StatusCode[exc.status], str(exc))
         # A bug, not bad input: keep the traceback here, tell the school only that it happened.
         log.error("rpc failed", rpc=name, error=repr(exc), exc_info=exc)
+        self.engine.metrics.refusal(name, "INTERNAL", exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"coordinator error in {name}; the operator can find it in the coordinator's log")
 
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
@@ -60,7 +62,7 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
             except passthrough:
                 raise
             except Exception as exc:
-                await _abort(context, exc, fn.__name__)
+                await _abort(self, context, exc, fn.__name__)
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -70,7 +72,7 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
         except passthrough:
             raise
         except Exception as exc:
-            await _abort(context, exc, fn.__name__)
+            await _abort(self, context, exc, fn.__name__)
     return wrapper
 
 

@@ -45,6 +45,9 @@ quorum = 2
 deadline_s = 300.0
 [evaluation]
 school_timeout_s = 1.0
+[monitor]
+metrics_listen = "127.0.0.1:0"
+dashboard_listen = "127.0.0.1:0"
 {schools}""")
     return cfg
 
