@@ -1,4 +1,4 @@
-"""`fedserver serve | demo | status | token | prepare-data`: the operator's entry point.
+"""`fedserver serve | demo | status | report | token | prepare-data`: the operator's entry point.
 Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration error."""
 
 from __future__ import annotations
@@ -14,23 +14,35 @@ from typing import Any
 from common.config import load_toml
 from common.errors import ConfigError
 from common.logs import configure_logging, get_logger
+from common.preflight import raise_problems
 
 EXIT_CONFIG = 78
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedserver.app import serve
+    from fedserver import preflight
     from fedserver.config import CoordinatorConfig
 
     cfg = load_toml(CoordinatorConfig, args.config)
+    warnings = preflight.require(cfg, str(args.config), args.checkpoint_dir)   # before anything heavy: exit 78, not a crash
     configure_logging(cfg.server.log_level)
+    for w in warnings:
+        get_logger("coordinator").warning(w)
+    from fedserver.app import serve
+
     return asyncio.run(serve(cfg, args.checkpoint_dir, args.port_file))
 
 
 def _check(args: argparse.Namespace) -> int:
     from fedserver.config import CoordinatorConfig
 
+    from fedserver import preflight
+
     cfg = load_toml(CoordinatorConfig, args.config)
+    problems, warnings = preflight.check(cfg)   # what `serve` would refuse on this machine
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    raise_problems(str(args.config), problems)
     print(f"{args.config}: ok ({len(cfg.schools)} schools, strategy {cfg.strategy.name}, model {cfg.model.base})")
     return 0
 
@@ -40,13 +52,43 @@ def _token(args: argparse.Namespace) -> int:
 
     tok = new_token()
     if args.out:
-        args.out.write_text(tok + "\n")
-        args.out.chmod(0o600)
+        write_secret(args.out, tok + "\n", force=args.force)
         print(f"# token written to {args.out} (give it to the school; keep it secret)")
     else:
         print(f"# school token (give it to the school's token_file): {tok}")
     print(f'[[schools]]\nid = "{args.school}"\ntoken_sha256 = "{hash_token(tok)}"')
     return 0
+
+
+def write_secret(path: Path, text: str, force: bool = False) -> None:
+    """Create `path` with mode 0600 and write `text`. Never follows a symlink (O_NOFOLLOW), and
+    refuses an existing file unless `force`, which replaces a regular file's content (still
+    without following a link, and not through a file with other hard links)."""
+    import errno
+    import os
+    import stat
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; not overwriting a token file. Choose another --out, "
+                          "or pass --force to replace it") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; refusing to write a secret through it. "
+                              "Remove the link or choose another --out") from None
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise ConfigError(f"{path} is not a plain file of its own (a device, a pipe or a hard link); "
+                              "refusing to write a secret into it")
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o600)   # an existing file (--force) keeps no looser mode
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -57,14 +99,70 @@ def _status(args: argparse.Namespace) -> int:
     if not db.exists():
         raise ConfigError(f"no coordinator state at {db}")
     store = Store(db, readonly=True)
-    report = build_report(store, model="", eval_name="")
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    print(f"schools: {', '.join(s['id'] for s in store.schools()) or '(none yet)'}")
-    live = args.state_dir / "live.json"
-    if live.exists():
-        now = json.loads(live.read_text())
-        if now.get("round"):
-            print(f"round {now['round']} open: " + ", ".join(f"{k}: {v}" for k, v in now["schools"].items()))
+    try:
+        report = build_report(store, model="", eval_name="")
+        schools = store.schools()
+    finally:
+        store.close()
+    live = read_live(args.state_dir / "live.json")
+    if args.json:   # one JSON document, for jq
+        print(json.dumps({**report, "schools": schools, "live": live}, indent=2))
+        return 0
+    print(format_table(report))
+    print(f"schools: {', '.join(s['id'] for s in schools) or '(none yet)'}")
+    if live is not None:
+        age = "of unknown age" if live["age_s"] is None else f"as of {live['age_s']:.0f} s ago"
+        when = (f" ({age}; the coordinator is not running or not writing {args.state_dir / 'live.json'})"
+                if live["stale"] else "")
+        if live.get("round"):
+            print(f"round {live['round']} open{when}: " + ", ".join(f"{k}: {v}" for k, v in live.get("schools", {}).items()))
+        elif live["stale"]:
+            print(f"live view{when}")
+    return 0
+
+
+LIVE_STALE_S = 10.0   # live.json is rewritten every 2 s while the coordinator runs
+
+
+def read_live(path: Path, now: float | None = None) -> dict[str, Any] | None:
+    """The coordinator's live view (live.json) with its age: `age_s`, and `stale` when it is
+    older than LIVE_STALE_S (the coordinator stopped, or is stuck). None without a readable file."""
+    import time
+
+    try:
+        live = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(live, dict):
+        return None
+    written = live.get("time")
+    age = (time.time() if now is None else now) - written if isinstance(written, (int, float)) else None
+    return {**live, "age_s": None if age is None else round(age, 1), "stale": age is None or age > LIVE_STALE_S}
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedserver.report import build_report
+    from fedserver.report_html import carry_over, write_html_report
+    from fedserver.store import Store
+
+    db = args.state_dir / "state.sqlite"
+    if not db.exists():
+        raise ConfigError(f"no coordinator state at {db}")
+    store = Store(db, readonly=True)
+    try:
+        report = build_report(store, model="", eval_name="")
+        evals = store.evals()
+    finally:
+        store.close()
+    out = args.out if args.out is not None else args.state_dir
+    out.mkdir(parents=True, exist_ok=True)
+    report = carry_over(report, out / "report.json")   # a demo's report.json: its model names and extras stay
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    page = write_html_report(report, out, evals)
+    print(f"report: {out / 'report.json'}")
+    print(f"page:   {page}")
+    for png in sorted((out / "plots").glob("*.png")):
+        print(f"plot:   {png}")
     return 0
 
 
@@ -134,7 +232,7 @@ def _demo(args: argparse.Namespace) -> int:
                        teacher_quantization=args.teacher_quantization, teacher_eval=args.teacher_eval,
                        pool_size=args.pool_size, slice_size=args.slice_size, kd_weight=args.kd_weight,
                        open_pool=args.open_pool, open_slice_size=args.open_slice_size, distill_steps=args.distill_steps,
-                       ood_source=args.ood_source or None)
+                       ood_source=args.ood_source or None, dashboard_port=args.dashboard_port)
     if args.rounds is None:
         opts = dataclasses.replace(opts, rounds=len(opts.schedule))
     return run_demo(opts)
@@ -177,12 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_check)
     t = sub.add_parser("token", help="enrol a school: print a new token and its [[schools]] entry")
     t.add_argument("--school", required=True)
-    t.add_argument("--out", type=Path, default=None, help="write the token to this file (mode 0600)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="write the token to this new file (mode 0600; an existing file or a symlink is refused)")
+    t.add_argument("--force", action="store_true", help="with --out: replace an existing regular file")
     t.set_defaults(fn=_token)
     st = sub.add_parser("status", help="rounds, metrics and schools from a coordinator's state (read-only)")
     st.add_argument("--state-dir", type=Path, required=True)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_status)
+    rp = sub.add_parser("report", help="report.json, report.html and plots/*.png from a coordinator's state (read-only)")
+    rp.add_argument("--state-dir", type=Path, required=True)
+    rp.add_argument("--out", type=Path, default=None, help="where to write them (default: the state dir)")
+    rp.set_defaults(fn=_report)
     pr = sub.add_parser("prepare-data", help="write non-IID school folders and a held-out eval set")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--schools", type=int, default=3)
@@ -244,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--open-slice-size", type=int, default=8, help="open prompts per distill round")
     d.add_argument("--kd-weight", type=float, default=0.5, help="distill rounds: share of the loss from the teacher")
     d.add_argument("--ood-source", default="openbookqa", help="a source kept from schools and pool, scored at the end ('' = none)")
+    d.add_argument("--dashboard-port", type=int, default=8787,
+                   help="the live dashboard on 127.0.0.1 (any free port when taken; the URL is printed)")
     d.set_defaults(fn=_demo)
     ls = sub.add_parser("strategies", help="list the registered strategies and wrappers with their options")
     ls.set_defaults(fn=_strategies)

@@ -1,11 +1,12 @@
 """`fedserver demo`: a whole federation on 127.0.0.1 — one coordinator and N school daemons as
-separate processes — on the packaged SmolLM2 and real questions; writes report.json."""
+separate processes — on the packaged SmolLM2 and real questions; writes report.json and report.html."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from common.models import default_cache_dir, resolve
 from fedserver.auth import hash_token, new_token
 from fedserver.config import CoordinatorConfig
 from fedserver.report import build_report, format_table
+from fedserver.report_html import write_html_report
 from fedserver.store import Store
 
 
@@ -59,6 +61,7 @@ class DemoOptions:
     kd_weight: float = 0.5
     ood_source: str | None = "openbookqa"   # a source no school and no pool slice contains
     ood_size: int = 100
+    dashboard_port: int = 8787      # the live dashboard on 127.0.0.1 (any free port if taken; 0 = any)
 
     @property
     def uses_teacher(self) -> bool:
@@ -111,6 +114,18 @@ kd_weight = {opts.kd_weight}
 """
 
 
+def _dashboard_port(wanted: int) -> int:
+    """The demo's dashboard port: the one asked for if it is free, else any (the URL is printed)."""
+    if wanted <= 0:
+        return 0
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+        except OSError:
+            return 0
+    return wanted
+
+
 def write_configs(opts: DemoOptions, out: Path, cache: Path) -> tuple[Path, list[Path]]:
     cfg_dir = out / "config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +174,10 @@ eval_file = {_toml_str(out / "data" / "eval" / "eval.jsonl")}
 max_examples = {opts.eval_size}
 school_max_examples = 16
 threads = 1
+
+[monitor]
+metrics_listen = "127.0.0.1:0"
+dashboard_listen = "127.0.0.1:{_dashboard_port(opts.dashboard_port)}"
 
 """ + "\n".join(entries))
     paths = []
@@ -230,6 +249,11 @@ def run_demo(opts: DemoOptions) -> int:
                 raise RuntimeError(f"coordinator exited early; see {out / 'logs' / 'coordinator.log'}")
             time.sleep(0.2)
         address = port_file.read_text().strip()
+        monitor = out / "coordinator" / "monitor.json"
+        if monitor.exists():   # written before the port file
+            urls = json.loads(monitor.read_text())
+            if urls.get("dashboard"):
+                console.print(f"      live dashboard: [bold]{urls['dashboard']}[/bold]   metrics: {urls.get('metrics') or 'off'}")
         for p in school_cfgs:
             p.write_text(p.read_text().replace("COORDINATOR", address))
             slog = open(out / "logs" / f"{p.stem}.log", "wb")
@@ -239,8 +263,11 @@ def run_demo(opts: DemoOptions) -> int:
         console.print(f"[bold]4/4[/bold] running {opts.rounds} rounds ({kinds}; logs in {out / 'logs'})")
         _watch(console, out, coord, opts, t0)
         eval_name = "held-out questions of the schools' sources" + (f" (without {opts.ood_source})" if opts.ood_source else "")
-        report = build_report(Store(out / "coordinator" / "state.sqlite", readonly=True), opts.model, eval_name,
+        state = Store(out / "coordinator" / "state.sqlite", readonly=True)
+        report = build_report(state, opts.model, eval_name,
                               teacher=(opts.teacher, opts.teacher_quantization) if opts.uses_teacher else None)
+        evals = state.evals()   # the per-school lines of report.html's accuracy plot
+        state.close()
         if opts.ood_source:
             console.print(f"      scoring the base model and the last adapter on {opts.ood_size} {opts.ood_source} questions "
                           "(a source no school trains on)")
@@ -248,6 +275,7 @@ def run_demo(opts: DemoOptions) -> int:
         report["seconds_total"] = round(time.monotonic() - t0, 1)
         report["manifest"] = {"schools": opts.schools, "seed": opts.seed}
         (out / "report.json").write_text(json.dumps(report, indent=2))
+        page = write_html_report(report, out, evals)
         print(format_table(report), flush=True)
         if report.get("ood"):
             o = report["ood"]
@@ -259,7 +287,7 @@ def run_demo(opts: DemoOptions) -> int:
         if last is not None and base is not None:
             verdict = "beats" if last > base else "does NOT beat"
             console.print(f"tuned adapter (round {committed[-1]['round']}) {verdict} the base model: {last:.3f} vs {base:.3f}")
-        console.print(f"report: {out / 'report.json'}   adapters: {out / 'rounds'}/<round>/adapter   total {report['seconds_total']:.0f} s")
+        console.print(f"report: {out / 'report.json'} and {page}   adapters: {out / 'rounds'}/<round>/adapter   total {report['seconds_total']:.0f} s")
         return 0 if coord.returncode == 0 and len(committed) == opts.rounds else 1
     finally:
         for _, p in procs:
