@@ -395,6 +395,12 @@ def _package_version() -> str | None:
         return None
 
 
+# A school's folder as prepare-data writes it and deploy/README.md installs it: data_dir is the
+# folder (its top-level *.jsonl are the training questions), held-out questions sit in a sub-folder.
+SCHOOL_TRAIN = "train.jsonl"
+SCHOOL_HELDOUT = "heldout/heldout.jsonl"
+
+
 def prepare_federation_data(
     out_dir: Path | str,
     num_schools: int,
@@ -409,7 +415,9 @@ def prepare_federation_data(
     open_pool_size: int = 0,
     open_source: str = "naturalqs_open",
 ) -> dict[str, Any]:
-    """Write schools/school-<k>/{train,heldout}.jsonl, eval/eval.jsonl and manifest.json; return the manifest.
+    """Write schools/school-<k>/train.jsonl, schools/school-<k>/heldout/heldout.jsonl (SCHOOL_TRAIN,
+    SCHOOL_HELDOUT: a school's data_dir may be its folder, whose top-level *.jsonl are read, and the
+    held-out questions in the sub-folder are not), eval/eval.jsonl and manifest.json; return the manifest.
 
     `max_per_school` truncates each school's train list (after the held-out split) for quick demos and tests.
     `pool_size` > 0 first sets aside a public prompt pool (public/pool.jsonl, a stratified sample)
@@ -464,12 +472,13 @@ def prepare_federation_data(
         heldout, train = ordered[:n_heldout], ordered[n_heldout:]
         if max_per_school is not None:
             train = train[:max_per_school]
-        write_jsonl(out / "schools" / name / "train.jsonl", train)
-        write_jsonl(out / "schools" / name / "heldout.jsonl", heldout)
+        write_jsonl(out / "schools" / name / SCHOOL_TRAIN, train)
+        write_jsonl(out / "schools" / name / SCHOOL_HELDOUT, heldout)
+        (out / "schools" / name / "heldout.jsonl").unlink(missing_ok=True)   # the old layout's, beside train.jsonl
         school_entries.append({
             "name": name,
-            "train_path": f"schools/{name}/train.jsonl",
-            "heldout_path": f"schools/{name}/heldout.jsonl",
+            "train_path": f"schools/{name}/{SCHOOL_TRAIN}",
+            "heldout_path": f"schools/{name}/{SCHOOL_HELDOUT}",
             "train": len(train),
             "heldout": len(heldout),
             "groups": dict(sorted(Counter(q.group for q in train + heldout).items())),
@@ -478,8 +487,10 @@ def prepare_federation_data(
     for stale in (out / "schools").glob("school-*"):
         suffix = stale.name.removeprefix("school-")
         if suffix.isdigit() and int(suffix) > num_schools:
-            for f in ("train.jsonl", "heldout.jsonl"):
+            for f in (SCHOOL_TRAIN, SCHOOL_HELDOUT, "heldout.jsonl"):
                 (stale / f).unlink(missing_ok=True)
+            if (stale / SCHOOL_HELDOUT).parent.is_dir() and not any((stale / SCHOOL_HELDOUT).parent.iterdir()):
+                (stale / SCHOOL_HELDOUT).parent.rmdir()
             if not any(stale.iterdir()):
                 stale.rmdir()
 

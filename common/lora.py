@@ -147,9 +147,13 @@ def pad_rank(state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
 def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: LoraSettings,
                    base_model: str, extra: Mapping[str, Any] | None = None) -> None:
     """Write a directory `PeftModel.from_pretrained(base, path)` loads, atomically: a temp
-    directory beside it is renamed into place, so readers never see half an adapter."""
+    directory beside it is renamed into place, so readers never see half an adapter.
+    adapter_config.json names the base as transformers resolves it (a packaged model: the hub id
+    it mirrors); federation.json keeps our own spec under "base_model"."""
+    from common.models import peft_base_name
+
     cfg = settings.peft_config()
-    cfg.base_model_name_or_path = base_model
+    cfg.base_model_name_or_path = peft_base_name(base_model)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -159,8 +163,8 @@ def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: Lora
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    if extra:
-        (tmp / "federation.json").write_text(json.dumps(dict(extra), indent=2, sort_keys=True))
+    info = {**dict(extra or {}), "base_model": base_model}
+    (tmp / "federation.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

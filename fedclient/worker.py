@@ -15,6 +15,7 @@ from common.distill import (
 )
 from common.evaluation import EvalResult, evaluate_choices
 from common.files import atomic_write_bytes
+from common.logs import get_logger
 from common.lora import (BaseMerge, LoraSettings, adapter_state, at_rank, load_adapter_state, pad_rank, split_merge,
                          sub_states, truncate_rank, wrap)
 from common.models import load_model
@@ -32,6 +33,15 @@ class SchoolModel:
         if not self.train_questions:
             raise ValueError(f"no questions under {data_dir}; put the school's *.jsonl files there")
         self.heldout: list[Question] = read_jsonl(heldout_file) if heldout_file and heldout_file.exists() else []
+        held = {q.id for q in self.heldout}
+        if held & {q.id for q in self.train_questions}:   # e.g. data_dir's folder holds the held-out file too
+            kept = [q for q in self.train_questions if q.id not in held]
+            get_logger("school").warning("held-out questions found in the training data; not training on them",
+                                         data_dir=str(data_dir), heldout_file=str(heldout_file),
+                                         excluded=len(self.train_questions) - len(kept))
+            self.train_questions = kept
+            if not kept:
+                raise ValueError(f"every question under {data_dir} is also in the held-out file {heldout_file}")
         self._own_ngrams: frozenset[tuple[str, ...]] | None = None   # built at the first teach round
         self._vocab_sha: str | None = None
         self.torch_threads = torch_threads
@@ -41,6 +51,7 @@ class SchoolModel:
         self._tok: Any = None
         self._settings: LoraSettings | None = None
         self.stop_flag = threading.Event()
+        self._load_lock = threading.Lock()
         self._federation: LoraSettings | None = None
         self._merge = BaseMerge()
         # Tensors this school keeps for itself (FedSA-LoRA's B), kept on disk across restarts.
@@ -52,6 +63,10 @@ class SchoolModel:
         self._load(settings)
 
     def _load(self, settings: LoraSettings) -> None:
+        with self._load_lock:   # the daemon preloads after its first Join while a command may load too
+            self._load_locked(settings)
+
+    def _load_locked(self, settings: LoraSettings) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         if self._model is not None and settings == self._settings:

@@ -72,6 +72,9 @@ def write_secret(path: Path, text: str, force: bool = False) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
+        if Path(path).is_symlink():   # O_EXCL does not follow it either
+            raise ConfigError(f"{path} is a symbolic link; refusing to write a secret through it. "
+                              "Remove the link or choose another --out") from None
         raise ConfigError(f"{path} already exists; not overwriting a token file. Choose another --out, "
                           "or pass --force to replace it") from None
     except OSError as exc:
@@ -91,19 +94,25 @@ def write_secret(path: Path, text: str, force: bool = False) -> None:
         os.close(fd)
 
 
-def _status(args: argparse.Namespace) -> int:
-    from fedserver.report import build_report, format_table
+def _read_state(state_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(report, schools, evaluations) from a coordinator's state, read-only (it may be running)."""
+    from fedserver.report import build_report
     from fedserver.store import Store
 
-    db = args.state_dir / "state.sqlite"
+    db = state_dir / "state.sqlite"
     if not db.exists():
         raise ConfigError(f"no coordinator state at {db}")
     store = Store(db, readonly=True)
     try:
-        report = build_report(store, model="", eval_name="")
-        schools = store.schools()
+        return build_report(store, model="", eval_name=""), store.schools(), store.evals()
     finally:
         store.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedserver.report import format_table
+
+    report, schools, _ = _read_state(args.state_dir)
     live = read_live(args.state_dir / "live.json")
     if args.json:   # one JSON document, for jq
         print(json.dumps({**report, "schools": schools, "live": live}, indent=2))
@@ -141,19 +150,9 @@ def read_live(path: Path, now: float | None = None) -> dict[str, Any] | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedserver.report import build_report
     from fedserver.report_html import carry_over, write_html_report
-    from fedserver.store import Store
 
-    db = args.state_dir / "state.sqlite"
-    if not db.exists():
-        raise ConfigError(f"no coordinator state at {db}")
-    store = Store(db, readonly=True)
-    try:
-        report = build_report(store, model="", eval_name="")
-        evals = store.evals()
-    finally:
-        store.close()
+    report, _, evals = _read_state(args.state_dir)
     out = args.out if args.out is not None else args.state_dir
     out.mkdir(parents=True, exist_ok=True)
     report = carry_over(report, out / "report.json")   # a demo's report.json: its model names and extras stay

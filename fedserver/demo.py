@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from common.config import load_toml
-from common.data import prepare_federation_data
+from common.data import SCHOOL_HELDOUT, prepare_federation_data
 from common.models import default_cache_dir, resolve
 from fedserver.auth import hash_token, new_token
 from fedserver.config import CoordinatorConfig
@@ -190,8 +190,8 @@ dashboard_listen = "127.0.0.1:{_dashboard_port(opts.dashboard_port)}"
 coordinator = "COORDINATOR"
 token_file = {_toml_str(token_file)}
 state_dir = {_toml_str(out / "schools" / sid)}
-data_dir = {_toml_str(out / "data" / "schools" / sid / "train.jsonl")}
-heldout_file = {_toml_str(out / "data" / "schools" / sid / "heldout.jsonl")}
+data_dir = {_toml_str(out / "data" / "schools" / sid)}
+heldout_file = {_toml_str(out / "data" / "schools" / sid / SCHOOL_HELDOUT)}
 torch_threads = 1
 max_backoff_s = 5.0
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from common.data import prepare_federation_data
+from common.data import SCHOOL_HELDOUT, prepare_federation_data
 from common.models import build_tiny_model
 from fedserver.auth import hash_token
 from fedserver.config import (
@@ -119,7 +119,7 @@ def school_config(tmp: Path, address: str, school: str, fed_data: Path, model: s
     d = fed_data / "schools" / school
     return SchoolConfig(
         school=SchoolSection(coordinator=address, token_file=token_file, state_dir=tmp / school,
-                             data_dir=d / "train.jsonl", heldout_file=d / "heldout.jsonl", torch_threads=1,
+                             data_dir=d / "train.jsonl", heldout_file=d / SCHOOL_HELDOUT, torch_threads=1,
                              max_backoff_s=0.5),
         model=ClientModelSection(base=model),
     )

@@ -27,7 +27,7 @@ coordinator = {q(address)}
 token_file = {q(str(token))}
 state_dir = {q(str(tmp / school))}
 data_dir = {q(str(d / "train.jsonl"))}
-heldout_file = {q(str(d / "heldout.jsonl"))}
+heldout_file = {q(str(d / "heldout" / "heldout.jsonl"))}
 torch_threads = 1
 max_backoff_s = 0.5
 

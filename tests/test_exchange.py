@@ -328,8 +328,8 @@ def test_pool_eval_and_ood_are_disjoint_from_the_schools(exchange_data):
     assert len(open_prompts) == 8 and {p.source for p in open_prompts} == {"naturalqs_open"}
     ood = read_jsonl(exchange_data / "eval" / "ood.jsonl")
     evals = read_jsonl(exchange_data / "eval" / "eval.jsonl")
-    schools = [q for k in (1, 2, 3) for f in ("train", "heldout")
-               for q in read_jsonl(exchange_data / "schools" / f"school-{k}" / f"{f}.jsonl")]
+    schools = [q for k in (1, 2, 3) for f in ("train.jsonl", "heldout/heldout.jsonl")
+               for q in read_jsonl(exchange_data / "schools" / f"school-{k}" / f)]
     texts = {name: {normalize_text(q.question) for q in qs}
              for name, qs in (("pool", pool), ("ood", ood), ("eval", evals), ("schools", schools))}
     assert len(pool) == 24 and len(ood) == 8

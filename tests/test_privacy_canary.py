@@ -57,9 +57,9 @@ class RecordingProxy:
 def plant_canaries(src: Path, dst: Path, school: str) -> list[str]:
     """Copy a school's folder, adding a canary question to its train and held-out files."""
     canaries = []
-    for name in ("train.jsonl", "heldout.jsonl"):
+    for name in ("train.jsonl", "heldout/heldout.jsonl"):
         lines = (src / name).read_text().splitlines()
-        secret = f"Zyxwv canary {school} {name.split('.')[0]} quokka-7731"
+        secret = f"Zyxwv canary {school} {Path(name).stem} quokka-7731"
         canaries.append(secret)
         q = {"id": f"canary:{school}:{name}", "source": "canary", "group": "canary", "question": secret,
              "choices": [f"{secret} answer", "plain option"], "answer_index": 0, "answer": f"{secret} answer"}
@@ -87,7 +87,7 @@ async def test_no_canary_leaves_a_school(tmp_path, tiny_model, tiny_teacher, exc
             canaries += plant_canaries(exchange_data / "schools" / sid, folder, sid)
             sc = school_config(tmp_path, address, sid, exchange_data, tiny_model)
             sc = dataclasses.replace(sc, school=dataclasses.replace(sc.school, data_dir=folder / "train.jsonl",
-                                                                     heldout_file=folder / "heldout.jsonl"))
+                                                                     heldout_file=folder / "heldout" / "heldout.jsonl"))
             await start_school(sc)
         await asyncio.wait_for(rc.run_task, timeout=300)
     finally:

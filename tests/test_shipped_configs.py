@@ -253,11 +253,64 @@ def test_missing_config_exits_78_not_restarted(name: str, tmp_path: Path, restor
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_fedclient_check_config_accepts_the_example(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
-    import fedclient.cli
+QUESTION = ('{"id": "q%d", "source": "arc_easy", "group": "g", "question": "What is %d + 1?", '
+            '"choices": ["%d", "%d"], "answer_index": 0, "answer": "%d"}')
 
-    assert fedclient.cli.main(["check-config", "--config", str(example(SchoolConfig))]) == 0
-    assert "coordinator.example.org:50051" in capsys.readouterr().out
+
+def _questions(path: Path, first: int, n: int = 3) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(QUESTION % (k, k, k + 1, k, k + 1) + "\n" for k in range(first, first + n)))
+
+
+def _filled_in(cls: type, tmp: Path) -> Path:
+    """The example with what an operator fills in: real files and directories (under tmp), a
+    coordinator address, real token hashes."""
+    import json
+
+    from fedserver.auth import hash_token
+
+    text = example(cls).read_text()
+    q = json.dumps
+    if cls is SchoolConfig:
+        (tmp / "token").write_text("a-real-token\n")
+        _questions(tmp / "data" / "train.jsonl", 0)
+        _questions(tmp / "data" / "heldout" / "heldout.jsonl", 100)
+        values = {"coordinator.example.org:50051": "127.0.0.1:50051", "/etc/fedclient/token": str(tmp / "token"),
+                  "/srv/school-data/heldout/heldout.jsonl": str(tmp / "data" / "heldout" / "heldout.jsonl"),
+                  "/srv/school-data": str(tmp / "data"), "/var/lib/fedclient/models": str(tmp / "state" / "models"),
+                  "/var/lib/fedclient": str(tmp / "state")}
+    else:
+        _questions(tmp / "state" / "eval" / "eval.jsonl", 0)
+        values = {"/var/lib/fedserver/eval/eval.jsonl": str(tmp / "state" / "eval" / "eval.jsonl"),
+                  "/var/lib/fedserver/models": str(tmp / "state" / "models"), "/var/lib/fedserver": str(tmp / "state"),
+                  "0" * 64: hash_token("token-a"), "1" * 64: hash_token("token-b")}
+    for old, new in values.items():
+        assert q(old) in text, old
+        text = text.replace(q(old), q(new))
+    out = tmp / example(cls).name
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DAEMONS))
+def test_check_config_refuses_the_unedited_example_and_passes_it_filled_in(
+        name: str, tmp_path: Path, restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config makes the daemon's start-up checks on this machine: the unedited example's
+    placeholders and paths fail with the key named (exit 78); filled in, it passes."""
+    import fedclient.cli
+    import fedserver.cli
+
+    main = {"fedserver": fedserver.cli.main, "fedclient": fedclient.cli.main}[name]
+    cls = DAEMONS[name][0]
+    assert main(["check-config", "--config", str(example(cls))]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    keys = (("school.coordinator", "school.token_file", "school.data_dir") if cls is SchoolConfig else
+            ("evaluation.eval_file", "schools[0] (school-a): token_sha256 is a placeholder", "schools[1] (school-b)"))
+    for key in keys:
+        assert key in err, err
+    assert main(["check-config", "--config", str(_filled_in(cls, tmp_path))]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert ("127.0.0.1:50051" if cls is SchoolConfig else ": ok (2 schools") in out
 
 
 def test_sysusers_creates_the_unit_users() -> None:

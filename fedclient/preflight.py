@@ -1,0 +1,76 @@
+"""What school.toml points at, checked on this machine: `fedclient check-config` and
+`fedclient run` make the same checks and give the same messages (a problem: exit 78)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.data import SCHOOL_HELDOUT, read_jsonl
+from common.preflight import dir_problem, jsonl_problem, model_problem, raise_problems, read_secret
+from fedclient.config import SchoolConfig, SchoolSection
+
+# Every Path in school.toml and how it is checked (tests/test_newcomer.py keeps this complete).
+PATH_KEYS = {
+    "school.token_file": "secret file",
+    "school.state_dir": "writable directory",
+    "school.data_dir": "questions file or folder",
+    "school.heldout_file": "questions file (optional: a warning)",
+    "model.cache_dir": "writable directory",
+}
+
+# Reserved example domains (RFC 2606) never name a real coordinator: an unedited example.
+PLACEHOLDER_HOSTS = ("example.org", "example.com", "example.net")
+
+
+def heldout_path(s: SchoolSection) -> Path | None:
+    """The held-out file: `heldout_file`, else the first that exists of DATA/heldout/heldout.jsonl
+    (the documented layout, what prepare-data writes), DATA/heldout.jsonl and, for a data_dir
+    that is a file, the file's sibling heldout.jsonl (DATA: data_dir, or its folder if a file)."""
+    if s.heldout_file is not None:
+        return s.heldout_file
+    folder = s.data_dir if s.data_dir.is_dir() else s.data_dir.parent
+    for candidate in (folder / SCHOOL_HELDOUT, folder / "heldout.jsonl", s.data_dir.parent / "heldout.jsonl"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def check(cfg: SchoolConfig) -> tuple[str, list[str], list[str]]:
+    """(token, problems, warnings) of `cfg` on this machine."""
+    s = cfg.school
+    problems: list[str | None] = []
+    warnings: list[str] = []
+    host = s.coordinator.rsplit(":", 1)[0].strip("[]").lower()
+    if host.endswith(PLACEHOLDER_HOSTS):
+        problems.append(f"school.coordinator: {s.coordinator} is the example's placeholder; set the coordinator's "
+                        "host:port (its [server] listen port), as its operator gave it to you")
+    token, problem = read_secret("school.token_file", s.token_file)
+    problems.append(problem)
+    problems.append(jsonl_problem("school.data_dir", s.data_dir, read_jsonl,
+                                  "put the school's questions there: a JSONL file, or a folder whose top-level "
+                                  "*.jsonl files are read (see deploy/README.md)"))
+    heldout = heldout_path(s)
+    if s.heldout_file is not None:
+        problem = jsonl_problem("school.heldout_file", s.heldout_file, read_jsonl,
+                                "local evaluation is skipped without it; remove the key if there is none")
+        if problem:
+            warnings.append(problem)
+    elif heldout is None:
+        warnings.append(f"no held-out questions (school.heldout_file unset and no {SCHOOL_HELDOUT} beside the "
+                        "training data): this school will not score the global adapter locally")
+    problems.append(dir_problem("school.state_dir", s.state_dir,
+                                "under systemd, StateDirectory= creates /var/lib/fedclient at the first start"))
+    if cfg.model.cache_dir is not None:
+        problems.append(dir_problem("model.cache_dir", cfg.model.cache_dir))
+    else:
+        warnings.append("model.cache_dir is not set: converted models go to ~/.cache/school-federation, which the "
+                        "systemd unit (ProtectHome=yes) cannot write; set it under state_dir, e.g. /var/lib/fedclient/models")
+    problems.append(model_problem("model.base", cfg.model.base, cfg.model.cache_dir))
+    return token, [p for p in problems if p], warnings
+
+
+def require(cfg: SchoolConfig, source: str) -> tuple[str, list[str]]:
+    """(token, warnings); raise ConfigError listing every problem."""
+    token, problems, warnings = check(cfg)
+    raise_problems(source, problems)
+    return token, warnings
