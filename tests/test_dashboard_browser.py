@@ -48,13 +48,14 @@ def watch_page(url: str, tmp: Path, stop_after_s: float = 150.0) -> dict[str, ob
         committed_rows: list[str] = []
         end = time.monotonic() + stop_after_s
         while time.monotonic() < end:
-            shown = driver.find_element(By.ID, "round").text
+            # one script reads the screen at once: the page rebuilds its rows on every update
+            shown, committed_rows = driver.execute_script(
+                "return [document.getElementById('round').textContent,"
+                " [...document.querySelectorAll('#rounds tr')].filter(r => r.textContent.includes('committed'))"
+                ".map(r => r.dataset.round)];")
             if shown and shown != "–" and (not rounds_seen or rounds_seen[-1] != shown):
                 rounds_seen.append(shown)
-            committed_rows = [row.get_attribute("data-round") for row in driver.find_elements(By.CSS_SELECTOR, "#rounds tr")
-                              if "committed" in row.text]
-            numbers = sorted({int(r) for r in rounds_seen})
-            if len(numbers) >= 2 and committed_rows:
+            if len({int(r) for r in rounds_seen}) >= 2 and committed_rows:
                 break
             time.sleep(0.2)
         time.sleep(1.5)   # let the charts draw the newest point

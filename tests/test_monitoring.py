@@ -215,3 +215,17 @@ def test_monitor_settings_are_checked():
     assert parse_listen("[::1]:9464") == ("::1", 9464)
     with pytest.raises(ValueError, match="out of range"):
         parse_listen("127.0.0.1:70000")
+
+
+def test_every_metric_is_documented():
+    from fedclient.monitor import DaemonMetrics
+    from fedserver.monitor import CoordinatorMetrics
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "MONITORING.md").read_text()
+    names = {"schoolfed_rounds_total", "schoolfed_eval_accuracy", "schoolfed_eval_loss", "schoolfed_eval_round",
+             "schoolfed_school_connected", "schoolfed_school_eval_accuracy"}   # read from the state database
+    for metrics in (CoordinatorMetrics(school_labels=True), DaemonMetrics()):
+        for fam in metrics.registry.collect():
+            names.add(fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, ""))
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"docs/MONITORING.md does not describe {missing}"
