@@ -193,6 +193,10 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _ago(t: float | None, now: float) -> str:
     if not t:
         return "never"
@@ -202,7 +206,9 @@ def _ago(t: float | None, now: float) -> str:
 
 def format_status(view: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    lines = [f"daemon:      {view['state']}" + (f" (pid {view['pid']})" if view.get("running") else "")]
+    stopped = view.get("stopped") or {}
+    lines = [f"daemon:      {view['state']}" + (f" (pid {view['pid']})" if view.get("running") else "")
+             + (f" {_ago(stopped.get('at'), now)}: {stopped.get('reason', '')}" if stopped and not view.get("running") else "")]
     if view.get("school_id") or view.get("coordinator"):
         lines.append(f"school:      {view.get('school_id') or '(not yet joined)'} -> coordinator {view.get('coordinator')}")
     if view.get("connected"):
@@ -229,7 +235,7 @@ def format_status(view: dict[str, Any], now: float | None = None) -> str:
     totals = view.get("totals") or {}
     sent = totals.get("sent_bytes") or {}
     if sent:
-        lines.append("uploaded:    " + ", ".join(f"{kind}: {totals.get('results', {}).get(kind, 0)} results, {_mb(n)}"
+        lines.append("uploaded:    " + ", ".join(f"{kind}: {_n(totals.get('results', {}).get(kind, 0), 'result')}, {_mb(n)}"
                                                   for kind, n in sorted(sent.items()))
                      + " (model updates and answer distributions only; never the school's questions)")
     if totals.get("received_bytes"):

@@ -70,11 +70,12 @@ def live_part(engine: RoundEngine) -> dict[str, Any]:
             "failure": rnd.failed.get(entry.id, "") if rnd is not None else "",
             "seen_s_ago": round(now - sess.last_seen, 1) if sess is not None else None,
         })
+    planning = engine.planning if rnd is None else None   # (number, kind) while the next round is planned
     return {
         "time": time.time(),
         "phase": engine.phase,
-        "round": rnd.number if rnd else None,
-        "kind": rnd.kind if rnd else None,
+        "round": rnd.number if rnd else planning[0] if planning else None,
+        "kind": rnd.kind if rnd else planning[1] if planning else None,
         "deadline_in_s": round(rnd.deadline - time.time(), 1) if rnd and rnd.deadline else None,
         "participants": len(rnd.participants) if rnd else 0,
         "accepted": len(rnd.accepted) if rnd else 0,
@@ -103,6 +104,7 @@ def settings_part(engine: RoundEngine) -> dict[str, Any]:
         "distill": ({"slice_size": cfg.distill.slice_size, "kd_weight": cfg.distill.kd_weight,
                      "ensemble": cfg.distill.ensemble} if teacher else None),
         "enrolled": len(cfg.schools),
+        "eval_file": bool(cfg.evaluation.eval_file),
     }
 
 

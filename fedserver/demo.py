@@ -353,7 +353,8 @@ def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: De
                     seen.add(key)
                     console.print(f"  [{time.monotonic() - t0:5.0f}s] round {r.round} ({r.kind}) {r.status}: "
                                   f"{int(r.metrics.get('updates', r.metrics.get('answer_sets', 0)))}/{len(r.participants)} results, "
-                                  f"train loss {r.metrics.get('train_loss', float('nan')):.3f}, {r.metrics.get('seconds', 0):.0f} s")
+                                  + (f"train loss {r.metrics['train_loss']:.3f}, " if "train_loss" in r.metrics else "")
+                                  + f"{r.metrics.get('seconds', 0):.0f} s")
             if time.monotonic() - last_live > 20 and live.exists():   # a heartbeat line during long rounds
                 last_live = time.monotonic()
                 try:

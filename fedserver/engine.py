@@ -79,6 +79,7 @@ class RoundEngine:
         self._last_closed = store.last_round_number()   # kept in memory: count_bytes runs per chunk
         self.finished = asyncio.Event()
         self.log = get_logger("engine")
+        self.planning: tuple[int, str] | None = None   # (number, kind) of the round being planned
         self.phase = "starting"   # what the engine is doing now (dashboard): waiting, planning, collecting, closing, finished
         self.metrics = CoordinatorMetrics(cfg.monitor.school_labels)
         self.metrics.bind(self)
@@ -464,6 +465,7 @@ class RoundEngine:
         rnd = OpenRound(number, kind.name, participants, self.global_sha, self.global_state, 0.0)
         kind.begin(self, rnd)
         self.phase = f"planning round {number}"
+        self.planning = (number, kind.name)
         planned = time.monotonic()
         # The plan may take long (the teacher labels a pool slice); the deadline starts after it.
         try:
@@ -473,12 +475,14 @@ class RoundEngine:
         except Exception as exc:   # e.g. the teacher could not label: this round fails, the loop goes on
             self.log.error("could not plan the round", round=number, kind=kind.name, error=repr(exc))
             self.metrics.note_failure("", number, f"{kind.name} round could not be planned", repr(exc))
+            self.planning = None
             self.metrics.round_seconds.labels(kind.name, "failed").observe(time.monotonic() - planned)
             await asyncio.to_thread(self.store.open_round, number, participants, self.global_sha, time.time(), kind.name, {})
             await asyncio.to_thread(self.store.close_round, number, "failed", None, {"seconds": 0.0},
                                     {"plan": f"{kind.name} round could not be planned: {exc!r}"[:500]})
             self._last_closed = number
             return False
+        self.planning = None
         rnd.deadline = time.time() + self.cfg.rounds.deadline_s
         rnd.started = time.monotonic()
         rnd.plan_seconds = rnd.started - planned
