@@ -101,6 +101,9 @@ def load_toml(cls: type[T], path: Path) -> T:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:   # e.g. installed without the service user's group
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; it must be readable by the user "
+                          "the service runs as (e.g. chgrp fedserver FILE && chmod 0640 FILE)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     cfg = from_dict(cls, data, str(path))

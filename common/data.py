@@ -185,6 +185,13 @@ def read_jsonl(path_or_dir: Path | str) -> list[Question]:
     return _read_lines(path_or_dir, Question.from_json)   # type: ignore[return-value]
 
 
+def without_heldout(train: list[Question], heldout: list[Question]) -> list[Question]:
+    """The training questions that are not held out (by id): a school never trains on what it
+    evaluates on, even when its data folder also holds the held-out file."""
+    held = {q.id for q in heldout}
+    return [q for q in train if q.id not in held] if held else list(train)
+
+
 def read_pool(path: Path | str) -> tuple[list[Question], list[OpenPrompt]]:
     """A public pool file: its multiple-choice questions and its open prompts, in file order."""
     items = _read_lines(path, pool_item)

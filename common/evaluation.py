@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,13 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "loss": self.loss, "count": float(self.count)}
 
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward() keyword for a KV cache: `cache` in newer transformers, `past_key_values`
+    before (still accepted there, with a deprecation warning per call)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 def option_logprobs(model: Any, tok: Any, questions: Sequence[Question]) -> list[list[torch.Tensor]]:
     """Per-token log-probs of every option's text after its question: [question][option] ->
@@ -41,7 +49,7 @@ def option_logprobs(model: Any, tok: Any, questions: Sequence[Question]) -> list
             owner.append(qi)
             answers.append(tok(answer_text(q, i), add_special_tokens=False).input_ids)
     idx = torch.tensor(owner)
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values   # the newer name, without its warning
     cache.reorder_cache(idx)                                    # one cache row per option
     span = max(len(a) for a in answers)
     a_ids = torch.full((len(answers), span), tok.pad_token_id, dtype=torch.long)
@@ -51,7 +59,7 @@ def option_logprobs(model: Any, tok: Any, questions: Sequence[Question]) -> list
         a_mask[r, : len(a)] = 1
     positions = mask.sum(-1)[idx, None] + torch.arange(span)[None, :]
     rest = model(input_ids=a_ids, attention_mask=torch.cat([mask[idx], a_mask], dim=1), position_ids=positions,
-                 past_key_values=cache, use_cache=True).logits.float().log_softmax(-1)   # (options, span, vocab)
+                 use_cache=True, **{_cache_kwarg(model): cache}).logits.float().log_softmax(-1)   # (options, span, vocab)
     result: list[list[torch.Tensor]] = [[] for _ in questions]
     for r, a in enumerate(answers):
         target = torch.tensor(a)

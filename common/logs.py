@@ -89,6 +89,9 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     cygrpc = logging.getLogger("grpc._cython.cygrpc")
     if not any(isinstance(f, _CancelledRpcFilter) for f in cygrpc.filters):
         cygrpc.addFilter(_CancelledRpcFilter())
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _OptionalKernelsFilter) for f in bnb.filters):
+        bnb.addFilter(_OptionalKernelsFilter())
     if json:
         logging.captureWarnings(True)   # warnings.warn -> the "py.warnings" logger -> a JSON line
         _quiet_progress_bars()
@@ -106,6 +109,15 @@ class _CancelledRpcFilter(logging.Filter):
 
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, asyncio.CancelledError)
+
+
+class _OptionalKernelsFilter(logging.Filter):
+    """bitsandbytes warns at every 4-bit load on CPU that the optional `kernels` package (faster
+    CPU kernels from the Hugging Face hub, which these hosts do not reach) is missing; it then
+    uses its own CPU code. Nothing to act on: drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
 
 
 def _log_uncaught_exceptions() -> None:

@@ -31,6 +31,28 @@ def raise_problems(source: str, problems: Iterable[str]) -> None:
                           + "\n  - ".join(found))
 
 
+def port_in_use(listen: str) -> str | None:
+    """'host:port' that cannot be bound now (another process has it), or None; port 0 is free."""
+    import socket
+
+    from common.monitoring import parse_listen
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError:
+        return None   # the config's form check reports it
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return f"{listen}: {exc.strerror or exc}"
+    return None
+
+
 def dir_problem(key: str, path: Path, hint: str = "") -> str | None:
     """A directory the process writes: it exists and is writable, or it can be created."""
     path = Path(path)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             for w in warnings:
                 print(f"warning: {w}", file=sys.stderr)
-            print(cfg)
+            print(f"{args.config}: {preflight.summary(cfg)}")
             return 0
         for w in warnings:
             get_logger("school").warning(w)

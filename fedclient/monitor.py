@@ -41,9 +41,10 @@ class DaemonMetrics:
                               ["kind", "outcome"], registry=r)
         self.work_seconds = Histogram(f"{NS}_work_duration_seconds", "Local work per round (training, distilling, "
                                       "answering, evaluating)", ["kind"], buckets=WORK_BUCKETS, registry=r)
-        self.tokens = Counter(f"{NS}_train_tokens", "Tokens trained on (train and distill rounds)", registry=r)
-        self.tokens_per_s = Gauge(f"{NS}_train_tokens_per_second", "Training throughput of the last train or "
-                                  "distill round", registry=r)
+        self.tokens = Counter(f"{NS}_train_tokens", "Answer tokens that carried the training loss (train rounds; "
+                              "prompts are read but not counted)", registry=r)
+        self.tokens_per_s = Gauge(f"{NS}_train_tokens_per_second", "Loss-carrying answer tokens per second of "
+                                  "local work in the last train round", registry=r)
         self.retries = Counter(f"{NS}_transfer_retries", "Transfers interrupted and resumed (dropped link, "
                                "coordinator restart)", registry=r)
         self.sent = Counter(f"{NS}_sent_bytes", "Result bytes sent to the coordinator (never the school's data)",
@@ -75,7 +76,7 @@ class DaemonStatus:
     def joined(self, school_id: str) -> None:
         now = time.time()
         self.data.update(school_id=school_id, connected=True, ever_connected=True, connected_since=now,
-                         last_joined_at=now, joins=self.data["joins"] + 1)
+                         last_joined_at=now, joins=self.data["joins"] + 1, last_error="", last_error_at=None)
         self.write()
 
     def disconnected(self, error: str = "") -> None:
@@ -221,7 +222,7 @@ def format_status(view: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"now:         round {cur['round']} ({cur['kind']}): {cur['phase']}{prog}")
     last = view.get("last_round")
     if last:
-        extra = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
+        extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                           if k not in ("round", "kind", "outcome", "at", "bytes"))
         sent = f", sent {_mb(last['bytes'])}" if last.get("bytes") else ""
         lines.append(f"last round:  {last['round']} ({last['kind']}) {last['outcome']} {_ago(last.get('at'), now)}{sent}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data import SCHOOL_HELDOUT, read_jsonl
+from common.data import SCHOOL_HELDOUT, read_jsonl, without_heldout
 from common.preflight import dir_problem, jsonl_problem, model_problem, raise_problems, read_secret
 from fedclient.config import SchoolConfig, SchoolSection
 
@@ -35,6 +35,27 @@ def heldout_path(s: SchoolSection) -> Path | None:
     return None
 
 
+def data_counts(data_dir: Path, heldout: Path | None) -> tuple[int, int]:
+    """(questions the daemon will train on, questions under data_dir it leaves out as held out)."""
+    train = read_jsonl(data_dir)
+    try:
+        held = read_jsonl(heldout) if heldout is not None and heldout.is_file() else []
+    except (ValueError, OSError):
+        held = []   # reported as a warning of its own
+    kept = without_heldout(train, held)
+    return len(kept), len(train) - len(kept)
+
+
+def summary(cfg: SchoolConfig) -> str:
+    """What check-config found, in one line (after the checks passed)."""
+    s = cfg.school
+    heldout = heldout_path(s)
+    train, excluded = data_counts(s.data_dir, heldout)
+    held = f"held-out {heldout}" if heldout is not None else "no held-out questions"
+    return (f"ok: trains on {train} questions from {s.data_dir}" + (f" ({excluded} held-out ones left out)" if excluded else "")
+            + f"; {held}; coordinator {s.coordinator}; model {cfg.model.base}")
+
+
 def check(cfg: SchoolConfig) -> tuple[str, list[str], list[str]]:
     """(token, problems, warnings) of `cfg` on this machine."""
     s = cfg.school
@@ -46,10 +67,20 @@ def check(cfg: SchoolConfig) -> tuple[str, list[str], list[str]]:
                         "host:port (its [server] listen port), as its operator gave it to you")
     token, problem = read_secret("school.token_file", s.token_file)
     problems.append(problem)
-    problems.append(jsonl_problem("school.data_dir", s.data_dir, read_jsonl,
-                                  "put the school's questions there: a JSONL file, or a folder whose top-level "
-                                  "*.jsonl files are read (see deploy/README.md)"))
+    data_problem = jsonl_problem("school.data_dir", s.data_dir, read_jsonl,
+                                 "put the school's questions there: a JSONL file, or a folder whose top-level "
+                                 "*.jsonl files are read (see deploy/README.md)")
+    problems.append(data_problem)
     heldout = heldout_path(s)
+    if data_problem is None and heldout is not None and heldout.is_file():
+        train, held = data_counts(s.data_dir, heldout)
+        if train == 0:
+            problems.append(f"school.data_dir: every question under {s.data_dir} is also in the held-out file "
+                            f"{heldout}; point data_dir at the training questions (the held-out ones go in a "
+                            "heldout/ sub-folder, which is not read as training data)")
+        elif held:
+            warnings.append(f"{held} of the questions under {s.data_dir} are also in the held-out file {heldout}; "
+                            "they will not be trained on")
     if s.heldout_file is not None:
         problem = jsonl_problem("school.heldout_file", s.heldout_file, read_jsonl,
                                 "local evaluation is skipped without it; remove the key if there is none")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common.data import OpenPrompt, Question, read_jsonl
+from common.data import OpenPrompt, Question, read_jsonl, without_heldout
 from common.distill import (
     DistillResult, Pack, generate_answers, label, leaks_own_data, own_ngrams, train_distill, vocab_fingerprint,
 )
@@ -33,9 +33,8 @@ class SchoolModel:
         if not self.train_questions:
             raise ValueError(f"no questions under {data_dir}; put the school's *.jsonl files there")
         self.heldout: list[Question] = read_jsonl(heldout_file) if heldout_file and heldout_file.exists() else []
-        held = {q.id for q in self.heldout}
-        if held & {q.id for q in self.train_questions}:   # e.g. data_dir's folder holds the held-out file too
-            kept = [q for q in self.train_questions if q.id not in held]
+        kept = without_heldout(self.train_questions, self.heldout)
+        if len(kept) < len(self.train_questions):   # e.g. data_dir's folder holds the held-out file too
             get_logger("school").warning("held-out questions found in the training data; not training on them",
                                          data_dir=str(data_dir), heldout_file=str(heldout_file),
                                          excluded=len(self.train_questions) - len(kept))

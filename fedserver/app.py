@@ -4,6 +4,7 @@ runs it under systemd's lifecycle (READY, watchdog, SIGTERM -> graceful stop).""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import systemd
 from common.data import read_jsonl, read_pool, spread
+from common.errors import ConfigError
 from common.files import atomic_write_text
 from common.logs import get_logger
 from common.models import load_config
@@ -70,6 +72,11 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     state = cfg.server.state_dir
     state.mkdir(parents=True, exist_ok=True)
     store = Store(state / "state.sqlite")
+    # what `fedserver status` and `fedserver report` name (the state holds no config otherwise)
+    store.set_meta("model", cfg.model.base)
+    store.set_meta("eval_file", str(cfg.evaluation.eval_file or ""))
+    store.set_meta("teacher", json.dumps({"model": cfg.teacher.model, "quantization": cfg.teacher.quantization})
+                   if cfg.teacher.model else "")
     artifacts = ArtifactStore(state / "artifacts")
     model_cfg = await asyncio.to_thread(load_config, cfg.model.base, cfg.model.cache_dir)
     layout = await asyncio.to_thread(expected_layout, model_cfg, cfg.lora.settings())
@@ -90,10 +97,33 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(cfg.server.listen)  # mutual TLS: add_secure_port here
+    try:
+        port = server.add_insecure_port(cfg.server.listen)  # mutual TLS: add_secure_port here
+    except RuntimeError:   # grpc: "Failed to bind" (its C core has logged why, e.g. the address is in use)
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {cfg.server.listen}")
+        if teacher is not None:
+            teacher.close()
+        if evaluator is not None:
+            evaluator.close()
+        store.close()
+        raise ConfigError(f"[server] listen = {cfg.server.listen!r}: cannot bind it (in use by another process, e.g. a "
+                          "coordinator already running, or not an address of this machine); choose another port")
     return Coordinator(server, port, engine, store, health_servicer, evaluator, teacher)
+
+
+async def _status_lines(engine: RoundEngine, notify: systemd.Notify, every_s: float = 2.0) -> None:
+    """systemd's STATUS= (shown by `systemctl status fedserver`): what the engine does now."""
+    last = ""
+    while True:
+        rnd = engine.current
+        line = (f"{engine.phase}" + (f" (round {rnd.number}, {rnd.kind}: {len(rnd.accepted)}/{len(rnd.participants)} "
+                                     "results)" if rnd is not None else "")
+                + f"; {len(engine.sessions)} of {len(engine.cfg.schools)} schools connected")
+        if line != last:
+            notify(f"STATUS={line}")
+            last = line
+        await asyncio.sleep(every_s)
 
 
 async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
@@ -123,6 +153,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     watchdog = asyncio.create_task(systemd.watchdog(
         notifier, on_stall=lambda s: log.warning("event loop stalled; sessions may time out on this side", late_s=round(s, 1))))
     rounds = asyncio.create_task(coord.engine.run())
+    status_line = asyncio.create_task(_status_lines(coord.engine, notifier))
     live = asyncio.create_task(coord.engine.publish_status(cfg.server.state_dir / "live.json"))
     stopper = asyncio.create_task(stop.wait())
     code = 0
@@ -140,6 +171,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
         rounds.cancel()
     notifier("STOPPING=1")
     watchdog.cancel()
+    status_line.cancel()
     live.cancel()
     stopper.cancel()
     await asyncio.gather(rounds, live, watchdog, stopper, return_exceptions=True)   # unwound before the store closes

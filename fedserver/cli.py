@@ -118,7 +118,9 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({**report, "schools": schools, "live": live}, indent=2))
         return 0
     print(format_table(report))
-    print(f"schools: {', '.join(s['id'] for s in schools) or '(none yet)'}")
+    print(f"schools that joined at least once: {', '.join(s['id'] for s in schools) or '(none yet)'}")
+    if live is not None and not live["stale"]:
+        print(f"coordinator now: {live.get('phase', '?')}; connected: {', '.join(live.get('schools', {})) or 'no school'}")
     if live is not None:
         age = "of unknown age" if live["age_s"] is None else f"as of {live['age_s']:.0f} s ago"
         when = (f" ({age}; the coordinator is not running or not writing {args.state_dir / 'live.json'})"
@@ -154,10 +156,14 @@ def _report(args: argparse.Namespace) -> int:
 
     report, _, evals = _read_state(args.state_dir)
     out = args.out if args.out is not None else args.state_dir
-    out.mkdir(parents=True, exist_ok=True)
-    report = carry_over(report, out / "report.json")   # a demo's report.json: its model names and extras stay
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    page = write_html_report(report, out, evals)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        report = carry_over(report, out / "report.json")   # a demo's report.json: its model names and extras stay
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        page = write_html_report(report, out, evals)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report to {out}: {exc.strerror or exc}; choose a folder this user "
+                          "can write with --out") from None
     print(f"report: {out / 'report.json'}")
     print(f"page:   {page}")
     for png in sorted((out / "plots").glob("*.png")):

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.data import read_jsonl, read_pool
-from common.preflight import dir_problem, jsonl_problem, model_problem, placeholder_hash, raise_problems, read_secret
+from common.preflight import (
+    dir_problem, jsonl_problem, model_problem, placeholder_hash, port_in_use, raise_problems, read_secret,
+)
 from fedserver.config import CoordinatorConfig
 
 # Every Path in coordinator.toml and how it is checked (tests/test_newcomer.py keeps this
@@ -62,6 +64,12 @@ def check(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None) -> tuple[l
             problems.append(f"schools[{i}] ({school.id}): token_sha256 is {why}, not a school's token: the example's "
                             f"entries must be replaced. Enrol the school with `fedserver token --school {school.id} "
                             "--out FILE` and paste the [[schools]] entry it prints, or remove this entry")
+    for key, listen in (("server.listen", s.listen), ("monitor.metrics_listen", cfg.monitor.metrics_listen),
+                        ("monitor.dashboard_listen", cfg.monitor.dashboard_listen)):
+        busy = port_in_use(listen) if listen else None
+        if busy:   # a warning: check-config next to a running coordinator finds its ports taken
+            warnings.append(f"{key}: cannot bind {busy} now (is a coordinator already running?); serve would stop "
+                            "with exit 78 unless it is free by then")
     return [p for p in problems if p], warnings
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fedserver.store import Store
 
 
 def build_report(store: Store, model: str, eval_name: str, teacher: tuple[str, str] | None = None) -> dict[str, Any]:
-    """`teacher`: (model, quantization) when the federation ran with one."""
+    """`teacher`: (model, quantization) when the federation ran with one. Left empty, the model,
+    the eval set and the teacher are those the coordinator recorded at its last start."""
+    if not model:
+        model = store.get_meta("model") or ""
+    if not eval_name:
+        eval_name = store.get_meta("eval_file") or ""
+    if teacher is None and store.get_meta("teacher"):
+        t = json.loads(store.get_meta("teacher") or "{}")
+        teacher = (t.get("model", ""), t.get("quantization", ""))
     evals = store.evals()
     server = {e["round"]: e for e in evals if e["source"] == "server"}
     teacher_evals = {e["round"]: e for e in evals if e["source"] == "teacher"}
@@ -16,7 +25,8 @@ def build_report(store: Store, model: str, eval_name: str, teacher: tuple[str, s
     rounds = []
     for r in store.rounds():
         ev = server.get(r.round, {}).get("metrics", {})
-        local = [e for e in evals if e["round"] == r.round and e["source"] not in ("server", "teacher")]
+        local = [e for e in evals if e["round"] == r.round and e["source"] not in ("server", "teacher")
+                 and "accuracy" in e["metrics"]]
         n_local = sum(e["num_examples"] for e in local)
         rounds.append({
             "round": r.round,

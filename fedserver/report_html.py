@@ -13,10 +13,14 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+# matplotlib keeps a font cache under $HOME/.config; a service user's home is its state dir.
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), f"schoolfed-matplotlib-{os.getuid()}"))
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

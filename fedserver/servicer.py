@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from common import PROTOCOL_VERSION, __version__
-from common.errors import FederationError, IncompatibleSchoolError, ProtocolError
+from common.errors import AuthenticationError, FederationError, IncompatibleSchoolError, ProtocolError
 from common.logs import get_logger
 from common.models import parse_spec
 from common.messages import (
@@ -43,7 +43,9 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     async def _abort(self: Any, context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
         if isinstance(exc, FederationError):
-            log.info("rpc refused", rpc=name, status=exc.status, error=str(exc))
+            # who is knocking with a wrong or revoked token is the operator's business: a warning
+            (log.warning if isinstance(exc, AuthenticationError) else log.info)(
+                "rpc refused", rpc=name, status=exc.status, error=str(exc))
             self.engine.metrics.refusal(name, exc.status, exc)
             await context.abort(grpc.StatusCode[exc.status], str(exc))
         # A bug, not bad input: keep the traceback here, tell the school only that it happened.

@@ -141,17 +141,26 @@ def test_school_check_config_gives_runs_messages(tmp_path, fed_data, tiny_model,
                          f"school.data_dir: {tmp_path / 'nodata'} does not exist"),
         "no jsonl": (text.replace(str(fed_data / "schools" / "school-1" / "train.jsonl"), str(tmp_path / "emptydir")),
                      f"school.data_dir: no *.jsonl files at the top of the folder {tmp_path / 'emptydir'}"),
+        "all held out": (text.replace(str(fed_data / "schools" / "school-1" / "train.jsonl"),
+                                      str(fed_data / "schools" / "school-1" / "heldout" / "heldout.jsonl")),
+                         "is also in the held-out file"),
+        "config unreadable": (None, "cannot read config file"),
     }
     (tmp_path / "empty.token").write_text("\n")
     (tmp_path / "emptydir").mkdir()
     for name, (body, message) in cases.items():
         bad = tmp_path / f"{name.replace(' ', '-')}.toml"
-        bad.write_text(body)
+        if body is None:
+            bad.mkdir()   # unreadable as a file (root reads any file, so a folder stands in for a 0600 file)
+        else:
+            bad.write_text(body)
         for command in ("check-config", "run"):
             assert main([command, "--config", str(bad)]) == 78, name
             err = capsys.readouterr().err
             assert message in err, (name, command, err)
     assert main(["check-config", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"{cfg}: ok: trains on 24 questions from" in out and "held-out" in out and "SchoolConfig(" not in out
 
 
 # ---------------------------------------------------------------- 2. status
@@ -491,3 +500,25 @@ def test_guide_documents_rotation_revocation_and_de_enrolment() -> None:
     for needle in ("fedserver token --school", "token_sha256", "systemctl restart fedserver", "Revoke",
                    "De-enrol", "state.sqlite", "cannot be taken out"):
         assert needle in section, needle
+
+
+async def test_a_taken_grpc_port_is_a_configuration_error(tmp_path, tiny_model) -> None:
+    """serve with [server] listen on a port another process holds: exit 78 with what to do, not a
+    crash (systemd would restart it in a loop); check-config warns about it."""
+    import socket
+
+    from common.errors import ConfigError
+    from fedserver import preflight
+    from fedserver.app import create_server
+    from tests.conftest import coordinator_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        cfg = coordinator_config(tmp_path, tiny_model)
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, listen=f"127.0.0.1:{taken}"))
+        _, warnings = preflight.check(cfg)
+        assert any(f"server.listen: cannot bind 127.0.0.1:{taken}" in w for w in warnings), warnings
+        with pytest.raises(ConfigError, match="cannot bind it"):
+            await create_server(cfg)
