@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from typing import Any
 
 import structlog
@@ -73,6 +74,9 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel: a
+    # FutureWarning per model load that no caller can act on.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # The libraries' stdlib logging, through the same renderer; quiet below WARNING.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(

@@ -76,12 +76,14 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"base model: accuracy {_f(report['base_eval_accuracy'], '.3f')}  loss {_f(report.get('base_eval_loss'), '.3f')}"
-             f"  on {report['eval_set']['count']} held-out questions"]
+    lines = [f"model: {report['model']}" + (f"   eval set: {report['eval_set']['name']}" if report["eval_set"].get("name") else "")]
+    lines = lines if report.get("model") else []
+    lines.append(f"base model: accuracy {_f(report['base_eval_accuracy'], '.3f')}  loss {_f(report.get('base_eval_loss'), '.3f')}"
+                 f"  on {report['eval_set']['count']} held-out questions")
     t = report.get("teacher")
     if t:
         after = "".join(f"; after teach round {a['round']}: {a['accuracy']:.3f} / {a['loss']:.3f}" for a in t["after_teach_rounds"])
-        lines.append(f"teacher {t['model']} ({t['quantization']}): accuracy / loss before {_f(t['before']['accuracy'], '.3f')} / "
+        lines.append(f"teacher {t['model'] or '(model not recorded)'}" + (f" ({t['quantization']})" if t["quantization"] else "") + f": accuracy / loss before {_f(t['before']['accuracy'], '.3f')} / "
                      f"{_f(t['before']['loss'], '.3f')} on {t['eval_count']} held-out questions{after}")
     lines.append(f"{'round':>5} {'kind':>8} {'status':>9} {'schools':>7} {'accuracy':>8} {'loss':>7} {'school acc':>10} {'train loss':>10} {'MB up':>7} {'MB down':>7} {'seconds':>7}")
     for r in report["rounds"]:

@@ -170,3 +170,25 @@ def test_missing_state_is_a_config_error(tmp_path, capsys):
     assert main(["report", "--state-dir", str(tmp_path / "nowhere")]) == 78
     assert "no coordinator state" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_status_names_the_model_and_eval_set_the_coordinator_recorded(tmp_path, capsys):
+    """`fedserver status` (text and JSON) names what the coordinator recorded at start-up."""
+    from fedserver.cli import main
+    from fedserver.store import Store
+
+    state = tmp_path / "state"
+    state.mkdir()
+    store = Store(state / "state.sqlite")
+    store.set_meta("model", "packaged:smollm2-135m-instruct")
+    store.set_meta("eval_file", "/var/lib/fedserver/eval/eval.jsonl")
+    store.set_meta("teacher", json.dumps({"model": "packaged:qwen2.5-coder-1.5b-instruct", "quantization": "nf4"}))
+    store.add_eval(0, "teacher", 40, {"accuracy": 0.625, "loss": 2.62})
+    store.close()
+    assert main(["status", "--state-dir", str(state)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("model: packaged:smollm2-135m-instruct   eval set: /var/lib/fedserver/eval/eval.jsonl")
+    assert "teacher packaged:qwen2.5-coder-1.5b-instruct (nf4): accuracy / loss before 0.625 / 2.620" in text
+    assert main(["status", "--state-dir", str(state), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "packaged:smollm2-135m-instruct" and doc["teacher"]["quantization"] == "nf4"
