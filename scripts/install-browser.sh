@@ -20,7 +20,7 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "installing chromium and chromium-driver from Debian (for the dashboard's browser test; ~2 min once)" >&2
 log=$(mktemp)
-if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
         chromium chromium-driver; } >"$log" 2>&1; then
   echo "warning: installing chromium failed (last lines below); the dashboard's browser test will be skipped" >&2
   tail -5 "$log" >&2
