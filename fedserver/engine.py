@@ -34,6 +34,7 @@ from fedserver.rounds import KINDS, OpenRound, RoundFailed, RoundKind
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
 from fedserver.monitor import CoordinatorMetrics
+from fedserver.validation import eval_report_problem
 from fedserver.transfers import upload_key
 
 
@@ -333,10 +334,32 @@ class RoundEngine:
             self.log.warning("school reported failure", school=school_id, round=rnd.number, phase=f.phase, error=f.message)
             self._changed.set()
 
+    def _refuse_eval(self, school_id: str, r: EvalReport, why: str) -> None:
+        self.log.warning("evaluation report refused", school=school_id, round=r.round, reason=why[:200])
+        self.metrics.refusal("EvalReport", "INVALID_ARGUMENT", ValueError(why))
+        self.metrics.note_failure(school_id, r.round, "evaluation report refused", why)
+
     async def report_eval(self, school_id: str, r: EvalReport) -> None:
+        """A school's evaluation: taken only for a round it was asked to evaluate, once, with
+        at most the questions asked for and sane numbers; anything else is logged and dropped."""
+        asked = self.cfg.evaluation.school_max_examples or 32
+        problem = eval_report_problem(r.num_examples, r.metrics, asked)
         async with self._lock:
             rnd = self.current
-            if rnd is not None and rnd.kind == "evaluate" and r.round == rnd.number and school_id in rnd.pending():
+            in_round = rnd is not None and rnd.kind == "evaluate" and r.round == rnd.number and school_id in rnd.pending()
+            if not in_round and school_id not in self._evals_due.get(r.round, ()):
+                self._refuse_eval(school_id, r, f"round {r.round} was not asked of this school, or was answered already")
+                return
+            if problem:
+                self._refuse_eval(school_id, r, problem)
+                if in_round:
+                    assert rnd is not None
+                    rnd.failed[school_id] = f"evaluate: report refused: {problem}"
+                    KINDS[rnd.kind].fail(self, rnd, school_id, rnd.failed[school_id])
+                    self._changed.set()
+                self._eval_answered(r.round, school_id)
+                return
+            if in_round:
                 # An evaluate round's result: stored first (the store is its receipt), then folded.
                 await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
                 KINDS[rnd.kind].fold(self, rnd, school_id, r.num_examples, r.metrics, Path())
@@ -589,7 +612,10 @@ class RoundEngine:
         n = self.cfg.evaluation.school_max_examples
         if n > 0:
             cmd = EvaluateCommand(number, 0.0, ArtifactRef(sha, self.artifacts.size(sha)), n)
-            self._evals_due = {number: set(self.sessions)}   # only the newest round is waited for
+            # who was asked, per round (a late answer to an older round is still taken); the
+            # final shutdown waits only for the newest round's
+            self._evals_due = {n: due for n, due in self._evals_due.items() if n > number - 10 and due}
+            self._evals_due[number] = set(self.sessions)
             for sess in self.sessions.values():
                 sess.queue.put_nowait(cmd)
 

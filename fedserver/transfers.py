@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import DuplicateUploadError, ProtocolError, TooLargeError
+from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError
 from common.messages import UploadHeader
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.store import Store
+from fedserver.validation import header_numbers_problem
 
 
 def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
@@ -60,6 +61,9 @@ class UploadReceiver:
             raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
         if h.total_size == 0 or len(h.sha256) != 64:
             raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
+        problem = header_numbers_problem(h.num_examples, h.metrics)
+        if problem:
+            raise ValidationError(f"upload header: {problem}; the daemon reports its own numbers, so upgrade or fix it")
         if await asyncio.to_thread(self.store.receipt_for_upload, upload_key(school, h.upload_id)):
             raise DuplicateUploadError(f"upload {h.upload_id} was already accepted; replays are refused")
 

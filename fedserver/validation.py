@@ -68,3 +68,42 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Tens
     if max_norm > 0 and norm > max_norm:
         raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")
     return dict(tensors)
+
+
+# Self-reported numbers: a school's word is taken only within these bounds.
+MAX_REPORTED_EXAMPLES = 10_000_000   # num_examples of one school's update (weights FedAvg)
+MAX_METRICS = 32                     # metrics in one upload header or evaluation report
+MAX_METRIC_NAME = 64
+
+
+def metrics_problem(metrics: Mapping[str, float]) -> str | None:
+    """A school's metrics: a few named, finite numbers."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics (at most {MAX_METRICS})"
+    for key, value in metrics.items():
+        if not key or len(key) > MAX_METRIC_NAME or not key.replace("_", "").isalnum():
+            return f"metric name {key[:MAX_METRIC_NAME]!r} (letters, digits and '_', at most {MAX_METRIC_NAME})"
+        if not math.isfinite(value):
+            return f"metric {key} = {value} (must be finite)"
+    return None
+
+
+def header_numbers_problem(num_examples: int, metrics: Mapping[str, float]) -> str | None:
+    if not 0 <= num_examples <= MAX_REPORTED_EXAMPLES:
+        return f"num_examples = {num_examples} (must be in [0, {MAX_REPORTED_EXAMPLES:,}])"
+    return metrics_problem(metrics)
+
+
+def eval_report_problem(num_examples: int, metrics: Mapping[str, float], asked_at_most: int) -> str | None:
+    """An evaluation report: at most the questions asked for, an accuracy in [0, 1] and a loss >= 0."""
+    if not 0 <= num_examples <= max(asked_at_most, 0):
+        return f"num_examples = {num_examples}, but at most {asked_at_most} questions were asked for"
+    problem = metrics_problem(metrics)
+    if problem:
+        return problem
+    if num_examples > 0:
+        if not 0.0 <= metrics.get("accuracy", -1.0) <= 1.0:
+            return "an evaluation report needs accuracy in [0, 1]"
+        if metrics.get("loss", 0.0) < 0:
+            return "loss must be >= 0"
+    return None
