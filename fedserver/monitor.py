@@ -84,7 +84,8 @@ class _StateCollector(Collector):
                                  "of the newest evaluated round", labels=["source"])
         which = GaugeMetricFamily(f"{NS}_eval_round", "Which round the eval_accuracy and eval_loss series describe "
                                   "(0 = the base model)", labels=["source"])
-        for source, (number, a, lo) in sorted(latest_evals(store.evals()).items()):
+        evals = store.evals()   # one read per scrape, shared by the families below
+        for source, (number, a, lo) in sorted(latest_evals(evals).items()):
             acc.add_metric([source], a)
             if lo is not None:
                 loss.add_metric([source], lo)
@@ -101,7 +102,7 @@ class _StateCollector(Collector):
             yield per
             school_acc = GaugeMetricFamily(f"{NS}_school_eval_accuracy", "Each school's newest accuracy on its own "
                                            "held-out questions (opted in: [monitor] school_labels)", labels=["school"])
-            for source, (_, a, _lo) in sorted(latest_evals(store.evals(), per_school=True).items()):
+            for source, (_, a, _lo) in sorted(latest_evals(evals, per_school=True).items()):
                 school_acc.add_metric([source], a)
             yield school_acc
 
