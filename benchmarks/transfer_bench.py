@@ -55,7 +55,7 @@ from common.wire import MAX_CHUNK_BYTES, grpc_options, sha256_hex, tensors_to_by
 from fedclient.transfer import download, upload
 from fedserver.auth import hash_token
 from fedserver.config import (
-    CoordinatorConfig, LoraSection, ModelSection, RoundsSection, SchoolEntry, ServerSection,
+    CoordinatorConfig, LoraSection, ModelSection, RoundsSection, SchoolEntry, ServerSection, ServerTLSSection,
 )
 from fedserver.validation import validate_update
 
@@ -139,7 +139,9 @@ class ProjectPath:
         return CoordinatorConfig(
             # Heartbeats are not what is measured: long intervals keep the idle Session streams quiet.
             server=ServerSection(listen="127.0.0.1:0", state_dir=self.workdir / "coordinator",
-                                 heartbeat_interval_s=3600.0, session_timeout_s=7200.0),
+                                 heartbeat_interval_s=3600.0, session_timeout_s=7200.0,
+                                 # plaintext, as the plain-gRPC baseline it is compared with
+                                 tls=ServerTLSSection(insecure=True)),
             model=ModelSection(base=self.model_spec, cache_dir=self.cache_dir),
             lora=LoraSection(),   # rank 16, alpha 32, all seven projections: the federation's adapter
             # Every school takes part; the round needs them all, so it stays open while the
@@ -340,8 +342,9 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
             flip = i % 2 == 1
             dl_a, dl_b = await _interleave(project.download, plain.download, flip)
             up_a, up_b = await _interleave(lambda: project.upload(payload, payload_sha), lambda: plain.upload(payload), flip)
+            held = bytearray(payload)   # as the coordinator holds an upload: a writable buffer it views
             with _Clock() as clock:   # what the coordinator runs on every upload, on the same bytes
-                validate_update(payload, payload_sha, layout, max_norm)
+                validate_update(held, payload_sha, layout, max_norm, payload_sha)
             val = clock.sample
             tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
             say(f"{tag}: download A {dl_a.wall:.3f}s B {dl_b.wall:.3f}s | upload A {up_a.wall:.3f}s B {up_b.wall:.3f}s"

@@ -73,3 +73,10 @@ class ModelUnavailableError(FederationError):
     """A model spec that cannot be resolved on this machine (package missing, no network...)."""
 
     status = "FAILED_PRECONDITION"
+
+
+class CertificateRefusedError(AuthenticationError):
+    """A verified client certificate that may not act here: revoked, naming no school, or
+    naming another school than the token or session presented with it."""
+
+    status = "PERMISSION_DENIED"

@@ -145,9 +145,12 @@ def pad_rank(state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
 
 
 def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: LoraSettings,
-                   base_model: str, extra: Mapping[str, Any] | None = None) -> None:
+                   base_model: str, extra: Mapping[str, Any] | None = None,
+                   weights_file: Path | None = None) -> None:
     """Write a directory `PeftModel.from_pretrained(base, path)` loads, atomically: a temp
     directory beside it is renamed into place, so readers never see half an adapter.
+    `weights_file`: a durable file that already holds exactly `tensors_to_bytes(state)` (the
+    round's content-addressed artefact); it is hard-linked instead of serialised again.
     adapter_config.json names the base as transformers resolves it (a packaged model: the hub id
     it mirrors); federation.json keeps our own spec under "base_model"."""
     from common.models import peft_base_name
@@ -158,11 +161,20 @@ def write_peft_dir(path: Path, state: Mapping[str, torch.Tensor], settings: Lora
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg.save_pretrained(str(tmp))
-    data = tensors_to_bytes(state)
-    with open(tmp / "adapter_model.safetensors", "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    weights = tmp / "adapter_model.safetensors"
+    linked = False
+    if weights_file is not None:   # the same bytes already lie, durable, in an immutable file: share them
+        try:
+            os.link(weights_file, weights)
+            linked = True
+        except OSError:   # another file system, or no hard links there: write them
+            pass
+    if not linked:
+        data = tensors_to_bytes(state)
+        with open(weights, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
     info = {**dict(extra or {}), "base_model": base_model}
     (tmp / "federation.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     if path.exists():

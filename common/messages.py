@@ -1,11 +1,26 @@
-"""Frozen dataclasses for what crosses the wire; protobuf types never leave common/serde.py."""
+"""Frozen dataclasses for what crosses the wire; protobuf types never leave common/serde.py.
+Imports no torch: a protocol-level client (benchmarks/noop_school.py) runs without it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.training import TrainParams
+
+@dataclass(frozen=True)
+class TrainParams:
+    """What a train or distill command asks of a school (common.training re-exports it)."""
+
+    local_steps: int = 16
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    max_seq_len: int = 256      # tokens; longer examples are cut from the left of the prompt
+    seed: int = 0
+    proximal_mu: float = 0.0    # FedProx: (mu/2)·||w - w_global||² over the LoRA tensors
+    freeze: tuple[str, ...] = ()    # adapter tensors whose name contains one of these stay fixed (FFA: "lora_A")
+    personal: tuple[str, ...] = ()  # tensors the school keeps for itself across rounds (FedSA: "lora_B")
+    rank: int = 0                   # LoRA rank this school trains at; 0 = the federation's (HetLoRA)
+    compression: str = ""           # JSON CompressionSpec for the upload; "" = dense float32
 
 
 @dataclass(frozen=True)

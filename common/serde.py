@@ -7,10 +7,10 @@ from collections.abc import Callable
 from common.errors import ProtocolError
 from common.messages import (
     ArtifactRef, Capabilities, Command, DistillCommand, EvalReport, EvaluateCommand, Event, Failure, Heartbeat,
-    IdleCommand, Progress, SessionSettings, ShutdownCommand, TeachCommand, TrainCommand, UnknownCommand, UploadHeader,
+    IdleCommand, Progress, SessionSettings, ShutdownCommand, TeachCommand, TrainCommand, TrainParams, UnknownCommand,
+    UploadHeader,
 )
 from common.pb import federation_pb2 as pb
-from common.training import TrainParams
 
 
 def capabilities_to_pb(c: Capabilities) -> pb.Capabilities:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
-import gc
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,20 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from common.data import Question, answer_text, prompt_text
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    local_steps: int = 16
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    max_seq_len: int = 256      # tokens; longer examples are cut from the left of the prompt
-    seed: int = 0
-    proximal_mu: float = 0.0    # FedProx: (mu/2)·||w - w_global||² over the LoRA tensors
-    freeze: tuple[str, ...] = ()    # adapter tensors whose name contains one of these stay fixed (FFA: "lora_A")
-    personal: tuple[str, ...] = ()  # tensors the school keeps for itself across rounds (FedSA: "lora_B")
-    rank: int = 0                   # LoRA rank this school trains at; 0 = the federation's (HetLoRA)
-    compression: str = ""           # JSON CompressionSpec for the upload; "" = dense float32
+# Defined with the wire messages (which import no torch) and re-exported here, so
+# `from common.training import TrainParams` keeps working everywhere.
+from common.messages import TrainParams  # noqa: F401
+# glibc malloc_trim (common/memory.py), re-exported: the daemon and the teacher call it after every round.
+from common.memory import release_memory  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -122,25 +109,6 @@ def enable_checkpointing(model: Any) -> None:
     decoder layer's activations are recomputed in the backward pass instead of kept. Same
     gradients; less memory, more time (see benchmarks/train_memory.py)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):   # not glibc: other C libraries return memory on their own or not at all
-        return None
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the operating system. torch's CPU allocator frees into
-    glibc malloc, which keeps the pages: after a training step a daemon would otherwise sit at
-    its peak RSS between rounds (measured: 3.2 GiB retained after SmolLM2 steps)."""
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def train_lora(

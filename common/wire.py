@@ -1,4 +1,8 @@
-"""Wire helpers: size limits, gRPC channel options, hashing, chunking, and tensor codecs."""
+"""Wire helpers: size limits, gRPC channel options, hashing, chunking, and tensor codecs.
+
+Importing this module does not import torch: the size limits, gRPC options, hashing and
+chunking serve protocol-level clients without it (benchmarks/noop_school.py). The tensor
+codecs import torch and safetensors.torch when first called."""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from common.errors import ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 # gRPC rejects messages over 4 MiB by default, and a 4 MiB payload plus protobuf framing is
 # already over it (sometimes reported as INTERNAL). Chunks stay at 1 MiB; the limit below
@@ -53,11 +57,15 @@ def iter_chunks(data: bytes, offset: int = 0, chunk_size: int = MAX_CHUNK_BYTES)
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Safetensors bytes (never pickle) of a flat name -> tensor mapping."""
+    from safetensors.torch import save as st_save
+
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, dict(metadata) if metadata else None)
 
 
 def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes; anything malformed becomes a ValidationError."""
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(data)
     except Exception as exc:  # safetensors raises several types for corrupt headers

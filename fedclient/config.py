@@ -8,9 +8,28 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class SchoolTLSSection:
+    """Mutual TLS to the coordinator (docs/SECURITY.md). ca, cert and key unset (or ""): read
+    from systemd credentials, $CREDENTIALS_DIRECTORY/ca.crt, school.crt and school.key
+    (LoadCredential= in fedclient.service). Read again at every (re)connection."""
+
+    ca: Path | None = None       # the federation CA certificate; the coordinator's certificate must chain to it
+    cert: Path | None = None     # this school's certificate (`fedserver certs issue-school`): its id is the identity
+    key: Path | None = None      # its private key, PEM, unencrypted
+    server_name: str = ""        # the name to expect in the coordinator's certificate; "" = the host of `coordinator`
+    insecure: bool = False       # plaintext gRPC, the enrolment token only: development, loopback
+    insecure_beyond_loopback: bool = False  # with insecure: also to a coordinator that is not on this machine
+
+    def __post_init__(self) -> None:
+        for name in ("ca", "cert", "key"):
+            if str(getattr(self, name)) in ("", "."):
+                object.__setattr__(self, name, None)
+
+
+@dataclass(frozen=True)
 class SchoolSection:
     coordinator: str = "127.0.0.1:50051"   # host:port of the coordinator
-    token_file: Path = Path("/etc/fedclient/token")  # enrolment token (keep it 0600)
+    token_file: Path | None = None      # enrolment token (keep it 0600); required without TLS, a second factor with it
     state_dir: Path = Path("/var/lib/fedclient")     # downloads, pending uploads, daemon state
     data_dir: Path = Path("/srv/school-data")        # a JSONL file or a folder of *.jsonl questions; never sent anywhere
     heldout_file: Path | None = None    # local held-out questions for evaluation; default DATA/heldout/heldout.jsonl if present
@@ -21,11 +40,25 @@ class SchoolSection:
     max_backoff_s: float = 30.0         # reconnect backoff cap, seconds
     log_level: str = "info"
     hardware: str = ""                  # free text reported at Join
+    tls: SchoolTLSSection = field(default_factory=SchoolTLSSection)   # [school.tls]
 
     def problems(self) -> list[str]:
+        from common.tls import is_loopback_host
+
         out = []
         if ":" not in self.coordinator:
             out.append(f"coordinator: expected host:port, got {self.coordinator!r}")
+        if self.tls.insecure and self.token_file is None:
+            out.append("token_file: required with [school.tls] insecure = true (without TLS the token is the "
+                       "school's only identity)")
+        if self.tls.insecure_beyond_loopback and not self.tls.insecure:
+            out.append("tls.insecure_beyond_loopback: only means something with insecure = true; remove it")
+        elif (self.tls.insecure and not self.tls.insecure_beyond_loopback and ":" in self.coordinator
+              and not is_loopback_host(self.coordinator.rsplit(":", 1)[0].strip("[]"))):
+            out.append(f"tls.insecure: the coordinator {self.coordinator} is not on this machine, and insecure = true "
+                       "would send the updates and the token in plaintext. Set [school.tls] ca, cert and key (from the "
+                       "federation operator) and remove insecure; or, on a network you trust (a VPN), also set "
+                       "[school.tls] insecure_beyond_loopback = true")
         if self.torch_threads < 0:
             out.append("torch_threads: must be >= 0")
         if self.max_batch_tokens < 0:
@@ -88,3 +121,15 @@ class SchoolConfig:
     model: ClientModelSection = field(default_factory=ClientModelSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     monitor: ClientMonitorSection = field(default_factory=ClientMonitorSection)
+
+
+SCHOOL_TLS_KEYS = {"cert": "school.tls.cert", "key": "school.tls.key", "ca": "school.tls.ca"}
+
+
+def load_school_identity(tls: SchoolTLSSection) -> tuple[Any, list[str], list[str]]:
+    """(identity, problems, warnings): this school's certificate, key and the CA file, from the
+    configured paths or systemd credentials (common/tls.py checks them)."""
+    from common.tls import SCHOOL_CREDENTIALS, load_identity
+
+    return load_identity(SCHOOL_TLS_KEYS, {"cert": tls.cert, "key": tls.key, "ca": tls.ca}, SCHOOL_CREDENTIALS,
+                         role="school")

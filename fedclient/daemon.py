@@ -32,7 +32,7 @@ from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
 from common.training import TrainParams
 from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
-from fedclient.config import SchoolConfig
+from fedclient.config import SchoolConfig, load_school_identity
 from fedclient.monitor import STATUS_EVERY_S, DaemonMetrics, DaemonStatus
 from fedclient.transfer import download, upload
 from fedclient.worker import SchoolModel
@@ -134,11 +134,16 @@ class SchoolDaemon:
         self._on_status(f"waiting for the coordinator at {address}: never connected "
                         f"({self._failed_attempts} attempts, {exc.code().name}); see the log")
         if self._failed_attempts == 1 or self._failed_attempts % NEVER_CONNECTED_EVERY == 0:
+            tls = ("and that both sides speak plaintext ([school.tls] insecure = true here and in the coordinator's "
+                   "[server.tls])" if self.cfg.school.tls.insecure else
+                   "and the TLS set-up: the coordinator refuses a school certificate that is expired or not issued by "
+                   "its client CA without an answer (its log says why), and this daemon refuses a coordinator "
+                   "certificate not issued by [school.tls] ca or not naming the host dialled (see the detail)")
             self.log.warning(
                 f"cannot reach the coordinator at {address} (never connected): check the address "
                 "(school.toml [school] coordinator = host:port, the coordinator's [server] listen port), "
                 "that the coordinator is running, that a firewall or VPN lets this machine reach that port, "
-                "and that nothing in between expects TLS (the coordinator speaks plain gRPC); still retrying",
+                f"{tls}; still retrying",
                 coordinator=address, attempts=self._failed_attempts, code=exc.code().name, detail=exc.details(),
                 repeats_every_attempts=NEVER_CONNECTED_EVERY)
 
@@ -158,15 +163,31 @@ class SchoolDaemon:
         if self._on_ready is not None:
             self._on_ready()
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        """Mutual TLS with this school's certificate (read again at every connection, so a renewed
+        certificate is picked up by the next one), or plaintext where school.toml says insecure."""
+        tls = self.cfg.school.tls
+        if tls.insecure:
+            return grpc.aio.insecure_channel(address, options=grpc_options())
+        identity, problems, _ = load_school_identity(tls)
+        if identity is None:
+            raise FatalError("; ".join(problems))
+        options = list(grpc_options())
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
+        return grpc.aio.secure_channel(address, creds, options=options)
+
     async def _connect_once(self, stop: asyncio.Event, backoff: Backoff) -> None:
         address = self.cfg.school.coordinator
-        async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
+        async with self._channel(address) as channel:
             stub = pb_grpc.FederationStub(channel)
             caps = Capabilities(self.cfg.model.base, 0, len(self.model.train_questions),
                                 self.cfg.school.hardware or f"cpu x{os.cpu_count()}", __version__)
             try:
                 resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=capabilities_to_pb(caps)),
-                                       metadata=[("authorization", f"Bearer {self.token}")], timeout=30)
+                                       metadata=[("authorization", f"Bearer {self.token}")] if self.token else None,
+                                       timeout=30)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
                                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):

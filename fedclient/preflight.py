@@ -7,11 +7,14 @@ from pathlib import Path
 
 from common.data import SCHOOL_HELDOUT, read_jsonl, without_heldout
 from common.preflight import dir_problem, jsonl_problem, model_problem, raise_problems, read_secret
-from fedclient.config import SchoolConfig, SchoolSection
+from fedclient.config import SchoolConfig, SchoolSection, load_school_identity
 
 # Every Path in school.toml and how it is checked (tests/test_newcomer.py keeps this complete).
 PATH_KEYS = {
-    "school.token_file": "secret file",
+    "school.token_file": "secret file (optional with TLS)",
+    "school.tls.ca": "CA certificate (unset: the systemd credential ca.crt)",
+    "school.tls.cert": "certificate (unset: the systemd credential school.crt)",
+    "school.tls.key": "private key (unset: the systemd credential school.key)",
     "school.state_dir": "writable directory",
     "school.data_dir": "questions file or folder",
     "school.heldout_file": "questions file (optional: a warning)",
@@ -52,8 +55,14 @@ def summary(cfg: SchoolConfig) -> str:
     heldout = heldout_path(s)
     train, excluded = data_counts(s.data_dir, heldout)
     held = f"held-out {heldout}" if heldout is not None else "no held-out questions"
+    if s.tls.insecure:
+        who = "plaintext, token only"
+    else:
+        identity = load_school_identity(s.tls)[0]
+        who = (f"mutual TLS as school {identity.cert.school_id} (certificate valid until {identity.cert.not_after:%Y-%m-%d})"
+               if identity is not None else "mutual TLS")
     return (f"ok: trains on {train} questions from {s.data_dir}" + (f" ({excluded} held-out ones left out)" if excluded else "")
-            + f"; {held}; coordinator {s.coordinator}; model {cfg.model.base}")
+            + f"; {held}; coordinator {s.coordinator} ({who}); model {cfg.model.base}")
 
 
 def check(cfg: SchoolConfig) -> tuple[str, list[str], list[str]]:
@@ -65,8 +74,17 @@ def check(cfg: SchoolConfig) -> tuple[str, list[str], list[str]]:
     if host.endswith(PLACEHOLDER_HOSTS):
         problems.append(f"school.coordinator: {s.coordinator} is the example's placeholder; set the coordinator's "
                         "host:port (its [server] listen port), as its operator gave it to you")
-    token, problem = read_secret("school.token_file", s.token_file)
-    problems.append(problem)
+    token = ""
+    if s.token_file is not None:
+        token, problem = read_secret("school.token_file", s.token_file)
+        problems.append(problem)
+    if s.tls.insecure:
+        warnings.append("school.tls.insecure = true: plaintext gRPC, this school identified by its token alone; set "
+                        "[school.tls] ca, cert and key for mutual TLS (docs/SECURITY.md)")
+    else:
+        _, tls_problems, tls_warnings = load_school_identity(s.tls)
+        problems += tls_problems
+        warnings += tls_warnings
     data_problem = jsonl_problem("school.data_dir", s.data_dir, read_jsonl,
                                  "put the school's questions there: a JSONL file, or a folder whose top-level "
                                  "*.jsonl files are read (see deploy/README.md)")

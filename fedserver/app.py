@@ -17,11 +17,12 @@ from common.data import read_jsonl, read_pool, spread
 from common.errors import ConfigError
 from common.files import atomic_write_text
 from common.logs import get_logger
+from common.memory import tune_allocator
 from common.models import load_config
 from common.lora import expected_layout
-from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import grpc_options
 from fedserver.artifacts import ArtifactStore
+from fedserver.downloads import add_federation_to_server
 from fedserver.auth import Authenticator
 from fedserver.config import CoordinatorConfig
 from fedserver.engine import RoundEngine
@@ -30,6 +31,7 @@ from fedserver.monitor import Monitor, start_monitor
 from fedserver.servicer import FederationServicer
 from fedserver.store import Store
 from fedserver.teacher import TeacherHost
+from fedserver.tls import PeerGuard, RevocationList, ServerIdentity, end_refused_sessions
 from fedserver import strategy as strategies
 
 SERVICE = "schoolfed.v1.Federation"
@@ -45,6 +47,8 @@ class Coordinator:
     evaluator: ServerEvaluator | None
     teacher: TeacherHost | None = None
     monitor: Monitor | None = None
+    tls: PeerGuard | None = None                    # mutual TLS (None: plaintext, [server.tls] insecure)
+    tls_watch: asyncio.Task[None] | None = None     # ends sessions whose certificate is revoked
 
     async def start_monitor(self) -> Monitor:
         """The /metrics endpoint and the dashboard, as [monitor] asks (ConfigError if a port is taken)."""
@@ -52,6 +56,9 @@ class Coordinator:
         return self.monitor
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.tls_watch is not None:
+            self.tls_watch.cancel()
+            await asyncio.gather(self.tls_watch, return_exceptions=True)
         if self.monitor is not None:
             await self.monitor.close()
         await self.health.enter_graceful_shutdown()
@@ -69,6 +76,7 @@ class Coordinator:
 
 async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None) -> Coordinator:
     """Build everything and bind the port (0 = any free port); does not start serving."""
+    guard = _tls_guard(cfg)   # before anything is created: a certificate problem is a ConfigError (exit 78)
     state = cfg.server.state_dir
     state.mkdir(parents=True, exist_ok=True)
     store = Store(state / "state.sqlite")
@@ -92,13 +100,17 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
                          teacher=teacher, pool=pool, open_pool=open_pool, teacher_eval=teacher_eval)
     auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
-                                  cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base)
+                                  cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base,
+                                  guard=guard)
     server = grpc.aio.server(options=grpc_options())
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_federation_to_server(servicer, server)   # Download also takes pre-encoded chunks (fedserver/downloads.py)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(cfg.server.listen)  # mutual TLS: add_secure_port here
+        if guard is None:
+            port = server.add_insecure_port(cfg.server.listen)
+        else:
+            port = server.add_secure_port(cfg.server.listen, guard.identity.credentials())
     except RuntimeError:   # grpc: "Failed to bind" (its C core has logged why, e.g. the address is in use)
         port = 0
     if port == 0:
@@ -109,7 +121,25 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
         store.close()
         raise ConfigError(f"[server] listen = {cfg.server.listen!r}: cannot bind it (in use by another process, e.g. a "
                           "coordinator already running, or not an address of this machine); choose another port")
-    return Coordinator(server, port, engine, store, health_servicer, evaluator, teacher)
+    coord = Coordinator(server, port, engine, store, health_servicer, evaluator, teacher, tls=guard)
+    if guard is not None:
+        coord.tls_watch = asyncio.create_task(end_refused_sessions(guard, engine, servicer.peers))
+    return coord
+
+
+def _tls_guard(cfg: CoordinatorConfig) -> PeerGuard | None:
+    """Mutual TLS as [server.tls] says; None for plaintext (refused beyond loopback unless insisted on)."""
+    tls = cfg.server.tls
+    if tls.insecure:
+        problem = cfg.server.plaintext_problem()
+        if problem:
+            raise ConfigError(f"[server] {problem}")
+        get_logger("coordinator").warning("plaintext gRPC ([server.tls] insecure = true): enrolment tokens only, "
+                                          "nothing encrypted", listen=cfg.server.listen)
+        return None
+    identity = ServerIdentity(tls)
+    revocations = RevocationList(tls.revocation_list, lambda: identity.client_cas) if tls.revocation_list else None
+    return PeerGuard(identity, revocations)
 
 
 async def _status_lines(engine: RoundEngine, notify: systemd.Notify, every_s: float = 2.0) -> None:
@@ -130,6 +160,7 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
                 port_file: Path | None = None) -> int:
     """Run until the configured rounds are done or SIGTERM/SIGINT. Returns the exit code."""
     log = get_logger("coordinator")
+    tune_allocator()   # RSS flat over rounds (common/memory.py)
     coord = await create_server(cfg, checkpoint_dir)
     await coord.engine.start()
     try:
@@ -143,7 +174,8 @@ async def serve(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None,
     host = cfg.server.listen.rsplit(":", 1)[0]
     if port_file is not None:
         atomic_write_text(port_file, f"{host}:{coord.port}\n")
-    log.info("serving", address=f"{host}:{coord.port}", strategy=cfg.strategy.name, model=cfg.model.base)
+    log.info("serving", address=f"{host}:{coord.port}", strategy=cfg.strategy.name, model=cfg.model.base,
+             tls="mutual" if coord.tls is not None else "off (insecure)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

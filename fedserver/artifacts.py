@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from common.errors import NotFoundError
+from common.safetensors_stream import write_safetensors
 from common.wire import sha256_hex
 
 
@@ -30,6 +35,22 @@ class ArtifactStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, dst)
+        return digest
+
+    def put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Store a state as safetensors; returns its sha256. Serialised, hashed and written in
+        one pass (no in-memory copy of the payload), fsynced, then renamed to its digest."""
+        tmp = self.root / f".put-{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            digest, _ = write_safetensors(tmp, tensors)
+            dst = self.path(digest)
+            if dst.exists():
+                tmp.unlink()
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return digest
 
     def get(self, sha256: str) -> bytes:

@@ -1,4 +1,4 @@
-"""`fedserver serve | demo | status | report | token | prepare-data`: the operator's entry point.
+"""`fedserver serve | demo | status | report | token | certs | prepare-data`: the operator's entry point.
 Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration error."""
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _check(args: argparse.Namespace) -> int:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     raise_problems(str(args.config), problems)
-    print(f"{args.config}: ok ({len(cfg.schools)} schools, strategy {cfg.strategy.name}, model {cfg.model.base})")
+    tls = "plaintext gRPC ([server.tls] insecure)" if cfg.server.tls.insecure else "mutual TLS"
+    print(f"{args.config}: ok ({len(cfg.schools)} schools, strategy {cfg.strategy.name}, model {cfg.model.base}, {tls})")
     return 0
 
 
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dashboard-port", type=int, default=8787,
                    help="the live dashboard on 127.0.0.1 (any free port when taken; the URL is printed)")
     d.set_defaults(fn=_demo)
+    from fedserver.certs import add_parser as add_certs_parser
+
+    add_certs_parser(sub)   # fedserver certs init-ca | issue-school | issue-server | list | revoke
     ls = sub.add_parser("strategies", help="list the registered strategies and wrappers with their options")
     ls.set_defaults(fn=_strategies)
     return p

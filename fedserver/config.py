@@ -13,6 +13,36 @@ from common.training import TrainParams
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _unset_if_empty(obj: Any, *names: str) -> None:
+    """An empty path in TOML ("" -> Path(".")) means unset: the systemd credential is used."""
+    for name in names:
+        if str(getattr(obj, name)) in ("", "."):
+            object.__setattr__(obj, name, None)
+
+
+@dataclass(frozen=True)
+class ServerTLSSection:
+    """Mutual TLS on the gRPC port (docs/SECURITY.md). cert, key and client_ca unset (or ""):
+    read from systemd credentials, $CREDENTIALS_DIRECTORY/server.crt, server.key and ca.crt
+    (LoadCredential= in fedserver.service). Paths set here are re-read when the files change
+    (certificate rotation without a restart)."""
+
+    cert: Path | None = None              # the coordinator's certificate, PEM (`fedserver certs issue-server`)
+    key: Path | None = None               # its private key, PEM, unencrypted (mode 0600 or a credential)
+    client_ca: Path | None = None         # the CA certificate(s) school certificates must chain to
+    revocation_list: Path | None = None   # CRL from `fedserver certs revoke`; re-read when it changes; unset: none
+    insecure: bool = False                # plaintext gRPC, enrolment tokens only: development, loopback
+    insecure_beyond_loopback: bool = False  # with insecure: also on a non-loopback listen address (a trusted VPN)
+
+    def __post_init__(self) -> None:
+        _unset_if_empty(self, "cert", "key", "client_ca", "revocation_list")
+
+    def problems(self) -> list[str]:
+        if self.insecure_beyond_loopback and not self.insecure:
+            return ["insecure_beyond_loopback: only means something with insecure = true; remove it"]
+        return []
+
+
 @dataclass(frozen=True)
 class ServerSection:
     listen: str = "127.0.0.1:50051"       # host:port; port 0 picks a free port (tests)
@@ -21,11 +51,15 @@ class ServerSection:
     heartbeat_interval_s: float = 5.0     # seconds between school heartbeats
     session_timeout_s: float = 30.0       # seconds without a heartbeat before a school is dropped
     log_level: str = "info"
+    tls: ServerTLSSection = field(default_factory=ServerTLSSection)   # [server.tls]
 
     def problems(self) -> list[str]:
         out = []
         if ":" not in self.listen:
             out.append(f"listen: expected host:port, got {self.listen!r}")
+        plaintext = self.plaintext_problem()
+        if plaintext:
+            out.append(plaintext)
         if self.max_upload_bytes <= 0:
             out.append("max_upload_bytes: must be > 0")
         if self.heartbeat_interval_s <= 0 or self.session_timeout_s <= self.heartbeat_interval_s:
@@ -33,6 +67,20 @@ class ServerSection:
         if self.log_level.lower() not in LOG_LEVELS:
             out.append(f"log_level: one of {', '.join(LOG_LEVELS)}")
         return out
+
+    def plaintext_problem(self) -> str | None:
+        """Plaintext gRPC reachable beyond this machine, not insisted on: refused."""
+        from common.tls import is_loopback_host
+
+        if not self.tls.insecure or self.tls.insecure_beyond_loopback or ":" not in self.listen:
+            return None
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        if is_loopback_host(host):
+            return None
+        return (f"tls.insecure: listen = {self.listen!r} is reachable beyond this machine, and insecure = true would "
+                "serve it in plaintext (anyone on the path reads the updates and tokens). Set [server.tls] cert, key "
+                "and client_ca (`fedserver certs`, docs/SECURITY.md) and remove insecure; or listen on 127.0.0.1; or, "
+                "on a network you trust (a VPN), also set [server.tls] insecure_beyond_loopback = true")
 
 
 @dataclass(frozen=True)
@@ -117,6 +165,10 @@ class StrategySection:
     name: str = "fedavg"
     options: dict[str, Any] = field(default_factory=dict)
     wrappers: tuple[dict[str, Any], ...] = ()
+    # step_norm (how far the round moved the model in product space, ‖s·B'A' − s·B·A‖_F) for
+    # FedAvg and its server optimisers: about 70 ms per round on the SmolLM2 adapter, more than
+    # the aggregation itself, so off unless asked for. update_norm (factor space) is always there.
+    product_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,14 +333,16 @@ class MonitorSection:
 
 @dataclass(frozen=True)
 class SchoolEntry:
-    id: str
-    token_sha256: str   # sha256 hex of the school's enrolment token (`fedserver token` makes one)
+    id: str             # with TLS: the id in the school's certificate (schoolfed://school/<id>)
+    token_sha256: str = ""  # sha256 hex of the school's enrolment token (`fedserver token` makes one); with TLS
+                            # optional: set, the school must present that token as well (a second factor)
 
     def problems(self) -> list[str]:
         out = []
         if not self.id or not all(c.isalnum() or c in "-_." for c in self.id):
             out.append(f"id {self.id!r}: use letters, digits, '-', '_' or '.'")
-        if len(self.token_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.token_sha256.lower()):
+        if self.token_sha256 and (len(self.token_sha256) != 64
+                                  or any(c not in "0123456789abcdef" for c in self.token_sha256.lower())):
             out.append(f"token_sha256 for {self.id!r}: expected 64 hex characters")
         return out
 
@@ -310,11 +364,17 @@ class CoordinatorConfig:
 
     def problems(self) -> list[str]:
         ids = [s.id for s in self.schools]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+        seen: set[str] = set()
+        dup = sorted({i for i in ids if i in seen or seen.add(i)})   # one pass: ids.count per id was O(schools²)
         out = [f"schools: duplicate ids {dup}"] if dup else []
-        hashes = [s.token_sha256.lower() for s in self.schools]
+        hashes = [s.token_sha256.lower() for s in self.schools if s.token_sha256]
         if len(set(hashes)) != len(hashes):
             out.append("schools: two schools share a token; give each school its own")
+        if self.server.tls.insecure:
+            tokenless = [s.id for s in self.schools if not s.token_sha256]
+            if tokenless:
+                out.append(f"schools: {tokenless} have no token_sha256, and without TLS ([server.tls] insecure = true) "
+                           "a token is the only identity; enrol them with `fedserver token --school ID`")
         if not self.schools:
             out.append("schools: no school is enrolled; add [[schools]] entries (fedserver token --school ID)")
         exchange = sorted({k for k in self.schedule.rounds if k in ("distill", "teach")})

@@ -51,9 +51,10 @@ def live_part(engine: RoundEngine) -> dict[str, Any]:
     rnd = engine.current
     now = time.monotonic()
     schools = []
+    participants = set(rnd.participants) if rnd is not None else set()   # a list: `in` per school was O(participants)
     for entry in cfg.schools:
         sess = engine.sessions.get(entry.id)
-        participant = rnd is not None and entry.id in rnd.participants
+        participant = entry.id in participants
         if rnd is not None and entry.id in rnd.accepted:
             state = "result accepted"
         elif rnd is not None and entry.id in rnd.failed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,9 +127,31 @@ def _dashboard_port(wanted: int) -> int:
     return wanted
 
 
+def write_pki(out: Path, schools: list[str]) -> tuple[str, dict[str, str]]:
+    """A throwaway federation CA in OUT/pki (mutual TLS, docs/SECURITY.md): the coordinator's
+    certificate for 127.0.0.1 and localhost, one per school. Returns the [server.tls] table
+    and each school's [school.tls] table."""
+    from fedserver.certs import CA_CERT, CRL, init_ca
+
+    pki = out / "pki"
+    if pki.is_dir() and not pki.is_symlink():   # a run that stopped before its coordinator started
+        shutil.rmtree(pki)
+    ca = init_ca(pki / "ca", name="School federation demo CA (throwaway)", days=30)
+    cert, key, _ = ca.issue_server(["127.0.0.1", "localhost"], pki / "coordinator", days=30)
+    server = (f"[server.tls]\ncert = {_toml_str(cert)}\nkey = {_toml_str(key)}\n"
+              f"client_ca = {_toml_str(pki / 'ca' / CA_CERT)}\nrevocation_list = {_toml_str(pki / 'ca' / CRL)}\n")
+    tables = {}
+    for sid in schools:
+        cert, key, _ = ca.issue_school(sid, pki / sid, days=30)
+        tables[sid] = (f"[school.tls]\nca = {_toml_str(pki / sid / CA_CERT)}\ncert = {_toml_str(cert)}\n"
+                       f"key = {_toml_str(key)}\n")
+    return server, tables
+
+
 def write_configs(opts: DemoOptions, out: Path, cache: Path) -> tuple[Path, list[Path]]:
     cfg_dir = out / "config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
+    server_tls, school_tls = write_pki(out, [f"school-{k}" for k in range(1, opts.schools + 1)])
     entries, school_cfgs = [], []
     for k in range(1, opts.schools + 1):
         sid = f"school-{k}"
@@ -146,6 +169,7 @@ state_dir = {_toml_str(out / "coordinator")}
 heartbeat_interval_s = 2.0
 session_timeout_s = 30.0
 
+{server_tls}
 [model]
 base = {_toml_str(opts.model)}
 cache_dir = {_toml_str(cache)}
@@ -195,6 +219,7 @@ heldout_file = {_toml_str(out / "data" / "schools" / sid / SCHOOL_HELDOUT)}
 torch_threads = 1
 max_backoff_s = 5.0
 
+{school_tls[sid]}
 [model]
 base = {_toml_str(opts.model)}
 cache_dir = {_toml_str(cache)}

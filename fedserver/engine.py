@@ -24,13 +24,14 @@ from common.evaluation import EvalResult
 from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
 from common.logs import get_logger
+from common.memory import release_memory
 from common.messages import (
     ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, IdleCommand, ShutdownCommand, UploadHeader,
 )
 from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
-from fedserver.rounds import KINDS, OpenRound, RoundFailed, RoundKind
+from fedserver.rounds import KINDS, OpenRound, RoundFailed
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
 from fedserver.monitor import CoordinatorMetrics
@@ -70,7 +71,8 @@ class RoundEngine:
         self.current: OpenRound | None = None
         self.global_sha = ""
         self.global_state: dict[str, torch.Tensor] = {}
-        self._lock = asyncio.Lock()         # serialises accept/close of the open round
+        self._lock = asyncio.Lock()         # serialises receipts and folds into the open round, and its close
+        self._accepting: set[str] = set()   # schools whose upload is being validated (one at a time per school)
         self._changed = asyncio.Event()     # poked on join, leave, upload, failure
         self._bytes: dict[int, list[int]] = {}
         self._dense_bytes: dict[int, list[int]] = {}   # round -> [compressed bytes received, dense payload bytes they stand for]
@@ -94,13 +96,14 @@ class RoundEngine:
             state = await asyncio.to_thread(initial_state, self.layout, self.cfg.lora.seed)
             data = await asyncio.to_thread(tensors_to_bytes, state)
             sha = await asyncio.to_thread(self.artifacts.put, data)
-            await asyncio.to_thread(self._checkpoint, 0, state, {"round": 0, "note": "initial adapter (B = 0)"})
+            await asyncio.to_thread(self._checkpoint, 0, state, {"round": 0, "note": "initial adapter (B = 0)"}, sha)
             await asyncio.to_thread(self.store.set_meta, "global_sha256", sha)
             self.log.info("initial adapter created", sha256=sha[:12], tensors=len(state))
         self.global_sha = sha
         self.global_state = bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, sha))
         self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
-                                            self.cfg.server.state_dir / "strategy" / "scratch"))
+                                            self.cfg.server.state_dir / "strategy" / "scratch",
+                                            product_metrics=self.cfg.strategy.product_metrics))
         await asyncio.to_thread(self._load_strategy_state)
         if self.teacher is not None:   # the teacher's adapter of record, applied when the model loads
             saved = self.store.get_meta("teacher_adapter")
@@ -245,6 +248,43 @@ class RoundEngine:
         self.log.info("strategy state restored", round=last, tensors=len(tensors))
 
     # ---------------------------------------------------------------- sessions
+    # Per-school session lines (joined, attached, detached, timed out): one each while they are
+    # few; past SESSION_LINES in a SESSION_WINDOW_S window the rest are counted and logged as
+    # one summary line per window. A coordinator restart at 10,000 schools is 30,000 lines in
+    # a minute or two, over journald's default rate limit (10,000 per 30 s), which then drops
+    # lines that matter along with them (docs/SCALING.md).
+    SESSION_LINES = 20
+    SESSION_WINDOW_S = 10.0
+    LIVE_SCHOOLS_MAX = 1000   # live.json lists every connected school up to this many
+    _notes_start = float("-inf")            # the window's start (monotonic); -inf: none open yet
+    _notes_lines = 0                        # per-school lines written in this window
+    _notes_skipped: dict[str, int] = {}     # replaced (never mutated) when the first window opens
+
+    def note_session(self, event: str, school_id: str, logger: Any = None, warn: bool = False, **fields: Any) -> None:
+        """Log a per-school session event, or count it into the window's summary."""
+        now = time.monotonic()
+        if now - self._notes_start >= self.SESSION_WINDOW_S:
+            self.flush_session_notes(now)
+        self._notes_lines += 1
+        if self._notes_lines <= self.SESSION_LINES:
+            out = logger or self.log
+            (out.warning if warn else out.info)(event, school=school_id, connected=len(self.sessions), **fields)
+        else:
+            self._notes_skipped[event] = self._notes_skipped.get(event, 0) + 1
+
+    def flush_session_notes(self, now: float | None = None, force: bool = False) -> None:
+        """Write the summary of a finished window (publish_status calls this every 2 s)."""
+        now = time.monotonic() if now is None else now
+        if not force and now - self._notes_start < self.SESSION_WINDOW_S:
+            return
+        if self._notes_skipped:
+            counts = {k.replace(" ", "_"): v for k, v in sorted(self._notes_skipped.items())}
+            (self.log.warning if "session timed out" in self._notes_skipped else self.log.info)(
+                "school sessions", window_s=round(min(now - self._notes_start, 3600.0), 1), connected=len(self.sessions),
+                note=f"counts of per-school lines not written one by one (more than {self.SESSION_LINES} in the window)",
+                **counts)
+        self._notes_start, self._notes_lines, self._notes_skipped = now, 0, {}
+
     def attach(self, school_id: str, caps: Capabilities) -> SchoolSession:
         old = self.sessions.get(school_id)
         if old is not None:   # a reconnect supersedes the old stream
@@ -255,7 +295,7 @@ class RoundEngine:
         if rnd is not None and school_id in rnd.pending():
             sess.queue.put_nowait(KINDS[rnd.kind].command(self, rnd, school_id))
         self._changed.set()
-        self.log.info("school attached", school=school_id, connected=len(self.sessions))
+        self.note_session("school attached", school_id)
         return sess
 
     def detach(self, sess: SchoolSession) -> None:
@@ -264,7 +304,11 @@ class RoundEngine:
             for due in self._evals_due.values():   # its queued evaluate command went with the stream
                 due.discard(sess.school_id)
             self._changed.set()
-            self.log.info("school detached", school=sess.school_id, connected=len(self.sessions))
+            self.note_session("school detached", sess.school_id)
+
+    def served_adapters(self) -> set[str]:
+        """The adapters schools fetch now: the global one and the open round's."""
+        return {self.global_sha, self.current.global_sha} if self.current is not None else {self.global_sha}
 
     def end_sessions(self, reason: str) -> None:
         """The coordinator is stopping: end every Session stream with a (non-final) Shutdown, so
@@ -276,16 +320,22 @@ class RoundEngine:
     def live_status(self) -> dict[str, Any]:
         """What is happening now (for `fedserver status` and the demo); not durable state."""
         rnd = self.current
+        if len(self.sessions) <= self.LIVE_SCHOOLS_MAX:
+            schools = {sid: s.progress or "connected" for sid, s in sorted(self.sessions.items())}
+        else:   # thousands: all of them would be ~250 KB and several ms of CPU every 2 s (docs/SCALING.md)
+            schools = dict(sorted((sid, s.progress) for sid, s in self.sessions.items() if s.progress)[: self.LIVE_SCHOOLS_MAX])
         return {
             "time": time.time(),
             "phase": self.phase,
+            "connected": len(self.sessions),
+            "schools_listed": "all" if len(schools) == len(self.sessions) else f"{len(schools)} with progress to report",
             "round": rnd.number if rnd else None,
             "kind": rnd.kind if rnd else None,
             "participants": rnd.participants if rnd else [],
             "accepted": sorted(rnd.accepted) if rnd else [],
             "failed": dict(rnd.failed) if rnd else {},
             "deadline_in_s": round(rnd.deadline - time.time(), 1) if rnd else None,
-            "schools": {sid: s.progress or "connected" for sid, s in sorted(self.sessions.items())},
+            "schools": schools,
         }
 
     async def publish_status(self, path: Path, every_s: float = 2.0) -> None:
@@ -294,6 +344,7 @@ class RoundEngine:
             data = json.dumps(self.live_status())
             await asyncio.to_thread(atomic_write_text, path, data, fsync=False)
             await self._flush_bytes()   # a crash loses at most a few seconds of byte counts
+            self.flush_session_notes()
             await asyncio.sleep(every_s)
 
     async def flush_bytes(self) -> None:
@@ -405,30 +456,46 @@ class RoundEngine:
         if h.base_sha256 and h.base_sha256 != rnd.global_sha:
             raise WrongRoundError(f"upload was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses {rnd.global_sha[:12]}…; download it again")
 
-    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None) -> Receipt:
-        """Validate a complete upload (the round kind's checks) and fold it in. Receipt first,
-        then fold: a crash in between is repaired at start-up by re-folding receipts; none is
-        applied twice."""
-        async with self._lock:
-            self.check_upload_allowed(school_id, h)
-            rnd = self.current
-            assert rnd is not None
-            kind = KINDS[rnd.kind]
+    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None,
+                            data: bytes | bytearray | None = None) -> Receipt:
+        """Validate a complete upload (the round kind's checks) and fold it in. Validation runs
+        concurrently across schools, unlocked; only the receipt and the fold are serialised.
+        Receipt first, then fold: a crash in between is repaired at start-up by re-folding
+        receipts; none is applied twice."""
+        self.check_upload_allowed(school_id, h)
+        if school_id in self._accepting:
+            raise DuplicateUploadError(f"another upload from school {school_id!r} is being accepted for round {h.round}; "
+                                       "wait for its receipt (UploadStatus tells)")
+        rnd = self.current
+        assert rnd is not None
+        kind = KINDS[rnd.kind]
+        self._accepting.add(school_id)
+        try:
             t0 = time.monotonic()
-            final, result = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "")
-            rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics), str(final))
-            await asyncio.to_thread(self.store.add_receipt, rc)
-            t1 = time.monotonic()
-            await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
-            rnd.accepted.add(school_id)
-            self.metrics.upload_accepted(rnd.kind, school_id, t1 - t0, time.monotonic() - t1)
-            self.metrics.accepted.set(len(rnd.accepted))
-            if school_id in self.sessions:
-                self.sessions[school_id].progress = f"{kind.name} result accepted for round {rnd.number}"
-            self.log.info("result accepted", school=school_id, round=rnd.number, kind=rnd.kind, examples=h.num_examples,
-                          accepted=len(rnd.accepted), participants=len(rnd.participants))
-            self._changed.set()
-            return rc
+            final, result = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", data)
+            async with self._lock:
+                try:
+                    if self.current is not rnd:
+                        raise WrongRoundError(f"round {rnd.number} closed while this upload was being validated; wait for the next command")
+                    self.check_upload_allowed(school_id, h)
+                except Exception:
+                    final.unlink(missing_ok=True)   # validated but never receipted: not kept
+                    raise
+                rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics), str(final))
+                await asyncio.to_thread(self.store.add_receipt, rc)
+                t1 = time.monotonic()
+                await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
+                rnd.accepted.add(school_id)
+        finally:
+            self._accepting.discard(school_id)
+        self.metrics.upload_accepted(rnd.kind, school_id, t1 - t0, time.monotonic() - t1)
+        self.metrics.accepted.set(len(rnd.accepted))
+        if school_id in self.sessions:
+            self.sessions[school_id].progress = f"{kind.name} result accepted for round {rnd.number}"
+        self.log.info("result accepted", school=school_id, round=rnd.number, kind=rnd.kind, examples=h.num_examples,
+                      accepted=len(rnd.accepted), participants=len(rnd.participants))
+        self._changed.set()
+        return rc
 
     # ---------------------------------------------------------------- the loop
     async def _wait_change(self, timeout: float) -> None:
@@ -519,8 +586,9 @@ class RoundEngine:
         for sid in participants:
             if sid in self.sessions:   # it may have left while the round was planned
                 self.sessions[sid].queue.put_nowait(kind.command(self, rnd, sid))
+        idle = IdleCommand(number, "not selected this round")   # one object: the servicer converts it once
         for sid in set(self.sessions) - set(participants):
-            self.sessions[sid].queue.put_nowait(IdleCommand(number, "not selected this round"))
+            self.sessions[sid].queue.put_nowait(idle)
         self.log.info("round opened", round=number, kind=kind.name, participants=participants,
                       deadline_s=self.cfg.rounds.deadline_s)
         return True
@@ -559,26 +627,26 @@ class RoundEngine:
                     self.metrics.note_failure("", rnd.number, f"{rnd.kind} round could not be committed", str(exc))
                     committed = False
                 self.metrics.commit_seconds.labels(rnd.kind).observe(time.monotonic() - closing)
-            seconds = time.monotonic() - rnd.started
             if committed and commit is not None:
                 sha = commit.sha
-                await asyncio.to_thread(self._save_strategy_state, rnd.number)
-                school_metrics = await asyncio.to_thread(self._school_metrics, rnd.number)
-                metrics = {**school_metrics, **commit.metrics, "seconds": seconds}
+                metrics = {**commit.metrics}
                 if dense:   # some uploads were compressed: what they cost against dense float32 payloads
                     metrics.update(upload_bytes=float(sent), upload_bytes_dense=float(dense), upload_bytes_saved=float(dense - sent))
-                if commit.state is not None:
-                    await asyncio.to_thread(self._checkpoint, rnd.number, commit.state,
-                                            {"round": rnd.number, "kind": rnd.kind, "sha256": sha, "participants": rnd.participants,
-                                             "accepted": sorted(rnd.accepted), "metrics": metrics})
+                committed_at = time.monotonic()
+                metrics = await asyncio.to_thread(self._commit_files, rnd, commit, metrics)
+                # `seconds`: the whole round, planning and close included (all but the commit's own row)
+                metrics["seconds"] = time.monotonic() - rnd.started + rnd.plan_seconds
+                seconds = metrics["seconds"]
                 meta = {"teacher_adapter": self._teacher_saved} if self._teacher_saved else {}
                 await asyncio.to_thread(self.store.close_round, rnd.number, "committed", sha, metrics, rnd.failed, meta)
                 self.log.info("round committed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
-                              failed=len(rnd.failed), sha256=sha[:12], seconds=round(seconds, 1))
+                              failed=len(rnd.failed), sha256=sha[:12], seconds=round(seconds, 3),
+                              close_s=round(time.monotonic() - closing, 4), aggregate_s=round(committed_at - closing, 4))
                 if commit.state is not None:
                     self.global_sha, self.global_state = sha, commit.state
                     self._after_commit(rnd.number, sha)
             else:
+                seconds = time.monotonic() - rnd.started + rnd.plan_seconds
                 await asyncio.to_thread(self.store.close_round, rnd.number, "failed", None,
                                         {"seconds": seconds, "updates": float(len(rnd.accepted))}, rnd.failed)
                 self.log.warning("round failed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
@@ -593,8 +661,26 @@ class RoundEngine:
             self.metrics.participants.set(0)
             self.metrics.accepted.set(0)
             self.phase = "between rounds"
-            shutil.rmtree(self.updates_dir / f"round-{rnd.number}", ignore_errors=True)
-            return committed
+        # The round's update files are no longer needed (its commit is recorded), and the
+        # memory its uploads and aggregation used goes back to the system: off the loop, unlocked.
+        self._spawn(asyncio.to_thread(self._after_close, rnd.number))
+        return committed
+
+    def _after_close(self, number: int) -> None:
+        shutil.rmtree(self.updates_dir / f"round-{number}", ignore_errors=True)
+        release_memory(collect=False)
+
+    def _commit_files(self, rnd: OpenRound, commit: Any, metrics: dict[str, float]) -> dict[str, float]:
+        """A committed round's files before its row: the strategy's state, then the PEFT
+        checkpoint (sharing the artefact's bytes). Returns the round's metrics with the
+        schools' reported ones. One worker-thread call."""
+        self._save_strategy_state(rnd.number)
+        metrics = {**self._school_metrics(rnd.number), **metrics}
+        if commit.state is not None:
+            self._checkpoint(rnd.number, commit.state,
+                             {"round": rnd.number, "kind": rnd.kind, "sha256": commit.sha, "participants": rnd.participants,
+                              "accepted": sorted(rnd.accepted), "metrics": metrics}, commit.sha)
+        return metrics
 
     def _school_metrics(self, number: int) -> dict[str, float]:
         """train_<name>: the example-weighted mean of what the schools reported (loss, tokens...)."""
@@ -629,11 +715,15 @@ class RoundEngine:
         self._eval_tasks.add(task)
         task.add_done_callback(self._eval_tasks.discard)
 
-    def _checkpoint(self, number: int, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+    def _checkpoint(self, number: int, state: Mapping[str, torch.Tensor], info: Mapping[str, Any],
+                    artefact_sha: str = "") -> None:
+        """Round `number`'s PEFT directory. `artefact_sha`: the artefact holding exactly
+        tensors_to_bytes(state); without merged tensors its file is hard-linked, not re-serialised."""
         path = self.checkpoint_dir / str(number) / "adapter"
         path.parent.mkdir(parents=True, exist_ok=True)
         lora, merged = split_merge(state)
         if merged:   # FLoRA / FedEx-LoRA: the model is W₀ + B_m A_m + the adapter; PEFT cannot hold B_m A_m
             atomic_write_bytes(path.parent / MERGED_FILE, tensors_to_bytes(merged))
-        write_peft_dir(path, lora, self.settings, self.cfg.model.base, extra=info)
+        shared = self.artifacts.path(artefact_sha) if artefact_sha and not merged else None
+        write_peft_dir(path, lora, self.settings, self.cfg.model.base, extra=info, weights_file=shared)
 

@@ -70,10 +70,7 @@ class _StateCollector(Collector):
         store = eng.store
         rounds = CounterMetricFamily(f"{NS}_rounds", "Rounds closed, by kind and outcome (from the state database)",
                                      labels=["kind", "outcome"])
-        counts: dict[tuple[str, str], int] = {}
-        for r in store.rounds():
-            if r.status != "open":
-                counts[(r.kind, r.status)] = counts.get((r.kind, r.status), 0) + 1
+        counts = store.round_counts()   # store.rounds() parsed every round's participants and plan per scrape
         for (kind, status), n in sorted(counts.items()):
             rounds.add_metric([kind, status], n)
         yield rounds

@@ -10,6 +10,7 @@ from common.data import read_jsonl, read_pool
 from common.preflight import (
     dir_problem, jsonl_problem, model_problem, placeholder_hash, port_in_use, raise_problems, read_secret,
 )
+from common.errors import ConfigError
 from fedserver.config import CoordinatorConfig
 
 # Every Path in coordinator.toml and how it is checked (tests/test_newcomer.py keeps this
@@ -21,6 +22,10 @@ PATH_KEYS = {
     "evaluation.eval_file": "questions file",
     "distill.pool_file": "pool file",
     "monitor.dashboard_token_file": "secret file",
+    "server.tls.cert": "certificate (unset: the systemd credential server.crt)",
+    "server.tls.key": "private key (unset: the systemd credential server.key)",
+    "server.tls.client_ca": "CA certificate(s) (unset: the systemd credential ca.crt)",
+    "server.tls.revocation_list": "certificate revocation list (optional)",
 }
 
 
@@ -58,8 +63,9 @@ def check(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None) -> tuple[l
                                          ", or remove the key: this schedule has no distill or teach rounds")))
     if cfg.monitor.dashboard_token_file is not None:
         problems.append(read_secret("monitor.dashboard_token_file", cfg.monitor.dashboard_token_file)[1])
+    problems += tls_problems(cfg, warnings)
     for i, school in enumerate(cfg.schools):
-        why = placeholder_hash(school.token_sha256)
+        why = placeholder_hash(school.token_sha256) if school.token_sha256 else None
         if why:
             problems.append(f"schools[{i}] ({school.id}): token_sha256 is {why}, not a school's token: the example's "
                             f"entries must be replaced. Enrol the school with `fedserver token --school {school.id} "
@@ -71,6 +77,35 @@ def check(cfg: CoordinatorConfig, checkpoint_dir: Path | None = None) -> tuple[l
             warnings.append(f"{key}: cannot bind {busy} now (is a coordinator already running?); serve would stop "
                             "with exit 78 unless it is free by then")
     return [p for p in problems if p], warnings
+
+
+def tls_problems(cfg: CoordinatorConfig, warnings: list[str]) -> list[str | None]:
+    """[server.tls]: the certificate, key and client CA readable and consistent, the revocation
+    list readable and signed by the client CA; or plaintext, said out loud."""
+    from fedserver.tls import RevocationList, load_server_identity
+
+    tls = cfg.server.tls
+    if tls.insecure:
+        warnings.append("server.tls.insecure = true: plaintext gRPC, schools identified by their enrolment tokens "
+                        "alone; set [server.tls] cert, key and client_ca for mutual TLS (docs/SECURITY.md)")
+        return [cfg.server.plaintext_problem()]
+    identity, _, problems, tls_warnings = load_server_identity(tls)
+    warnings += tls_warnings
+    if identity is None:
+        return list(problems)
+    host = cfg.server.listen.rsplit(":", 1)[0].strip("[]")
+    if host not in ("", "0.0.0.0", "::") and host not in identity.cert.dns_names + identity.cert.ip_addresses:
+        warnings.append(f"server.tls.cert: names {', '.join(identity.cert.dns_names + identity.cert.ip_addresses)}, not "
+                        f"{host} (the listen address); the schools must dial a name the certificate carries")
+    if tls.revocation_list is None:
+        warnings.append("server.tls.revocation_list is not set: a school's certificate cannot be revoked, only its "
+                        "[[schools]] entry removed (and the coordinator restarted); set it to the CA's revoked.crl")
+        return []
+    try:
+        RevocationList(tls.revocation_list, lambda: identity.cas)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def require(cfg: CoordinatorConfig, source: str, checkpoint_dir: Path | None = None) -> list[str]:

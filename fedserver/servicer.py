@@ -16,19 +16,27 @@ from common.errors import AuthenticationError, FederationError, IncompatibleScho
 from common.logs import get_logger
 from common.models import parse_spec
 from common.messages import (
-    Capabilities, EvalReport, Failure, Heartbeat, Progress, SessionSettings, ShutdownCommand, UploadHeader,
+    Capabilities, Command, EvalReport, Failure, Heartbeat, IdleCommand, Progress, SessionSettings, ShutdownCommand,
+    UploadHeader,
 )
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
+from common.tls import CertInfo
 from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
+from fedserver.downloads import ChunkCache
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
+from fedserver.tls import Peer, PeerGuard
 from fedserver.transfers import UploadReceiver
 
 log = get_logger("servicer")
+
+# Queued on a Session's own queue, this object (compared by identity, never sent) wakes the
+# handler to look at its stream: the school's side ended, or it may have gone silent.
+_LOOK = IdleCommand(0, "look at the session")
 
 
 def _spec(model: str) -> str:
@@ -86,23 +94,32 @@ def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
                  uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float,
-                 base_model: str = "") -> None:
+                 base_model: str = "", guard: PeerGuard | None = None) -> None:
         self.engine = engine
         self.store = store
         self.artifacts = artifacts
         self.auth = auth
+        self.chunk_cache = ChunkCache(artifacts)
         self.uploads = UploadReceiver(store, uploads_dir, max_upload_bytes, lambda n: engine.count_bytes(up=n))
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session_timeout_s = session_timeout_s
         self._caps: dict[str, Capabilities] = {}
         self.base_model = base_model   # schools must train the same base (heterogeneous federations: later)
+        self.guard = guard             # mutual TLS: the school id from the verified peer certificate; None: plaintext
+        self.peers: dict[str, CertInfo] = {}   # school -> the certificate it joined with (revocation watch)
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> Peer | None:
+        """The caller's certificate identity (TLS), checked against the revocation list on every call."""
+        return self.guard.peer(context) if self.guard is not None else None
 
     def _school(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.school_for(context.invocation_metadata() or ())
+        peer = self._peer(context)
+        return self.auth.school_for(context.invocation_metadata() or (), peer.school_id if peer else None)
 
     @_abort_on_error
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
-        school = self.auth.identify(context.invocation_metadata() or ())
+        peer = self._peer(context)
+        school = self.auth.identify(context.invocation_metadata() or (), peer.school_id if peer else None)
         if request.protocol_version != PROTOCOL_VERSION:
             raise IncompatibleSchoolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION}); upgrade the school daemon")
         caps = capabilities_from_pb(request.capabilities)
@@ -110,11 +127,28 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise IncompatibleSchoolError(f"school runs base model {caps.model!r} but this federation trains {self.base_model!r}; "
                                   "set [model] base in school.toml to match")
         self._caps[school] = caps
+        if peer is not None:
+            self.peers[school] = peer.cert
         info = self.auth.open_session(school)
         await asyncio.to_thread(self.store.record_join, school, caps.__dict__)
-        log.info("school joined", school=school, model=caps.model, examples=caps.num_examples)
+        self.engine.note_session("school joined", school, log, model=caps.model, examples=caps.num_examples)
         return settings_to_pb(SessionSettings(school, info.token, self.heartbeat_interval_s, MAX_CHUNK_BYTES,
                                               __version__, self.engine.settings.to_json()))
+
+    # Shared by the servicers of a process; an entry holds its command, so its id is not reused.
+    _pb_cache: dict[int, tuple[Command, pb.ServerCommand]] = {}
+
+    def _command_pb(self, cmd: Command) -> pb.ServerCommand:
+        """A command fanned out to every school is one object (the engine queues the same
+        EvaluateCommand, IdleCommand, ShutdownCommand to all): converted once, not per school."""
+        hit = self._pb_cache.get(id(cmd))
+        if hit is not None and hit[0] is cmd:
+            return hit[1]
+        m = command_to_pb(cmd)
+        if len(self._pb_cache) >= 8:
+            self._pb_cache.clear()
+        self._pb_cache[id(cmd)] = (cmd, m)
+        return m
 
     @_abort_on_error
     @_streaming
@@ -125,6 +159,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         async def read_events() -> None:
             async for msg in request_iterator:
                 sess.last_seen = time.monotonic()
+                if msg.WhichOneof("event") == "heartbeat":
+                    continue   # the common case, thousands a second: nothing to build
                 ev = event_from_pb(msg)
                 if isinstance(ev, Failure):
                     await self.engine.report_failure(school, ev)
@@ -135,29 +171,50 @@ class FederationServicer(pb_grpc.FederationServicer):
                 elif isinstance(ev, Heartbeat):
                     pass
 
+        # Nothing per heartbeat but the read: the handler sleeps on its queue, woken by a
+        # command, by the reader ending, or by one timer per session that fires when the
+        # school's silence would reach the timeout (re-armed to the newest heartbeat, so about
+        # once per session_timeout_s). A task and a timeout per session per heartbeat interval
+        # were about a quarter of the coordinator's CPU with only heartbeats flowing (docs/SCALING.md).
+        loop = asyncio.get_running_loop()
+        timeout = self.session_timeout_s
+
+        def look(_: object = None) -> None:
+            sess.queue.put_nowait(_LOOK)
+
+        def check_silence() -> None:
+            nonlocal timer
+            left = sess.last_seen + timeout - time.monotonic()
+            if left <= 0:
+                look()
+            else:
+                timer = loop.call_later(left, check_silence)
+
         reader = asyncio.create_task(read_events())
+        reader.add_done_callback(look)
+        timer = loop.call_later(timeout, check_silence)
         try:
             while True:
-                getter = asyncio.create_task(sess.queue.get())
-                done, _ = await asyncio.wait({getter, reader}, timeout=self.heartbeat_interval_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    cmd = getter.result()
-                    yield command_to_pb(cmd)
-                    if isinstance(cmd, ShutdownCommand):
-                        break
+                cmd = await sess.queue.get()
+                if cmd is _LOOK:
+                    if reader.done():
+                        break  # the school closed its side
+                    if time.monotonic() - sess.last_seen > timeout:
+                        # One more beat before giving up: after a stall on this side, events the
+                        # school sent in time may still be queued behind it.
+                        await asyncio.sleep(min(1.0, self.heartbeat_interval_s))
+                        if time.monotonic() - sess.last_seen > timeout:
+                            self.engine.note_session("session timed out", school, log, warn=True,
+                                                     silent_s=round(time.monotonic() - sess.last_seen, 1))
+                            break
+                    timer.cancel()
+                    timer = loop.call_later(max(0.0, sess.last_seen + timeout - time.monotonic()), check_silence)
                     continue
-                getter.cancel()
-                if reader in done:
-                    break  # the school closed its side
-                if time.monotonic() - sess.last_seen > self.session_timeout_s:
-                    # One more beat before giving up: after a stall on this side, events the
-                    # school sent in time may still be queued behind it.
-                    await asyncio.sleep(min(1.0, self.heartbeat_interval_s))
-                    if time.monotonic() - sess.last_seen > self.session_timeout_s:
-                        log.warning("session timed out", school=school, silent_s=round(time.monotonic() - sess.last_seen, 1))
-                        break
+                yield self._command_pb(cmd)
+                if isinstance(cmd, ShutdownCommand):
+                    break
         finally:
+            timer.cancel()
             reader.cancel()
             self.engine.detach(sess)
 
@@ -168,8 +225,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         size = self.artifacts.size(request.sha256)
         if request.offset > size:
             raise ProtocolError(f"offset {request.offset} is past the end of the artefact ({size} bytes)")
-        path = self.artifacts.path(request.sha256)
         offset = request.offset
+        if offset % MAX_CHUNK_BYTES == 0 and request.sha256 in self.engine.served_adapters():
+            encoded = await self.chunk_cache.get(request.sha256, size)
+            if encoded is not None:   # the round's adapter: encoded once, handed to gRPC as is
+                for i in range(offset // MAX_CHUNK_BYTES, len(encoded)):
+                    yield encoded[i]   # type: ignore[misc]  (Download's serialiser passes bytes through)
+                    n = min(MAX_CHUNK_BYTES, size - i * MAX_CHUNK_BYTES)
+                    self.engine.count_bytes(down=n)
+                return
+        path = self.artifacts.path(request.sha256)
         with open(path, "rb") as fh:
             fh.seek(offset)
             while offset < size:
@@ -206,9 +271,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise ProtocolError("only chunks may follow the header")
                 yield msg.chunk.offset, msg.chunk.data   # each access to a bytes field copies it: once
 
-        part, digest = await self.uploads.receive(school, h, chunks())
+        part, digest, payload = await self.uploads.receive(school, h, chunks())
         try:
-            rc = await self.engine.accept_upload(school, h, part, digest)
+            rc = await self.engine.accept_upload(school, h, part, digest, payload)
         except FederationError:
             await self.uploads.discard(school, h.upload_id)
             raise

@@ -206,6 +206,11 @@ class Store:
     def rounds(self) -> list[RoundRow]:
         return [self._round(r) for r in self._query(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round")]
 
+    def round_counts(self) -> dict[tuple[str, str], int]:
+        """(kind, status) -> rounds closed so; no round's participants or plan is parsed."""
+        rows = self._query("SELECT kind, status, COUNT(*) FROM rounds WHERE status != 'open' GROUP BY kind, status")
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     def last_round_number(self) -> int:
         rows = self._query("SELECT COALESCE(MAX(round), 0) FROM rounds")
         return int(rows[0][0])

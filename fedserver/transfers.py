@@ -23,12 +23,16 @@ def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
     hasher.update(data)
 
 
-def _hash_file(path: Path) -> Any:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            hasher.update(block)
-    return hasher
+def _sync(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _read_and_hash(path: Path, into: bytearray) -> Any:
+    """A resumed upload's bytes already held: appended to `into`, and their running hash."""
+    data = path.read_bytes()
+    into += data
+    return hashlib.sha256(data)
 
 
 def upload_key(school: str, upload_id: str) -> str:
@@ -77,9 +81,12 @@ class UploadReceiver:
         part = self.part(key)
         return (part.stat().st_size if part.exists() else 0), False
 
-    async def receive(self, school: str, h: UploadHeader, chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str]:
+    async def receive(self, school: str, h: UploadHeader,
+                      chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str, bytearray]:
         """Append the chunks (offset, bytes) after what is already held; returns the complete
-        payload's path and its sha256, computed while the bytes arrived (no second pass)."""
+        payload's path, its sha256 computed while the bytes arrived, and the payload itself
+        (kept in hand so that validation reads no file back). Runs concurrently for many
+        schools: nothing here takes the engine's lock."""
         key = upload_key(school, h.upload_id)
         part = self.part(key)
         row = await asyncio.to_thread(self.store.begin_upload, key, school, h.round, h.sha256, h.total_size,
@@ -90,24 +97,35 @@ class UploadReceiver:
         if h.offset != have:
             raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
         received = have
-        # A resumed upload first hashes the bytes it already holds.
-        hasher = await asyncio.to_thread(_hash_file, part) if have else hashlib.sha256()
+        # The payload in hand, grown as chunks arrive (never ahead of the bytes received; a large
+        # buffer grows by mremap, not by copying) and viewed by validation without a copy.
+        payload = bytearray()
+        # A resumed upload first reads and hashes the bytes it already holds.
+        hasher = await asyncio.to_thread(_read_and_hash, part, payload) if have else hashlib.sha256()
+        loop = asyncio.get_running_loop()
+        writing: asyncio.Future[None] | None = None   # one chunk's write + hash in flight while the next arrives
         with open(part, "ab") as fh:
-            async for offset, data in chunks:
-                if len(data) > MAX_CHUNK_BYTES:
-                    raise TooLargeError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
-                if offset != received:
-                    raise ProtocolError(f"chunk at offset {offset}, expected {received}")
-                if received + len(data) > h.total_size:
-                    raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
-                await asyncio.to_thread(_write_and_hash, fh, hasher, data)
-                received += len(data)
-                self.count_up(len(data))
-            await asyncio.to_thread(fh.flush)
-            await asyncio.to_thread(os.fsync, fh.fileno())
+            try:
+                async for offset, data in chunks:
+                    if len(data) > MAX_CHUNK_BYTES:
+                        raise TooLargeError(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte chunk limit")
+                    if offset != received:
+                        raise ProtocolError(f"chunk at offset {offset}, expected {received}")
+                    if received + len(data) > h.total_size:
+                        raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
+                    if writing is not None:
+                        await writing
+                    writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, data)
+                    payload += data
+                    received += len(data)
+                    self.count_up(len(data))
+            finally:   # what arrived is on disk before the file closes (a resume starts after it)
+                if writing is not None:
+                    await writing
+            await asyncio.to_thread(_sync, fh)
         if received != h.total_size:
             raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
-        return part, hasher.hexdigest()
+        return part, hasher.hexdigest(), payload
 
     async def discard(self, school: str, upload_id: str) -> None:
         """A rejected payload is not kept: the school sends a new one."""

@@ -1,10 +1,17 @@
 """Shared fixtures: a tiny model with the real SmolLM2 tokenizer, small real data, and
-factories for real coordinators (port 0 on 127.0.0.1) and school daemons."""
+factories for real coordinators (port 0 on 127.0.0.1) and school daemons. Coordinators and
+schools speak mutual TLS by default, with certificates from one throwaway federation CA per
+test session (`pki()`); `tls=False` gives plaintext, for the tests that need to see or forge the
+bytes on the wire."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import json
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +23,7 @@ from common.models import build_tiny_model
 from fedserver.auth import hash_token
 from fedserver.config import (
     CoordinatorConfig, EvaluationSection, LoraSection, ModelSection, RoundsSection, SchoolEntry,
-    ServerSection, TrainSection,
+    ServerSection, ServerTLSSection, TrainSection,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,11 +64,93 @@ def exchange_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TOKENS = {f"school-{k}": f"token-for-school-{k}-0123456789" for k in range(1, 6)}
 
 
-def coordinator_config(tmp: Path, model: str, *, schools: int = 3, eval_file: Path | None = None, **sections: Any) -> CoordinatorConfig:
-    """A small, fast configuration; override sections with e.g. rounds=dict(total=1)."""
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """A federation CA made by `fedserver certs`' own code, with the coordinator's certificate
+    (127.0.0.1 and localhost) and one certificate per school of TOKENS."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca" / "ca.crt"
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "ca" / "revoked.crl"
+
+    def server_tls(self) -> ServerTLSSection:
+        return ServerTLSSection(cert=self.dir / "server" / "server.crt", key=self.dir / "server" / "server.key",
+                                client_ca=self.ca, revocation_list=self.crl)
+
+    def school_files(self, school: str) -> tuple[Path, Path]:
+        return self.dir / school / f"{school}.crt", self.dir / school / f"{school}.key"
+
+    def school_tls(self, school: str) -> Any:
+        from fedclient.config import SchoolTLSSection
+
+        cert, key = self.school_files(school)
+        return SchoolTLSSection(ca=self.ca, cert=cert, key=key)
+
+
+_PKI: Pki | None = None
+
+
+def pki() -> Pki:
+    """The session's throwaway PKI (created at first use, deleted at exit). Never revoke in it:
+    tests/test_tls.py makes its own CA for that."""
+    global _PKI
+    if _PKI is None:
+        from fedserver.certs import init_ca
+
+        folder = Path(tempfile.mkdtemp(prefix="schoolfed-test-pki-"))
+        atexit.register(shutil.rmtree, folder, True)
+        ca = init_ca(folder / "ca", name="test federation CA", days=30)
+        ca.issue_server(["127.0.0.1", "localhost"], folder / "server", days=30)
+        for sid in TOKENS:
+            ca.issue_school(sid, folder / sid, days=30)
+        _PKI = Pki(folder)
+    return _PKI
+
+
+def server_tls_toml(tls: bool = True) -> str:
+    """The [server.tls] table of a coordinator.toml written by a test."""
+    if not tls:
+        return "[server.tls]\ninsecure = true\n"
+    t = pki().server_tls()
+    q = json.dumps
+    return (f"[server.tls]\ncert = {q(str(t.cert))}\nkey = {q(str(t.key))}\nclient_ca = {q(str(t.client_ca))}\n"
+            f"revocation_list = {q(str(t.revocation_list))}\n")
+
+
+def school_tls_toml(school: str, tls: bool = True) -> str:
+    """The [school.tls] table of a school.toml written by a test."""
+    if not tls:
+        return "[school.tls]\ninsecure = true\n"
+    cert, key = pki().school_files(school)
+    q = json.dumps
+    return f"[school.tls]\nca = {q(str(pki().ca))}\ncert = {q(str(cert))}\nkey = {q(str(key))}\n"
+
+
+def tls_channel(address: str, school: str, **kwargs: Any) -> Any:
+    """A grpc.aio channel to a TLS coordinator with `school`'s certificate."""
+    import grpc
+
+    from common.wire import grpc_options
+
+    cert, key = pki().school_files(school)
+    creds = grpc.ssl_channel_credentials(pki().ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    return grpc.aio.secure_channel(address, creds, options=grpc_options(), **kwargs)
+
+
+def coordinator_config(tmp: Path, model: str, *, schools: int = 3, eval_file: Path | None = None, tls: bool = True,
+                       **sections: Any) -> CoordinatorConfig:
+    """A small, fast configuration; override sections with e.g. rounds=dict(total=1). Mutual TLS
+    with the session's PKI unless tls=False (plaintext on 127.0.0.1)."""
     base = CoordinatorConfig(
         server=ServerSection(listen="127.0.0.1:0", state_dir=tmp / "coordinator", heartbeat_interval_s=0.5,
-                             session_timeout_s=10.0, max_upload_bytes=64 * 1024 * 1024),
+                             session_timeout_s=10.0, max_upload_bytes=64 * 1024 * 1024,
+                             tls=pki().server_tls() if tls else ServerTLSSection(insecure=True)),
         model=ModelSection(base=model),
         lora=LoraSection(rank=4, alpha=8.0),
         rounds=RoundsSection(total=2, min_schools=schools, quorum=max(1, schools - 1), deadline_s=120.0),
@@ -111,8 +200,9 @@ async def start_coordinator() -> AsyncIterator[Callable[..., Any]]:
         await rc.stop()
 
 
-def school_config(tmp: Path, address: str, school: str, fed_data: Path, model: str) -> Any:
-    from fedclient.config import ClientModelSection, SchoolConfig, SchoolSection
+def school_config(tmp: Path, address: str, school: str, fed_data: Path, model: str, tls: bool = True) -> Any:
+    """A school daemon's configuration: its token and, unless tls=False, its certificate."""
+    from fedclient.config import ClientModelSection, SchoolConfig, SchoolSection, SchoolTLSSection
 
     token_file = tmp / f"{school}.token"
     token_file.write_text(TOKENS[school] + "\n")
@@ -120,7 +210,7 @@ def school_config(tmp: Path, address: str, school: str, fed_data: Path, model: s
     return SchoolConfig(
         school=SchoolSection(coordinator=address, token_file=token_file, state_dir=tmp / school,
                              data_dir=d / "train.jsonl", heldout_file=d / SCHOOL_HELDOUT, torch_threads=1,
-                             max_backoff_s=0.5),
+                             max_backoff_s=0.5, tls=pki().school_tls(school) if tls else SchoolTLSSection(insecure=True)),
         model=ClientModelSection(base=model),
     )
 

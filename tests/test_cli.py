@@ -98,10 +98,11 @@ async def test_sigterm_stops_coordinator_and_daemon_gracefully(tmp_path, tiny_mo
             if log.exists() and "joined" in log.read_text():
                 break
             await asyncio.sleep(0.1)
-        import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        async with grpc.aio.insecure_channel(address) as channel:   # the standard health service
+        from tests.conftest import tls_channel
+
+        async with tls_channel(address, "school-1") as channel:   # the standard health service
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "schoolfed.v1.Federation"):
                 resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)

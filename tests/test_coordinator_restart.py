@@ -18,11 +18,11 @@ from common import PROTOCOL_VERSION
 from common.messages import UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
-from common.wire import bytes_to_tensors, grpc_options, sha256_hex, tensors_to_bytes
+from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
 from fedclient.transfer import download, upload
 from fedserver.auth import hash_token
 from fedserver.store import Store
-from tests.conftest import REPO, TOKENS
+from tests.conftest import REPO, TOKENS, server_tls_toml, tls_channel
 
 
 def write_config(tmp: Path, model: str) -> Path:
@@ -33,6 +33,7 @@ def write_config(tmp: Path, model: str) -> Path:
 listen = "127.0.0.1:0"
 state_dir = {q(str(tmp / "state"))}
 heartbeat_interval_s = 0.5
+{server_tls_toml()}
 [model]
 base = {q(model.removeprefix("dir:"))}
 [lora]
@@ -65,7 +66,7 @@ def start(cfg: Path, tmp: Path, n: int) -> tuple[subprocess.Popen[bytes], str]:
 
 class School:
     def __init__(self, address: str, sid: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self.channel = tls_channel(address, sid)   # mutual TLS with this school's certificate
         self.stub = pb_grpc.FederationStub(self.channel)
         self.sid = sid
         self.call: grpc.aio.StreamStreamCall | None = None

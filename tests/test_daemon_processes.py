@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, TOKENS, coordinator_config, wait_for
+from tests.conftest import REPO, TOKENS, coordinator_config, school_tls_toml, wait_for
 
 
-def write_school_toml(tmp: Path, address: str, school: str, fed_data: Path, model: str) -> Path:
+def write_school_toml(tmp: Path, address: str, school: str, fed_data: Path, model: str, tls: bool = True) -> Path:
     token = tmp / f"{school}.token"
     token.write_text(TOKENS[school] + "\n")
     d = fed_data / "schools" / school
@@ -31,6 +30,7 @@ heldout_file = {q(str(d / "heldout" / "heldout.jsonl"))}
 torch_threads = 1
 max_backoff_s = 0.5
 
+{school_tls_toml(school, tls)}
 [model]
 base = {q(model.removeprefix("dir:"))}
 """)

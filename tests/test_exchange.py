@@ -201,7 +201,7 @@ async def test_train_distill_teach_rounds_across_two_tokenizers(tmp_path, tiny_m
 @pytest.fixture
 async def teach_round(tmp_path, tiny_model, tiny_teacher, exchange_data, start_coordinator):
     """A teach round open for school-1 and school-2, driven by the test at protocol level."""
-    cfg = exchange_config(tmp_path, tiny_model, tiny_teacher, exchange_data, ("teach",), 1,
+    cfg = exchange_config(tmp_path, tiny_model, tiny_teacher, exchange_data, ("teach",), 1, tls=False,   # one channel, two schools
                           rounds=dict(total=1, min_schools=2, quorum=2, deadline_s=120.0),
                           evaluation=dict(school_timeout_s=1.0))
     rc = await start_coordinator(cfg)

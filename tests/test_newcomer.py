@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from common.config import load_toml
-from tests.conftest import REPO, TOKENS, coordinator_config, wait_for
+from tests.conftest import REPO, TOKENS, coordinator_config, server_tls_toml, wait_for
 from tests.test_shipped_configs import restore_logging  # noqa: F401  (a fixture: the CLIs configure logging)
 
 DEPLOY = REPO / "deploy"
@@ -63,6 +63,7 @@ def _coordinator_toml(tmp: Path, model: str, extra: str = "", schools: str = "")
     cfg.write_text(f"""[server]
 listen = "127.0.0.1:0"
 state_dir = {q(str(tmp / "state"))}
+{server_tls_toml()}
 [model]
 base = {q(model.removeprefix("dir:"))}
 cache_dir = {q(str(tmp / "cache"))}

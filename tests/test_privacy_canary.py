@@ -70,8 +70,10 @@ def plant_canaries(src: Path, dst: Path, school: str) -> list[str]:
 
 
 async def test_no_canary_leaves_a_school(tmp_path, tiny_model, tiny_teacher, exchange_data, start_coordinator, start_school):
+    # plaintext on purpose: the proxy must read what the schools send (under TLS it would see
+    # ciphertext and find no canary whatever was sent)
     cfg = coordinator_config(
-        tmp_path, tiny_model, eval_file=exchange_data / "eval" / "eval.jsonl",
+        tmp_path, tiny_model, eval_file=exchange_data / "eval" / "eval.jsonl", tls=False,
         rounds=dict(total=4, min_schools=3, quorum=3, deadline_s=120.0),
         teacher=dict(model=tiny_teacher, quantization="none", eval_max_examples=4, learn_steps=1, learn_batch=4, threads=1),
         distill=dict(pool_file=exchange_data / "public" / "pool.jsonl", slice_size=8, kd_weight=0.5),
@@ -85,7 +87,7 @@ async def test_no_canary_leaves_a_school(tmp_path, tiny_model, tiny_teacher, exc
             sid = f"school-{k}"
             folder = tmp_path / "data" / sid
             canaries += plant_canaries(exchange_data / "schools" / sid, folder, sid)
-            sc = school_config(tmp_path, address, sid, exchange_data, tiny_model)
+            sc = school_config(tmp_path, address, sid, exchange_data, tiny_model, tls=False)
             sc = dataclasses.replace(sc, school=dataclasses.replace(sc.school, data_dir=folder / "train.jsonl",
                                                                      heldout_file=folder / "heldout" / "heldout.jsonl"))
             await start_school(sc)

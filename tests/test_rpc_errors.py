@@ -20,7 +20,8 @@ from tests.conftest import TOKENS, coordinator_config, wait_for
 @pytest.fixture
 async def open_round(tmp_path, tiny_model, start_coordinator):
     """A coordinator with round 1 open for school-1 and school-2, driven by the test."""
-    cfg = coordinator_config(tmp_path, tiny_model, schools=3, rounds=dict(total=1, min_schools=2, quorum=2))
+    # plaintext: one channel stands in for several schools (tokens only); TLS is tests/test_tls.py's
+    cfg = coordinator_config(tmp_path, tiny_model, schools=3, tls=False, rounds=dict(total=1, min_schools=2, quorum=2))
     rc = await start_coordinator(cfg, run_rounds=True)
     channel = grpc.aio.insecure_channel(rc.address, options=grpc_options())
     stub = pb_grpc.FederationStub(channel)
@@ -247,7 +248,8 @@ async def test_preflight_refuses_before_any_byte_is_sent(open_round):
 
 async def test_rounds_failing_in_a_row_stop_the_engine(tmp_path, tiny_model, start_coordinator):
     """A school whose updates are always refused must not make the coordinator spin forever."""
-    cfg = coordinator_config(tmp_path, tiny_model, schools=1, rounds=dict(total=5, min_schools=1, quorum=1, max_failed_rounds=2, deadline_s=60.0))
+    cfg = coordinator_config(tmp_path, tiny_model, schools=1, tls=False,
+                             rounds=dict(total=5, min_schools=1, quorum=1, max_failed_rounds=2, deadline_s=60.0))
     rc = await start_coordinator(cfg)
     channel = grpc.aio.insecure_channel(rc.address, options=grpc_options())
     stub = pb_grpc.FederationStub(channel)
@@ -301,7 +303,7 @@ async def test_silent_school_is_dropped_after_the_session_timeout(tmp_path, tiny
     import asyncio
     import dataclasses
 
-    cfg = coordinator_config(tmp_path, tiny_model, schools=3, rounds=dict(total=1, min_schools=2, quorum=2))
+    cfg = coordinator_config(tmp_path, tiny_model, schools=3, tls=False, rounds=dict(total=1, min_schools=2, quorum=2))
     cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, heartbeat_interval_s=0.3, session_timeout_s=1.5))
     rc = await start_coordinator(cfg)
     channel = grpc.aio.insecure_channel(rc.address, options=grpc_options())

@@ -64,6 +64,8 @@ class StrategyContext:
     layout: Mapping[str, TensorSpec]
     enrolled: tuple[str, ...] = ()          # school ids in the coordinator's config
     work_dir: Path | None = None            # scratch space (spill files), inside the state dir
+    product_metrics: bool = True            # product-space metrics (step_norm) for the averaging family;
+                                            # the coordinator turns them off unless [strategy] product_metrics
 
     @property
     def scale(self) -> float:

@@ -1,0 +1,112 @@
+"""Serving artefacts fast: every participant of a round downloads the same global adapter,
+so its chunk messages are encoded once (protobuf `Chunk`s, at the fixed chunk boundaries) and
+each download hands gRPC those bytes as they are: no file read, no message built, no copy per
+school. A resumed download that starts off a boundary, and any artefact not in the cache, is
+read from disk and encoded chunk by chunk as before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common.pb import federation_pb2 as pb
+from common.pb import federation_pb2_grpc as pb_grpc
+from common.wire import MAX_CHUNK_BYTES
+from fedserver.artifacts import ArtifactStore
+
+SERVICE = "schoolfed.v1.Federation"
+
+
+def encode_chunks(data: bytes, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
+    """The serialised `Chunk` messages of an artefact, one per `chunk` bytes."""
+    total = len(data)
+    view = memoryview(data)
+    out = []
+    for offset in range(0, total, chunk):
+        msg = pb.Chunk(offset=offset, total_size=total)
+        msg.data = bytes(view[offset:offset + chunk])
+        out.append(msg.SerializeToString())
+    return out
+
+
+def encode_file(path: Path, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
+    """encode_chunks of a file, read a chunk at a time (never the whole file and its chunks at once)."""
+    total = path.stat().st_size
+    out = []
+    with open(path, "rb") as fh:
+        for offset in range(0, total, chunk):
+            msg = pb.Chunk(offset=offset, total_size=total)
+            msg.data = fh.read(chunk)
+            out.append(msg.SerializeToString())
+    return out
+
+
+class ChunkCache:
+    """Encoded chunks of the last `entries` artefacts downloaded (the global adapter of the
+    open round, and the one before while late schools fetch it). Memory: `entries` x the
+    artefact's size; artefacts above `max_bytes` are never cached."""
+
+    def __init__(self, artifacts: ArtifactStore, entries: int = 1, max_bytes: int = 256 << 20) -> None:
+        self.artifacts = artifacts
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[str, list[bytes]] = OrderedDict()
+        self._building: dict[str, asyncio.Future[list[bytes]]] = {}
+
+    async def get(self, sha: str, size: int) -> list[bytes] | None:
+        if self.entries <= 0 or size > self.max_bytes:
+            return None
+        hit = self._cache.get(sha)
+        if hit is not None:
+            self._cache.move_to_end(sha)
+            return hit
+        pending = self._building.get(sha)
+        if pending is not None:   # several schools asked at once: one build
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._building[sha] = fut
+        while len(self._cache) >= self.entries:   # room first: never two generations at once
+            self._cache.popitem(last=False)
+        try:
+            chunks = await asyncio.to_thread(encode_file, self.artifacts.path(sha))
+            self._cache[sha] = chunks
+            fut.set_result(chunks)
+            return chunks
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()   # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            del self._building[sha]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _serialise_chunk(msg: Any) -> bytes:
+    """Download's response serialiser: pre-encoded chunks pass through as they are."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def add_federation_to_server(servicer: pb_grpc.FederationServicer, server: grpc.aio.Server) -> None:
+    """The generated registration (its handler table, captured), with Download's serialiser
+    also taking encoded chunks."""
+    captured: dict[str, Any] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            captured.update(handlers)
+
+    pb_grpc.add_FederationServicer_to_server(servicer, _Capture())
+    dl = captured["Download"]
+    captured["Download"] = grpc.unary_stream_rpc_method_handler(
+        dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=_serialise_chunk)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, captured),))
+    server.add_registered_method_handlers(SERVICE, captured)

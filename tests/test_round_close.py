@@ -1,0 +1,317 @@
+"""The round's hot path: uploads validated concurrently across schools (only receipt and fold
+serialised), the close serialising the new adapter once (the PEFT checkpoint shares the
+artefact's bytes), product-space metrics opt-in, and `seconds` covering the whole round."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.lora import LoraSettings, initial_state, write_peft_dir
+from common.lora import TensorSpec
+from common.safetensors_stream import write_safetensors
+from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
+from fedclient.transfer import upload
+from fedserver import rounds as rounds_mod
+from fedserver.artifacts import ArtifactStore
+from fedserver.strategy import ClientUpdate, FedAvg, StrategyContext
+from tests.test_rpc_errors import _idle, expect_status, good_delta, header_for, open_round  # noqa: F401 (fixture)
+
+LAYOUT = {"m.lora_A.weight": TensorSpec((4, 32)), "m.lora_B.weight": TensorSpec((48, 4))}
+
+
+# ---------------------------------------------------------------- one serialisation
+
+
+def test_streamed_safetensors_are_byte_identical_to_safetensors_own(tmp_path):
+    state = {k: torch.randn(v.shape) for k, v in initial_state(LAYOUT, 0).items()}
+    sha, size = write_safetensors(tmp_path / "a", state)
+    data = (tmp_path / "a").read_bytes()
+    assert data == tensors_to_bytes(state)
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_streamed_safetensors_of_mixed_dtypes_load_back(tmp_path):
+    state = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.arange(7, dtype=torch.int32),
+             "c": torch.randn(2, 2).to(torch.bfloat16), "d": torch.zeros(0), "e": torch.tensor(True)}
+    write_safetensors(tmp_path / "m", state)
+    back = load_file(str(tmp_path / "m"))
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_put_tensors_is_content_addressed_and_leaves_no_temp(tmp_path):
+    store = ArtifactStore(tmp_path / "art")
+    state = initial_state(LAYOUT, 0)
+    sha = store.put_tensors(state)
+    assert sha == sha256_hex(tensors_to_bytes(state)) == store.put(tensors_to_bytes(state))
+    assert store.put_tensors(state) == sha                        # idempotent
+    assert sorted(p.name for p in store.root.iterdir()) == [sha]  # no temp file left behind
+    assert torch.equal(bytes_to_tensors(store.get(sha))["m.lora_B.weight"], state["m.lora_B.weight"])
+
+
+def test_checkpoint_shares_the_artefact_bytes(tmp_path):
+    store = ArtifactStore(tmp_path / "art")
+    state = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    sha = store.put_tensors(state)
+    ckpt = tmp_path / "ckpt" / "adapter"
+    write_peft_dir(ckpt, state, LoraSettings(rank=4, alpha=8.0), "dir:/nowhere", weights_file=store.path(sha))
+    weights = ckpt / "adapter_model.safetensors"
+    assert weights.stat().st_ino == store.path(sha).stat().st_ino     # one file, two names: no second write
+    assert torch.equal(load_file(str(weights))["m.lora_A.weight"], state["m.lora_A.weight"])
+    # without a file to share, the bytes are written as before
+    write_peft_dir(tmp_path / "other", state, LoraSettings(rank=4, alpha=8.0), "dir:/nowhere")
+    assert (tmp_path / "other" / "adapter_model.safetensors").read_bytes() == store.get(sha)
+
+
+# ---------------------------------------------------------------- the aggregation
+
+
+@pytest.mark.parametrize("product_metrics", [False, True])
+def test_step_norm_only_when_asked_and_the_global_is_never_changed(product_metrics):
+    glob = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    before = {k: v.clone() for k, v in glob.items()}
+    s = FedAvg()
+    s.setup(StrategyContext(LoraSettings(rank=4, alpha=8.0), LAYOUT, ("a", "b"), product_metrics=product_metrics))
+    s.begin_round(1, glob)
+    d1 = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    d2 = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    s.accumulate(ClientUpdate("a", 1, 3, d1, {}, None))
+    s.accumulate(ClientUpdate("b", 1, 1, d2, {}, None))
+    res = s.finalize()
+    for k in LAYOUT:
+        torch.testing.assert_close(res.state[k], glob[k] + 0.75 * d1[k] + 0.25 * d2[k])
+        assert torch.equal(glob[k], before[k])
+    assert ("step_norm" in res.metrics) is product_metrics
+    assert res.metrics["update_norm"] > 0
+
+
+# ---------------------------------------------------------------- uploads in parallel
+
+
+def held_validation(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Validation that signals `entered` and then waits for `release` (10 s at most)."""
+    entered, release = threading.Event(), threading.Event()
+    real = rounds_mod.validate_update
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rounds_mod, "validate_update", held)
+    return entered, release
+
+
+async def test_uploads_are_validated_concurrently(open_round, monkeypatch):
+    """Both schools' validations must be in progress at the same moment: a barrier of two
+    parties inside validation breaks (and the upload fails) if they ran one at a time."""
+    rc, stub, sessions = open_round
+    barrier = threading.Barrier(2, timeout=10)
+    real = rounds_mod.validate_update
+
+    def meeting_validate(*args, **kwargs):
+        barrier.wait()   # BrokenBarrierError after 10 s if the other validation never starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rounds_mod, "validate_update", meeting_validate)
+    payloads = {sid: tensors_to_bytes({k: v * (i + 1) for k, v in good_delta(rc).items()})
+                for i, sid in enumerate(("school-1", "school-2"))}
+    receipts = await asyncio.gather(*(upload(stub, header_for(rc, p), p, sessions[sid]) for sid, p in payloads.items()))
+    assert all(r is not None for r in receipts)
+    assert sorted(r.school_id for r in rc.store.receipts(1)) == ["school-1", "school-2"]
+
+
+async def test_second_upload_while_the_first_is_validated_is_refused(open_round, monkeypatch):
+    rc, stub, sessions = open_round
+    entered, release = held_validation(monkeypatch)
+    first = tensors_to_bytes(good_delta(rc))
+    second = tensors_to_bytes({k: 2 * v for k, v in good_delta(rc).items()})
+    task = asyncio.create_task(upload(stub, header_for(rc, first), first, sessions["school-1"]))
+    await asyncio.to_thread(entered.wait, 10)
+    await expect_status(upload(stub, header_for(rc, second), second, sessions["school-1"]),
+                        grpc.StatusCode.ALREADY_EXISTS, "being accepted")
+    release.set()
+    assert await task is not None
+    (receipt,) = rc.store.receipts(1)
+    assert receipt.sha256 == sha256_hex(first)
+    assert bytes_to_tensors(open(receipt.path, "rb").read()).keys() == rc.engine.layout.keys()
+
+
+async def test_upload_validated_while_its_round_closed_is_refused_and_not_kept(open_round, monkeypatch):
+    rc, stub, sessions = open_round
+    good = tensors_to_bytes(good_delta(rc))
+    assert await upload(stub, header_for(rc, good), good, sessions["school-1"]) is not None
+    entered, release = held_validation(monkeypatch)
+    late = tensors_to_bytes({k: 2 * v for k, v in good_delta(rc).items()})
+    task = asyncio.create_task(upload(stub, header_for(rc, late), late, sessions["school-2"]))
+    await asyncio.to_thread(entered.wait, 10)
+    rnd = rc.engine.current
+    rnd.deadline = 0.0      # the deadline passes while school-2's upload is being validated
+    rc.engine._changed.set()
+    # quorum is 2, so round 1 fails with one result; wait until it is closed
+    for _ in range(200):
+        if rc.engine.current is not rnd:
+            break
+        await asyncio.sleep(0.05)
+    assert rc.engine.current is not rnd
+    release.set()
+    await expect_status(task, grpc.StatusCode.FAILED_PRECONDITION, "closed while this upload was being validated")
+    assert [r.school_id for r in rc.store.receipts(1)] == ["school-1"]
+    leftovers = list((rc.engine.updates_dir / "round-1").glob("*")) if (rc.engine.updates_dir / "round-1").exists() else []
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------- the round's time
+
+
+async def test_round_seconds_cover_the_close(open_round, monkeypatch):
+    """A slow commit (here the aggregation, made to take 0.5 s) is part of the round's time."""
+    rc, stub, sessions = open_round
+    real = rc.engine.strategy.finalize
+
+    def slow_finalize():
+        import time
+        time.sleep(0.5)
+        return real()
+
+    monkeypatch.setattr(rc.engine.strategy, "finalize", slow_finalize)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i, sid in enumerate(("school-1", "school-2")):
+        p = tensors_to_bytes({k: v * (i + 1) for k, v in good_delta(rc).items()})
+        assert await upload(stub, header_for(rc, p), p, sessions[sid]) is not None
+    for _ in range(200):
+        rows = [r for r in rc.store.rounds() if r.round == 1 and r.status == "committed"]
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    (row,) = rows
+    metrics = row.metrics
+    assert metrics["seconds"] >= 0.5
+    assert metrics["seconds"] <= loop.time() - t0 + 60   # and no nonsense
+    assert "step_norm" not in metrics   # product metrics are opt-in ([strategy] product_metrics)
+    ckpt = rc.engine.checkpoint_dir / "1" / "adapter" / "adapter_model.safetensors"
+    assert ckpt.stat().st_ino == rc.engine.artifacts.path(row.global_out).stat().st_ino
+
+
+# ---------------------------------------------------------------- downloads from encoded chunks
+
+
+def test_encoded_chunks_parse_back_to_the_artefact(tmp_path):
+    from common.pb import federation_pb2 as pb
+    from fedserver.downloads import encode_chunks, encode_file
+
+    data = bytes(range(256)) * 41   # 10,496 bytes: 10 whole chunks of 1,000 and a short one
+    chunks = [pb.Chunk.FromString(c) for c in encode_chunks(data, chunk=1000)]
+    (tmp_path / "a").write_bytes(data)
+    assert encode_file(tmp_path / "a", chunk=1000) == encode_chunks(data, chunk=1000)
+    assert [c.offset for c in chunks] == list(range(0, len(data), 1000))
+    assert {c.total_size for c in chunks} == {len(data)}
+    assert b"".join(c.data for c in chunks) == data
+
+
+async def test_round_adapter_is_served_from_the_cache_and_counted(open_round):
+    from fedclient.transfer import download
+
+    rc, stub, sessions = open_round
+    sha = rc.engine.current.global_sha
+    full = rc.engine.artifacts.get(sha)
+    down0 = rc.engine._bytes.get(1, [0, 0])[1]
+    assert await download(stub, sha, sessions["school-1"], bytearray()) == full
+    assert await download(stub, sha, sessions["school-2"], bytearray()) == full
+    assert rc.engine._bytes.get(1, [0, 0])[1] - down0 == 2 * len(full)
+    # a resume off a chunk boundary takes the file path, and gets the same bytes
+    assert await download(stub, sha, sessions["school-1"], bytearray(full[:1000])) == full
+
+
+async def test_chunk_cache_builds_once_for_concurrent_schools(tmp_path, monkeypatch):
+    from fedserver import downloads
+
+    store = ArtifactStore(tmp_path / "art")
+    sha = store.put(b"x" * 5000)
+    cache = downloads.ChunkCache(store)
+    builds = []
+    real = downloads.encode_file
+    monkeypatch.setattr(downloads, "encode_file", lambda path: builds.append(1) or real(path))
+    results = await asyncio.gather(*(cache.get(sha, 5000) for _ in range(5)))
+    assert len(builds) == 1 and all(r is results[0] for r in results)
+    other = store.put(b"y" * 10)
+    await cache.get(other, 10)
+    assert list(cache._cache) == [other]             # one entry: the newest adapter
+    assert await cache.get(sha, 1 << 40) is None     # too large to cache: the caller reads the file
+
+
+# ---------------------------------------------------------------- validation without a copy
+
+
+def _packed(state):
+    return bytearray(tensors_to_bytes(state))
+
+
+def test_packed_payload_is_validated_as_views_of_the_received_bytes():
+    from fedserver.validation import packed_views, validate_update
+
+    state = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    buf = _packed(state)
+    got = validate_update(buf, sha256_hex(bytes(buf)), LAYOUT, max_norm=1e6)
+    for k, v in state.items():
+        assert torch.equal(got[k], v)
+        assert got[k].untyped_storage().data_ptr() == packed_views(buf, LAYOUT)[0].untyped_storage().data_ptr()
+    # bytes (not a writable buffer) take the general parser, with the same result
+    assert all(torch.equal(validate_update(bytes(buf), sha256_hex(bytes(buf)), LAYOUT)[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (float("nan"), "m.lora_B.weight: contains NaN or Inf"),
+    (float("inf"), "m.lora_B.weight: contains NaN or Inf"),
+    (3e38, "m.lora_B.weight: contains values too large"),
+])
+def test_packed_payload_with_bad_values_names_the_tensor(bad, message):
+    from common.errors import ValidationError
+    from fedserver.validation import validate_update
+
+    state = {k: torch.zeros(v.shape) for k, v in LAYOUT.items()}
+    state["m.lora_B.weight"][3, 1] = bad
+    state["m.lora_B.weight"][4, 1] = bad
+    buf = _packed(state)
+    with pytest.raises(ValidationError, match=message):
+        validate_update(buf, sha256_hex(bytes(buf)), LAYOUT)
+
+
+def test_packed_payload_norm_bound_and_odd_layouts_fall_back():
+    from common.errors import ValidationError
+    from fedserver.validation import packed_views, validate_update
+
+    state = {k: torch.ones(v.shape) for k, v in LAYOUT.items()}
+    buf = _packed(state)
+    with pytest.raises(ValidationError, match="exceeds the bound"):
+        validate_update(buf, sha256_hex(bytes(buf)), LAYOUT, max_norm=1.0)
+    # wrong shape, extra tensor, other dtype: not packed as the layout says -> the general parser's messages
+    for other, message in [({**state, "m.lora_A.weight": torch.ones(5, 32)}, "shape"),
+                           ({**state, "x": torch.ones(1)}, "unexpected"),
+                           ({k: v.double() for k, v in state.items()}, "dtype")]:
+        b = bytearray(tensors_to_bytes(other))
+        assert packed_views(b, LAYOUT) is None
+        with pytest.raises(ValidationError, match=message):
+            validate_update(b, sha256_hex(bytes(b)), LAYOUT)
+    # a header whose offsets overlap or leave gaps is not taken as packed
+    import json as _json
+    import struct as _struct
+    n = _struct.unpack_from("<Q", buf, 0)[0]
+    header = _json.loads(bytes(buf[8:8 + n]))
+    header["m.lora_A.weight"]["data_offsets"] = [0, 4 * 4 * 32]
+    header["m.lora_B.weight"]["data_offsets"] = [0, 4 * 48 * 4]
+    raw = _json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    forged = bytearray(_struct.pack("<Q", len(raw)) + raw + bytes(buf[8 + n:]))
+    assert packed_views(forged, LAYOUT) is None
+    with pytest.raises(ValidationError):
+        validate_update(forged, sha256_hex(bytes(forged)), LAYOUT)
