@@ -7,7 +7,10 @@ read from disk and encoded chunk by chunk as before."""
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +24,24 @@ from fedserver.artifacts import ArtifactStore
 SERVICE = "schoolfed.v1.Federation"
 
 
-def encode_chunks(data: bytes, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
-    """The serialised `Chunk` messages of an artefact, one per `chunk` bytes."""
-    total = len(data)
-    view = memoryview(data)
+def _encode(read: Callable[[int], bytes], total: int, chunk: int) -> list[bytes]:
     out = []
     for offset in range(0, total, chunk):
         msg = pb.Chunk(offset=offset, total_size=total)
-        msg.data = bytes(view[offset:offset + chunk])
+        msg.data = read(chunk)
         out.append(msg.SerializeToString())
     return out
 
 
+def encode_chunks(data: bytes, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
+    """The serialised `Chunk` messages of an artefact, one per `chunk` bytes."""
+    return _encode(io.BytesIO(data).read, len(data), chunk)
+
+
 def encode_file(path: Path, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
     """encode_chunks of a file, read a chunk at a time (never the whole file and its chunks at once)."""
-    total = path.stat().st_size
-    out = []
     with open(path, "rb") as fh:
-        for offset in range(0, total, chunk):
-            msg = pb.Chunk(offset=offset, total_size=total)
-            msg.data = fh.read(chunk)
-            out.append(msg.SerializeToString())
-    return out
+        return _encode(fh.read, os.fstat(fh.fileno()).st_size, chunk)
 
 
 class ChunkCache:

@@ -84,6 +84,9 @@ class RoundEngine:
         self.log = get_logger("engine")
         self.planning: tuple[int, str] | None = None   # (number, kind) of the round being planned
         self.phase = "starting"   # what the engine is doing now (dashboard): waiting, planning, collecting, closing, finished
+        self._notes_start = float("-inf")           # the session-lines window's start (monotonic); -inf: none yet
+        self._notes_lines = 0                       # per-school lines written in this window
+        self._notes_skipped: dict[str, int] = {}    # event -> lines counted, not written, in this window
         self.metrics = CoordinatorMetrics(cfg.monitor.school_labels)
         self.metrics.bind(self)
 
@@ -256,9 +259,6 @@ class RoundEngine:
     SESSION_LINES = 20
     SESSION_WINDOW_S = 10.0
     LIVE_SCHOOLS_MAX = 1000   # live.json lists every connected school up to this many
-    _notes_start = float("-inf")            # the window's start (monotonic); -inf: none open yet
-    _notes_lines = 0                        # per-school lines written in this window
-    _notes_skipped: dict[str, int] = {}     # replaced (never mutated) when the first window opens
 
     def note_session(self, event: str, school_id: str, logger: Any = None, warn: bool = False, **fields: Any) -> None:
         """Log a per-school session event, or count it into the window's summary."""

@@ -16,7 +16,7 @@ from common.errors import AuthenticationError, FederationError, IncompatibleScho
 from common.logs import get_logger
 from common.models import parse_spec
 from common.messages import (
-    Capabilities, Command, EvalReport, Failure, Heartbeat, IdleCommand, Progress, SessionSettings, ShutdownCommand,
+    Capabilities, Command, EvalReport, Failure, IdleCommand, Progress, SessionSettings, ShutdownCommand,
     UploadHeader,
 )
 from common.pb import federation_pb2 as pb
@@ -107,6 +107,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.base_model = base_model   # schools must train the same base (heterogeneous federations: later)
         self.guard = guard             # mutual TLS: the school id from the verified peer certificate; None: plaintext
         self.peers: dict[str, CertInfo] = {}   # school -> the certificate it joined with (revocation watch)
+        # commands fanned out to all (by object); an entry holds its command, so its id is not reused
+        self._pb_cache: dict[int, tuple[Command, pb.ServerCommand]] = {}
 
     def _peer(self, context: grpc.aio.ServicerContext) -> Peer | None:
         """The caller's certificate identity (TLS), checked against the revocation list on every call."""
@@ -134,9 +136,6 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.engine.note_session("school joined", school, log, model=caps.model, examples=caps.num_examples)
         return settings_to_pb(SessionSettings(school, info.token, self.heartbeat_interval_s, MAX_CHUNK_BYTES,
                                               __version__, self.engine.settings.to_json()))
-
-    # Shared by the servicers of a process; an entry holds its command, so its id is not reused.
-    _pb_cache: dict[int, tuple[Command, pb.ServerCommand]] = {}
 
     def _command_pb(self, cmd: Command) -> pb.ServerCommand:
         """A command fanned out to every school is one object (the engine queues the same
@@ -168,8 +167,6 @@ class FederationServicer(pb_grpc.FederationServicer):
                     await self.engine.report_eval(school, ev)
                 elif isinstance(ev, Progress):
                     sess.progress = f"{ev.phase} {ev.fraction:.0%}"
-                elif isinstance(ev, Heartbeat):
-                    pass
 
         # Nothing per heartbeat but the read: the handler sleeps on its queue, woken by a
         # command, by the reader ending, or by one timer per session that fires when the
@@ -208,7 +205,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                                                      silent_s=round(time.monotonic() - sess.last_seen, 1))
                             break
                     timer.cancel()
-                    timer = loop.call_later(max(0.0, sess.last_seen + timeout - time.monotonic()), check_silence)
+                    check_silence()   # heard from in time: re-armed to the newest heartbeat
                     continue
                 yield self._command_pb(cmd)
                 if isinstance(cmd, ShutdownCommand):

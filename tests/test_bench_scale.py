@@ -61,6 +61,7 @@ def test_session_lines_are_summarised_past_the_burst() -> None:
     eng = object.__new__(RoundEngine)   # only the session-logging state is needed
     eng.log = structlog.get_logger("engine")
     eng.sessions = {}
+    eng._notes_start, eng._notes_lines, eng._notes_skipped = float("-inf"), 0, {}   # as __init__ sets them
     with structlog.testing.capture_logs() as logs:
         for k in range(RoundEngine.SESSION_LINES + 30):
             eng.note_session("school attached", f"s{k}")
