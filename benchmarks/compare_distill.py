@@ -104,7 +104,8 @@ def summarise(reports: dict[str, dict[str, Any]], t_ood: dict[str, Any] | None) 
                     f"{_f(res['school_heldout_accuracy'])} / {_f(res['school_heldout_loss'])} | "
                     f"{_f(ood.get('base_accuracy'))} → {_f(ood.get('adapter_accuracy'))} | "
                     f"{res['bytes_up'] / 1e6:.1f} / {res['bytes_down'] / 1e6:.1f} | {_f(res['seconds_total'], '.0f')} |")
-    table = ["| run | rounds | base acc | final acc / loss (held-out, 200) | schools' own held-out acc / loss | OOD acc base → final | MB up / down | seconds |",
+    table = ["| run | rounds | base acc | final acc / loss (held-out, 200) | schools' own held-out acc / loss | OOD acc base → final "
+             "| MB up / down | seconds |",
              "|---|---|---|---|---|---|---|---|", *rows]
     t = (reports.get("distill") or {}).get("teacher")
     if t:

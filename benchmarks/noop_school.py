@@ -56,7 +56,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
 from common.wire import grpc_options, sha256_hex
-from fedclient.transfer import download, upload
+from fedclient.transfer import download, retry_after_s, status_lost, upload
 
 DEFAULT_CONSTANT = 1e-3
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
@@ -242,7 +242,18 @@ class NoopSchool:
             t2 = time.monotonic()
             header = UploadHeader(cmd.round, f"r{cmd.round}-{digest[:24]}", self.num_examples, digest, len(payload), 0,
                                   cmd.adapter.sha256, {})
-            receipt = await upload(stub, header, payload, md)
+            lost = 0
+            while True:
+                try:
+                    receipt = await upload(stub, header, payload, md)
+                    break
+                except grpc.aio.AioRpcError as exc:   # the coordinator's upload budget is spent: wait a moment
+                    wait_s = retry_after_s(exc)
+                    if wait_s is None and status_lost(exc) and lost < 3:
+                        lost, wait_s = lost + 1, 0.5
+                    if wait_s is None:
+                        raise
+                    await asyncio.sleep(wait_s)
             t3 = time.monotonic()
             if receipt is not None and (receipt.sha256 != digest or receipt.received_bytes != len(payload)):
                 raise RuntimeError(f"receipt does not match the upload: {receipt}")

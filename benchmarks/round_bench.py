@@ -242,7 +242,7 @@ async def _schools_main(args: argparse.Namespace) -> int:
             async with host.gate:
                 host.gate.notify_all()
             block = range(first, host.allowed + 1)
-            await host.wait_until(lambda: all(host.complete(r) for r in block))
+            await host.wait_until(lambda: all(host.complete(r) for r in block))  # noqa: B023 (awaited within the iteration)
             if host.errors:
                 _emit({"event": "error", "errors": host.errors})
                 return
@@ -416,7 +416,7 @@ class Child:
                 line = self.lines.get(timeout=min(1.0, max(0.01, end - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() > end:
-                    raise BenchError(f"{self.name}: no {event!r} within {timeout:.0f} s; its log ends:\n{self.log_tail()}")
+                    raise BenchError(f"{self.name}: no {event!r} within {timeout:.0f} s; its log ends:\n{self.log_tail()}") from None
                 continue
             if line is None:
                 raise BenchError(f"{self.name} ended (code {self.proc.wait()}) before {event!r}; its log ends:\n{self.log_tail()}")

@@ -531,7 +531,7 @@ class _Proc:
                 msg = self.q.get(timeout=0.5)
             except queue.Empty:
                 if self.p.poll() is not None:
-                    raise RuntimeError(f"client process exited ({self.p.returncode}): {' | '.join(self.err[-5:])}")
+                    raise RuntimeError(f"client process exited ({self.p.returncode}): {' | '.join(self.err[-5:])}") from None
                 continue
             if msg.get("event") == name:
                 return msg

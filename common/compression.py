@@ -297,6 +297,7 @@ def decode(tensors: Mapping[str, torch.Tensor], kind: str, max_numel: int = DEFA
     groups = _group(tensors, kind)
     budget = max_numel
     plans: list[tuple[str, dict[str, torch.Tensor], tuple[int, ...] | None]] = []
+    dims: tuple[int, ...] | None
     for name, parts in groups.items():  # pass 1: metadata only, nothing dense allocated
         if kind == "int8":
             numel = _check_int8(name, parts["q"], parts["scale"])

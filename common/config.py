@@ -21,7 +21,7 @@ def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, where, errors)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a table, got {type(value).__name__}")
             return None
@@ -111,10 +111,10 @@ def load_toml(cls: type[T], path: Path) -> T:
     return _rebase(cfg, Path(path).resolve().parent)
 
 
-def _rebase(obj: Any, base: Path) -> Any:
-    if not dataclasses.is_dataclass(obj):
+def _rebase(obj: T, base: Path) -> T:
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         return obj
-    changes = {}
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, Path) and str(v) and not v.is_absolute():

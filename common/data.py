@@ -95,7 +95,8 @@ class Question:
             raise ValueError(f"missing field(s): {', '.join(missing)}")
         if not isinstance(obj["choices"], list):
             raise ValueError(f"field 'choices' must be a list, got {type(obj['choices']).__name__}")
-        return cls(**{f: tuple(obj[f]) if f == "choices" else obj[f] for f in _FIELDS})
+        fields: dict[str, Any] = {f: tuple(obj[f]) if f == "choices" else obj[f] for f in _FIELDS}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def write_jsonl(path: Path | str, questions: Sequence[Question | OpenPrompt]) ->
 
 def read_jsonl(path_or_dir: Path | str) -> list[Question]:
     """Read one .jsonl file, or every *.jsonl in a directory in name order."""
-    return _read_lines(path_or_dir, Question.from_json)   # type: ignore[return-value]
+    return _read_lines(path_or_dir, Question.from_json)
 
 
 def without_heldout(train: list[Question], heldout: list[Question]) -> list[Question]:
@@ -455,10 +456,10 @@ def prepare_federation_data(
         taken = {q.id for q in public}
         pool = [q for q in pool if q.id not in taken]
         if open_pool_size:
-            candidates = load_open_prompts(open_source)
-            if open_pool_size > len(candidates):
-                raise ValueError(f"open_pool_size {open_pool_size} exceeds the {len(candidates)} prompts of {open_source}")
-            open_prompts = sorted(random.Random(f"{seed}:open-pool").sample(candidates, open_pool_size), key=lambda q: q.id)
+            open_candidates = load_open_prompts(open_source)
+            if open_pool_size > len(open_candidates):
+                raise ValueError(f"open_pool_size {open_pool_size} exceeds the {len(open_candidates)} prompts of {open_source}")
+            open_prompts = sorted(random.Random(f"{seed}:open-pool").sample(open_candidates, open_pool_size), key=lambda q: q.id)
         write_jsonl(out / "public" / "pool.jsonl", [*public, *open_prompts])
     ood: list[Question] = []
     if ood_source is not None:

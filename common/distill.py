@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from common.data import OpenPrompt, Question, normalize_text, open_answer, prompt_text
 from common.errors import ValidationError

@@ -39,6 +39,13 @@ class ChecksumError(FederationError):
     status = "DATA_LOSS"
 
 
+class CorruptFileError(FederationError):
+    """A file the coordinator wrote does not hash to the sha256 recorded for it (changed on
+    disk: bit rot, a truncated copy, an edit); it is quarantined, never used."""
+
+    status = "DATA_LOSS"
+
+
 class TooLargeError(FederationError):
     """An upload or chunk larger than the configured limit."""
 
@@ -55,6 +62,13 @@ class IncompatibleSchoolError(FederationError):
     """The school's set-up cannot join this federation (another base model, an old daemon)."""
 
     status = "FAILED_PRECONDITION"
+
+
+class UnavailableError(FederationError):
+    """The coordinator cannot do it now (its database is locked or full): nothing was changed,
+    and the same call may succeed later; the school retries with backoff."""
+
+    status = "UNAVAILABLE"
 
 
 class DuplicateUploadError(FederationError):
@@ -80,3 +94,16 @@ class CertificateRefusedError(AuthenticationError):
     naming another school than the token or session presented with it."""
 
     status = "PERMISSION_DENIED"
+
+
+# Trailing metadata on a RESOURCE_EXHAUSTED refusal that may be retried as is: milliseconds to
+# wait first. Without it, RESOURCE_EXHAUSTED is final (an upload over the size limit).
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class BusyError(FederationError):
+    """The caller holds as many calls of this kind as it may, or the coordinator's budget for
+    bytes in flight is spent: nothing was changed, retry after `retry_after_s`."""
+
+    status = "RESOURCE_EXHAUSTED"
+    retry_after_s = 1.0

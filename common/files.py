@@ -1,4 +1,5 @@
-"""Crash-safe file writes: readers see the old file or the new one, never a torn one."""
+"""Crash-safe file writes: readers see the old file or the new one, never a torn one; and
+secrets (tokens, private keys) created 0600, never through a planted symbolic link."""
 
 from __future__ import annotations
 
@@ -29,3 +30,46 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
 
 def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_secret(path: Path, data: bytes | str, *, mode: int = 0o600, overwrite: bool = False, hint: str = "") -> None:
+    """Create `path` holding a secret (an enrolment token, a private key) with `mode`, whatever
+    the umask. Never through a symbolic link (O_NOFOLLOW: a link planted at `path`, dangling or
+    not, is refused, not followed), never into a device, a pipe or a file with other hard links.
+    An existing file is refused (O_EXCL) unless `overwrite`, which replaces a regular file's
+    content in place (its mode reset to `mode`). Raises ConfigError naming the path and what to
+    do; `hint` is appended (e.g. "choose another --out")."""
+    import errno
+    import stat
+
+    from common.errors import ConfigError
+
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    tail = f". {hint}" if hint else ""
+    link = f"{path} is a symbolic link; refusing to write a secret through it (remove the link){tail}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        if path.is_symlink():   # O_EXCL does not follow a link either
+            raise ConfigError(link) from None
+        raise ConfigError(f"{path} already exists; not overwriting it{tail}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:   # O_NOFOLLOW met a link (with overwrite)
+            raise ConfigError(link) from None
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise ConfigError(f"{path} is not a plain file of its own (a device, a pipe or a hard link); "
+                              "refusing to write a secret into it")
+        os.fchmod(fd, mode)   # whatever the umask, and an existing file (overwrite) keeps no looser mode
+        if overwrite:
+            os.ftruncate(fd, 0)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -49,7 +49,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, fsync:
         fh.write(head)
         for _, t in items:
             flat = t.detach().cpu().contiguous().reshape(-1)
-            view = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+            view = flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
             hasher.update(view)   # hashlib and file writes release the GIL on large buffers
             fh.write(view)
             size += len(view)

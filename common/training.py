@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from common.data import Question, answer_text, prompt_text
 # Defined with the wire messages (which import no torch) and re-exported here, so
 # `from common.training import TrainParams` keeps working everywhere.
-from common.messages import TrainParams  # noqa: F401
+from common.messages import TrainParams as TrainParams
 # glibc malloc_trim (common/memory.py), re-exported: the daemon and the teacher call it after every round.
-from common.memory import release_memory  # noqa: F401
+from common.memory import release_memory as release_memory
 
 
 @dataclass(frozen=True)

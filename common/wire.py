@@ -40,7 +40,7 @@ def grpc_options() -> list[tuple[str, int]]:
     ]
 
 
-def sha256_hex(data: bytes | memoryview) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -67,6 +67,8 @@ class SchoolSection:
             out.append("max_backoff_s: must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             out.append("log_level: one of debug, info, warning, error")
+        if len(self.hardware) > 200 or not self.hardware.isprintable():   # the coordinator refuses it at Join
+            out.append("hardware: at most 200 printable characters (no line breaks)")
         return out
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from common.training import TrainParams
 from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.config import SchoolConfig, load_school_identity
 from fedclient.monitor import STATUS_EVERY_S, DaemonMetrics, DaemonStatus
-from fedclient.transfer import download, upload
+from fedclient.transfer import download, retry_after_s, status_lost, upload
 from fedclient.worker import SchoolModel
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 78   # 78 = EX_CONFIG: systemd must not restart
@@ -68,6 +68,7 @@ class SchoolDaemon:
         self._last_params: TrainParams | None = None   # personal tensors / rank apply to evaluation too
         self._active_round = 0
         self._finished_rounds: set[int] = set()
+        self._delivered_ids: dict[int, str] = {}   # round -> upload id of the result delivered (the newest few)
         self._adapters: dict[str, tuple[str, bytes]] = {}   # artefact kind -> (sha256, bytes), newest only
         self._partial: dict[str, bytearray] = {}   # sha256 -> bytes of an interrupted download
         self.shutdown_reason: str | None = None
@@ -152,6 +153,7 @@ class SchoolDaemon:
         then report ready. Commands that arrive meanwhile wait for the same load."""
         self._on_status(f"joined the coordinator at {self.cfg.school.coordinator}; loading the model")
         try:
+            assert self._adapter_settings is not None   # set by Join, before any command
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
         except Exception as exc:
             self.log.error("could not load the model; each command will try again", error=repr(exc), exc_info=True)
@@ -172,7 +174,7 @@ class SchoolDaemon:
         identity, problems, _ = load_school_identity(tls)
         if identity is None:
             raise FatalError("; ".join(problems))
-        options = list(grpc_options())
+        options: list[tuple[str, Any]] = list(grpc_options())
         if tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
@@ -268,6 +270,7 @@ class SchoolDaemon:
     # ------------------------------------------------------------ the worker
     async def _rpc(self, fn: Callable[[pb_grpc.FederationStub, list[tuple[str, str]]], Awaitable[T]], deadline: float) -> T:
         """Run an RPC on the current link; on a dropped link wait for the next one and retry."""
+        lost = 0   # attempts whose status gRPC's client lost (status_lost): retried a few times
         while True:
             remaining = deadline - time.time() if deadline else 3600.0
             if remaining <= 0:
@@ -278,6 +281,19 @@ class SchoolDaemon:
             try:
                 return await fn(stub, md)
             except grpc.aio.AioRpcError as exc:
+                wait_s = retry_after_s(exc)
+                if wait_s is not None:   # the coordinator is busy (its limits): same link, a moment later
+                    self.log.info("coordinator busy; will retry", code=exc.code().name, after_s=round(wait_s, 2),
+                                  reason=exc.details())
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(wait_s)
+                    continue
+                if status_lost(exc) and lost < 3:
+                    lost += 1   # the next attempt hears the coordinator's real answer (or resumes)
+                    self.log.info("the coordinator ended a call before it was sent; will retry", attempt=lost)
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(0.5 * lost)
+                    continue
                 if exc.code() not in RETRYABLE:
                     raise
                 self.log.info("transfer interrupted; will resume", code=exc.code().name)
@@ -349,6 +365,7 @@ class SchoolDaemon:
     async def _train(self, cmd: TrainCommand) -> None:
         async def compute() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
             global_bytes = await self._fetch(cmd)
+            assert self._adapter_settings is not None   # set by Join, before any command
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
             self.log.info("training", round=cmd.round, steps=cmd.params.local_steps, examples=len(self.model.train_questions))
             tensors, result = await asyncio.to_thread(self.model.train, global_bytes, cmd.params, self._progress(cmd.round, "train"))
@@ -365,6 +382,7 @@ class SchoolDaemon:
             pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
             if pack.kind != "labelled-pack":
                 raise ValueError("a distill command needs a labelled pack; the coordinator sent an unlabelled one")
+            assert self._adapter_settings is not None   # set by Join, before any command
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
             self.log.info("distilling", round=cmd.round, steps=cmd.params.local_steps, pool_questions=len(pack.questions),
                           open_prompts=len(pack.open_items()), kd_weight=cmd.kd_weight)
@@ -381,6 +399,7 @@ class SchoolDaemon:
         async def compute() -> tuple[bytes, UploadHeader]:
             global_bytes = await self._fetch(cmd)
             pack = Pack.from_bytes(await self._fetch(cmd, cmd.pack))
+            assert self._adapter_settings is not None   # set by Join, before any command
             await asyncio.to_thread(self.model.ensure_loaded, self._adapter_settings)
             probs, texts, withheld = await asyncio.to_thread(self.model.answer, global_bytes, pack.questions,
                                                              cmd.temperature, self._last_params, pack.prompts,
@@ -411,8 +430,16 @@ class SchoolDaemon:
         """Compute a round's result once, keep it on disk until the coordinator has it (a
         restart resumes the upload instead of redoing the work), and upload it."""
         assert self._adapter_settings is not None
-        if cmd.round in self._finished_rounds or cmd.round == self._active_round:
-            return   # a re-sent command after a reconnect; the work is done or under way
+        if cmd.round == self._active_round:
+            return   # a re-sent command after a reconnect; the work is under way
+        if cmd.round in self._finished_rounds:
+            if await self._still_held(cmd):
+                return   # a re-sent command after a reconnect; the work is done
+            # The coordinator holds no receipt for it any more: it found the file it kept
+            # damaged at a restart and voided the receipt. Send the result again (kept on disk).
+            self.log.warning("the coordinator asks again for a result it had accepted (it lost it); sending it again",
+                             round=cmd.round, upload_id=self._delivered_ids.get(cmd.round, ""))
+            self._finished_rounds.discard(cmd.round)
         self._active_round = cmd.round
         try:
             log = self.log.bind(round=cmd.round, kind=command_name(cmd))
@@ -431,12 +458,31 @@ class SchoolDaemon:
                                       cmd.deadline_unix)
             log.info("result delivered", upload_id=header.upload_id, bytes=len(payload), resent=receipt is None)
             self._finished_rounds.add(cmd.round)
+            self._delivered_ids[cmd.round] = header.upload_id
+            for old in sorted(self._delivered_ids)[:-8]:
+                del self._delivered_ids[old]
             self._delivered(cmd.round, kind, len(payload), header.metrics)
-            await asyncio.to_thread(self._drop_pending, cmd.round)
+            # Kept until a later round's result is delivered: the coordinator may ask for it again.
+            await asyncio.to_thread(self._drop_pending_before, cmd.round)
         finally:
             self._active_round = 0
 
-    def _delivered(self, round_: int, kind: str, size: int, metrics: dict[str, float]) -> None:
+    async def _still_held(self, cmd: Any) -> bool:
+        """Whether the coordinator still holds the receipt of this round's delivered result
+        (UploadStatus); True when it cannot be asked (the command is then taken as a repeat)."""
+        upload_id = self._delivered_ids.get(cmd.round)
+        if not upload_id:
+            return True
+        try:
+            status = await self._rpc(lambda s, md: s.UploadStatus(pb.UploadStatusRequest(upload_id=upload_id), metadata=md),
+                                     cmd.deadline_unix)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            self.log.info("could not ask whether a delivered result is still held; taking the command as a repeat",
+                          round=cmd.round, error=repr(exc)[:200])
+            return True
+        return bool(status.complete)
+
+    def _delivered(self, round_: int, kind: str, size: int, metrics: Mapping[str, float]) -> None:
         self.metrics.rounds.labels(kind, "delivered").inc()
         self.metrics.last_round.set(round_)
         info: dict[str, Any] = {"bytes": size}
@@ -513,3 +559,10 @@ class SchoolDaemon:
     def _drop_pending(self, round_: int) -> None:
         for p in self._pending_paths(round_):
             p.unlink(missing_ok=True)
+
+    def _drop_pending_before(self, round_: int) -> None:
+        """Results of rounds before `round_`: no longer asked for."""
+        for p in self.pending_dir.glob("round-*.*"):
+            n = p.name.split(".", 1)[0].removeprefix("round-")
+            if n.isdigit() and int(n) < round_:
+                p.unlink(missing_ok=True)

@@ -224,8 +224,8 @@ def format_status(view: dict[str, Any], now: float | None = None) -> str:
     if last:
         extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                           if k not in ("round", "kind", "outcome", "at", "bytes"))
-        sent = f", sent {_mb(last['bytes'])}" if last.get("bytes") else ""
-        lines.append(f"last round:  {last['round']} ({last['kind']}) {last['outcome']} {_ago(last.get('at'), now)}{sent}"
+        sent_text = f", sent {_mb(last['bytes'])}" if last.get("bytes") else ""
+        lines.append(f"last round:  {last['round']} ({last['kind']}) {last['outcome']} {_ago(last.get('at'), now)}{sent_text}"
                      + (f"; {extra}" if extra else ""))
     elif "rounds" in view:
         lines.append("last round:  none yet")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from common.errors import ChecksumError
+import grpc
+
+from common.errors import RETRY_AFTER_KEY, ChecksumError
 from common.messages import UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
@@ -63,3 +66,26 @@ async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: by
                 on_sent(len(data))
 
     return await stub.Upload(messages(), metadata=metadata)
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """Seconds to wait before repeating a call the coordinator refused as busy (its
+    retry-after trailer on RESOURCE_EXHAUSTED, jittered), or None: not that kind of refusal."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = min(max(int(value), 50), 60_000)
+            except ValueError:
+                return None
+            return ms / 1000 * random.uniform(1.0, 2.0)
+    return None
+
+
+def status_lost(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC's asyncio client reports INTERNAL "Internal error from Core" instead of the
+    coordinator's status when the coordinator ends a streaming call (an Upload it refuses, e.g.
+    busy or unauthenticated, before reading it) while the client is still writing
+    (grpc/grpc#36066). The real status is lost; asking again hears it."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in (exc.details() or "")

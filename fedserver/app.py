@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from common.memory import tune_allocator
 from common.models import load_config
 from common.lora import expected_layout
 from common.wire import grpc_options
+from fedserver.admission import (
+    MAX_REQUEST_BYTES, Admission, Limits, add_guarded, anonymous_caller, capture_handlers, guard_handlers,
+)
 from fedserver.artifacts import ArtifactStore
 from fedserver.downloads import add_federation_to_server
 from fedserver.auth import Authenticator
@@ -31,6 +35,7 @@ from fedserver.monitor import Monitor, start_monitor
 from fedserver.servicer import FederationServicer
 from fedserver.store import Store
 from fedserver.teacher import TeacherHost
+from fedserver.transfers import UploadReceiver, sweep_crash_debris
 from fedserver.tls import PeerGuard, RevocationList, ServerIdentity, end_refused_sessions
 from fedserver import strategy as strategies
 
@@ -49,6 +54,7 @@ class Coordinator:
     monitor: Monitor | None = None
     tls: PeerGuard | None = None                    # mutual TLS (None: plaintext, [server.tls] insecure)
     tls_watch: asyncio.Task[None] | None = None     # ends sessions whose certificate is revoked
+    housekeeping: asyncio.Task[None] | None = None  # removes abandoned uploads (fedserver/transfers.py)
 
     async def start_monitor(self) -> Monitor:
         """The /metrics endpoint and the dashboard, as [monitor] asks (ConfigError if a port is taken)."""
@@ -56,9 +62,10 @@ class Coordinator:
         return self.monitor
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self.tls_watch is not None:
-            self.tls_watch.cancel()
-            await asyncio.gather(self.tls_watch, return_exceptions=True)
+        for task in (self.tls_watch, self.housekeeping):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.monitor is not None:
             await self.monitor.close()
         await self.health.enter_graceful_shutdown()
@@ -101,11 +108,18 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     auth = Authenticator({s.id: s.token_sha256 for s in cfg.schools})
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
                                   cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base,
-                                  guard=guard)
-    server = grpc.aio.server(options=grpc_options())
-    add_federation_to_server(servicer, server)   # Download also takes pre-encoded chunks (fedserver/downloads.py)
+                                  guard=guard, upload_memory_bytes=cfg.server.limits.upload_memory_mb * 1024 * 1024,
+                                  request_timeout_s=cfg.server.limits.request_timeout_s)
+    server = grpc.aio.server(options=server_options(cfg))
+    limits = cfg.server.limits
+    admission = Admission(servicer.caller, Limits(limits.calls_per_school, limits.request_timeout_s),
+                          on_refusal=lambda method, status, exc: engine.metrics.refusal(method, status, exc))
+    # Download also takes pre-encoded chunks (fedserver/downloads.py); every method identifies
+    # its caller and reads its request under limits (fedserver/admission.py)
+    add_federation_to_server(servicer, server, guard=lambda handlers: guard_handlers(handlers, admission))
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_guarded(server, *capture_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer),
+                Admission(anonymous_caller(lambda method, context: servicer.caller("Health", context)), admission.limits))
     try:
         if guard is None:
             port = server.add_insecure_port(cfg.server.listen)
@@ -124,7 +138,47 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     coord = Coordinator(server, port, engine, store, health_servicer, evaluator, teacher, tls=guard)
     if guard is not None:
         coord.tls_watch = asyncio.create_task(end_refused_sessions(guard, engine, servicer.peers))
+    servicer.uploads.is_open = lambda r: engine.current is not None and engine.current.number == r
+    # temporary files older than now are debris of an earlier run; this process's own are younger
+    coord.housekeeping = asyncio.create_task(_housekeeping(engine, servicer.uploads, time.time()))
     return coord
+
+
+HOUSEKEEPING_S = 60.0
+
+
+async def _housekeeping(engine: RoundEngine, uploads: UploadReceiver, started_at: float,
+                        every_s: float = HOUSEKEEPING_S) -> None:
+    """Once the engine has loaded its state: crash debris and abandoned uploads removed; then
+    abandoned uploads (a round closed under them, a school that gave up) every `every_s`."""
+    log = get_logger("coordinator")
+    await engine.started.wait()
+    first = True
+    while True:
+        open_round = engine.current.number if engine.current is not None else None
+        try:
+            if first:
+                n = await asyncio.to_thread(sweep_crash_debris, engine.cfg.server.state_dir, engine.updates_dir,
+                                         open_round, started_at)
+                if n:
+                    log.info("files left by an interrupted run removed", paths=n)
+            await asyncio.to_thread(uploads.sweep, open_round)
+        except OSError as exc:   # a full or read-only disk: the next pass tries again
+            log.warning("housekeeping failed; will retry", error=repr(exc))
+        first = False
+        await asyncio.sleep(every_s)
+
+
+def server_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
+    """gRPC's options for the coordinator's port: the shared ones, with a receive limit of one
+    upload chunk (not 4 MiB: gRPC buffers up to it per stream before our code runs), HTTP/2
+    streams per connection and connections capped ([server.limits])."""
+    limits = cfg.server.limits
+    connections = limits.max_connections or 4 * len(cfg.schools) + 1024
+    opts = [(k, v) for k, v in grpc_options() if k != "grpc.max_receive_message_length"]
+    return opts + [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                   ("grpc.max_concurrent_streams", limits.streams_per_connection),
+                   ("grpc.max_allowed_incoming_connections", connections)]
 
 
 def _tls_guard(cfg: CoordinatorConfig) -> PeerGuard | None:

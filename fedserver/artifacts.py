@@ -1,4 +1,6 @@
-"""Content-addressed artefacts (global adapters) on disk, named by their sha256."""
+"""Content-addressed artefacts (global adapters, packs) on disk, named by their sha256. Every
+read checks the bytes against the name; a file found to hash to its name is remembered by
+(inode, size, mtime), so serving it again costs one stat until it changes."""
 
 from __future__ import annotations
 
@@ -9,15 +11,60 @@ from pathlib import Path
 
 import torch
 
-from common.errors import NotFoundError
+from common.errors import CorruptFileError, NotFoundError
 from common.safetensors_stream import write_safetensors
 from common.wire import sha256_hex
+from fedserver.integrity import file_sha256
 
 
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._good: dict[str, tuple[int, int, int]] = {}   # sha256 -> (inode, size, mtime_ns) found to hash to it
+
+    @staticmethod
+    def _stamp(p: Path) -> tuple[int, int, int] | None:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def known_good(self, sha256: str) -> bool:
+        """The file was found to hash to its name and has not changed since (one stat)."""
+        try:
+            p = self.path(sha256)
+        except NotFoundError:
+            return False
+        stamp = self._stamp(p)
+        return stamp is not None and self._good.get(sha256) == stamp
+
+    def verify(self, sha256: str) -> None:
+        """NotFoundError if the artefact is absent, CorruptFileError if its bytes do not hash
+        to its name. Hashes the file unless it was verified and has not changed since."""
+        p = self.path(sha256)
+        stamp = self._stamp(p)
+        if stamp is None or not p.is_file():
+            raise NotFoundError(f"no artefact {sha256[:12]}…")
+        if self._good.get(sha256) == stamp:
+            return
+        self._judge(sha256, file_sha256(p), stamp[1], stamp)
+
+    def _judge(self, sha256: str, digest: str, size: int, stamp: tuple[int, int, int]) -> None:
+        """Remember the file as verified at `stamp` if `digest` is its name; else CorruptFileError."""
+        if digest != sha256:
+            self._good.pop(sha256, None)
+            raise CorruptFileError(f"artefact {sha256[:12]}… ({size} bytes) hashes to {digest[:12]}…, not to its name: "
+                                   "it changed on disk")
+        self._good[sha256] = stamp
+
+    def _intact(self, sha256: str) -> bool:
+        try:
+            self.verify(sha256)
+            return True
+        except (NotFoundError, CorruptFileError):
+            return False
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -28,14 +75,20 @@ class ArtifactStore:
         """Store bytes; returns their sha256. Idempotent; written to a temp name then renamed."""
         digest = sha256_hex(data)
         dst = self.path(digest)
-        if not dst.exists():
+        if not self._intact(digest):   # absent, or a damaged file of that name: (re)written
             tmp = dst.with_suffix(f".tmp-{os.getpid()}")
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, dst)
+            self._remember(digest)
         return digest
+
+    def _remember(self, sha256: str) -> None:
+        stamp = self._stamp(self.path(sha256))
+        if stamp is not None:
+            self._good[sha256] = stamp
 
     def put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str:
         """Store a state as safetensors; returns its sha256. Serialised, hashed and written in
@@ -44,20 +97,26 @@ class ArtifactStore:
         try:
             digest, _ = write_safetensors(tmp, tensors)
             dst = self.path(digest)
-            if dst.exists():
+            if self._intact(digest):
                 tmp.unlink()
-            else:
+            else:   # absent, or a damaged file of that name: replaced
                 os.replace(tmp, dst)
+                self._remember(digest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return digest
 
     def get(self, sha256: str) -> bytes:
+        """The artefact's bytes, checked against its name (CorruptFileError if they differ)."""
         p = self.path(sha256)
-        if not p.is_file():
+        stamp = self._stamp(p)
+        if stamp is None or not p.is_file():
             raise NotFoundError(f"no artefact {sha256[:12]}…; it may be from an older round")
-        return p.read_bytes()
+        data = p.read_bytes()
+        if self._good.get(sha256) != stamp or len(data) != stamp[1]:
+            self._judge(sha256, sha256_hex(data), len(data), stamp)
+        return data
 
     def size(self, sha256: str) -> int:
         p = self.path(sha256)

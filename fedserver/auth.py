@@ -15,6 +15,7 @@ from common.errors import AuthenticationError, CertificateRefusedError
 
 TOKEN_HEADER = "authorization"        # "Bearer <enrolment token>" on Join
 SESSION_HEADER = "x-session-token"    # on every later RPC
+MAX_TOKEN_CHARS = 1024                # an enrolment token longer than this is refused unread
 
 
 def hash_token(token: str) -> str:
@@ -45,8 +46,9 @@ class Authenticator:
         """The school whose token `raw` ("Bearer <token>") is; None if none was sent."""
         if raw is None:
             return None
-        if not isinstance(raw, str) or not raw.startswith("Bearer "):
-            raise AuthenticationError("malformed enrolment token: send 'authorization: Bearer <token>' (the school's token_file)")
+        if not isinstance(raw, str) or not raw.startswith("Bearer ") or len(raw) > MAX_TOKEN_CHARS:
+            raise AuthenticationError("malformed enrolment token: send 'authorization: Bearer <token>' (the school's "
+                                      f"token_file; at most {MAX_TOKEN_CHARS} characters)")
         digest = hash_token(raw[len("Bearer ") :].strip())
         # A lookup by the token's sha256, not a scan of every enrolled hash: the caller controls
         # the token, not its digest, so the lookup's timing tells it nothing about stored hashes.

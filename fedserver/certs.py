@@ -14,11 +14,9 @@ symbolic link at the path is refused, never overwritten or followed. Keys are EC
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import ipaddress
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-from common.files import atomic_write_bytes
+from common.files import atomic_write_bytes, write_secret
 from common.tls import cert_info, format_serial, now, parse_serial, school_uri, valid_school_id
 
 CA_CERT, CA_KEY, INDEX, CRL, ISSUED = "ca.crt", "ca.key", "index.json", "revoked.crl", "issued"
@@ -45,26 +43,8 @@ REASONS = {
 # ---------------------------------------------------------------- files
 def create_file(path: Path, data: bytes, mode: int) -> None:
     """Create `path` with `mode` and write `data`: never over an existing file, never through a
-    symbolic link (O_EXCL|O_NOFOLLOW), never into a device or pipe."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
-    except FileExistsError:
-        if path.is_symlink():
-            raise ConfigError(f"{path} is a symbolic link; refusing to write through it. Remove it or choose "
-                              "another --out") from None
-        raise ConfigError(f"{path} already exists; not overwriting it. Move it away or choose another --out") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"{path} is a symbolic link; refusing to write through it") from None
-        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{path} is not a plain file")
-        os.fchmod(fd, mode)   # whatever the umask
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    symbolic link (O_EXCL|O_NOFOLLOW), never into a device or pipe (common.files.write_secret)."""
+    write_secret(path, data, mode=mode, hint="move it away or choose another --out")
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

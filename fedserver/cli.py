@@ -62,37 +62,12 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def write_secret(path: Path, text: str, force: bool = False) -> None:
-    """Create `path` with mode 0600 and write `text`. Never follows a symlink (O_NOFOLLOW), and
-    refuses an existing file unless `force`, which replaces a regular file's content (still
-    without following a link, and not through a file with other hard links)."""
-    import errno
-    import os
-    import stat
+    """Create `path` with mode 0600 and write `text` (common.files.write_secret): never through a
+    symlink, an existing file refused unless `force`, which replaces a regular file's content."""
+    from common.files import write_secret as create_secret
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        if Path(path).is_symlink():   # O_EXCL does not follow it either
-            raise ConfigError(f"{path} is a symbolic link; refusing to write a secret through it. "
-                              "Remove the link or choose another --out") from None
-        raise ConfigError(f"{path} already exists; not overwriting a token file. Choose another --out, "
-                          "or pass --force to replace it") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"{path} is a symbolic link; refusing to write a secret through it. "
-                              "Remove the link or choose another --out") from None
-        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-            raise ConfigError(f"{path} is not a plain file of its own (a device, a pipe or a hard link); "
-                              "refusing to write a secret into it")
-        os.ftruncate(fd, 0)
-        os.fchmod(fd, 0o600)   # an existing file (--force) keeps no looser mode
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+    create_secret(path, text, overwrite=force,
+                  hint="choose another --out" + ("" if force else ", or pass --force to replace a regular file"))
 
 
 def _read_state(state_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -44,6 +45,33 @@ class ServerTLSSection:
 
 
 @dataclass(frozen=True)
+class ServerLimitsSection:
+    """What one caller may hold of the coordinator (fedserver/admission.py, docs/RELIABILITY.md).
+    Anonymous callers are refused before any request byte is read; these bound enrolled ones."""
+
+    calls_per_school: int = 4             # calls one school may hold open at once, per method (Join, Upload, ...)
+    request_timeout_s: float = 30.0       # a request message, or an upload's next chunk, must arrive whole within this
+    upload_memory_mb: int = 160           # payload bytes of uploads in progress held at once; more wait their turn
+    streams_per_connection: int = 32      # HTTP/2 streams open at once on one connection (a school uses 2-4)
+    max_connections: int = 0              # connections at once; 0: 4 per enrolled school + 1,024
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.calls_per_school < 1:
+            out.append("calls_per_school: must be >= 1")
+        if self.request_timeout_s <= 0:
+            out.append("request_timeout_s: must be > 0")
+        if self.upload_memory_mb < 1:
+            out.append("upload_memory_mb: must be >= 1")
+        if self.streams_per_connection < 4:
+            out.append("streams_per_connection: must be >= 4 (a school holds its session, a download, an upload "
+                       "and a status call at once)")
+        if self.max_connections < 0:
+            out.append("max_connections: must be >= 0 (0: 4 per enrolled school + 1,024)")
+        return out
+
+
+@dataclass(frozen=True)
 class ServerSection:
     listen: str = "127.0.0.1:50051"       # host:port; port 0 picks a free port (tests)
     state_dir: Path = Path("/var/lib/fedserver")  # SQLite state, artefacts, uploads, checkpoints
@@ -52,6 +80,7 @@ class ServerSection:
     session_timeout_s: float = 30.0       # seconds without a heartbeat before a school is dropped
     log_level: str = "info"
     tls: ServerTLSSection = field(default_factory=ServerTLSSection)   # [server.tls]
+    limits: ServerLimitsSection = field(default_factory=ServerLimitsSection)   # [server.limits]
 
     def problems(self) -> list[str]:
         out = []
@@ -62,6 +91,9 @@ class ServerSection:
             out.append(plaintext)
         if self.max_upload_bytes <= 0:
             out.append("max_upload_bytes: must be > 0")
+        if self.max_upload_bytes > self.limits.upload_memory_mb * 1024 * 1024:
+            out.append(f"limits.upload_memory_mb: {self.limits.upload_memory_mb} MiB is less than max_upload_bytes "
+                       f"({self.max_upload_bytes} bytes): the largest upload would never fit; raise it")
         if self.heartbeat_interval_s <= 0 or self.session_timeout_s <= self.heartbeat_interval_s:
             out.append("session_timeout_s must exceed heartbeat_interval_s > 0")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -116,7 +148,7 @@ class RoundsSection:
     fraction: float = 1.0     # share of connected schools asked to train each round
     quorum: int = 2           # accepted updates needed to commit a round
     deadline_s: float = 900.0 # seconds a round may stay open
-    max_norm: float = 0.0     # L2 bound on an update (all tensors); 0 disables
+    max_norm: float = 100.0   # L2 bound on an update (all tensors; honest ones measured 1.5-3.5); 0 disables
     start_timeout_s: float = 0.0  # give up if min_schools have not joined by then; 0 = wait forever
     max_failed_rounds: int = 3    # stop (exit 1) after this many failed rounds in a row; 0 = never
 
@@ -364,8 +396,7 @@ class CoordinatorConfig:
 
     def problems(self) -> list[str]:
         ids = [s.id for s in self.schools]
-        seen: set[str] = set()
-        dup = sorted({i for i in ids if i in seen or seen.add(i)})   # one pass: ids.count per id was O(schools²)
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)   # one pass: ids.count per id was O(schools²)
         out = [f"schools: duplicate ids {dup}"] if dup else []
         hashes = [s.token_sha256.lower() for s in self.schools if s.token_sha256]
         if len(set(hashes)) != len(hashes):

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from common.config import load_toml
 from common.data import SCHOOL_HELDOUT, prepare_federation_data
+from common.files import write_secret
 from common.models import default_cache_dir, resolve
 from fedserver.auth import hash_token, new_token
 from fedserver.config import CoordinatorConfig
@@ -56,7 +57,8 @@ class DemoOptions:
     teacher_eval: int = 40          # held-out questions the teacher is scored on (before / after teach rounds)
     pool_size: int = 300            # public questions set aside for the exchange channel
     slice_size: int = 32            # pool questions per distill / teach round
-    distill_steps: int = 8          # the schools' steps in a distill round: a step sees batch_size pool + batch_size own questions, so 8 see what 16 train steps see
+    # the schools' steps in a distill round: a step sees batch_size pool + batch_size own questions, so 8 see what 16 train steps see
+    distill_steps: int = 8
     open_pool: int = 0              # open prompts added to the pool (sequence-level KD in distill rounds)
     open_slice_size: int = 8        # open prompts per distill round, when the pool has any
     kd_weight: float = 0.5
@@ -157,8 +159,8 @@ def write_configs(opts: DemoOptions, out: Path, cache: Path) -> tuple[Path, list
         sid = f"school-{k}"
         tok = new_token()
         token_file = cfg_dir / f"{sid}.token"
-        token_file.write_text(tok + "\n")
-        token_file.chmod(0o600)
+        # 0600 from the start, never through a link planted in OUT (a re-run replaces its own file)
+        write_secret(token_file, tok + "\n", overwrite=True)
         entries.append(f'[[schools]]\nid = "{sid}"\ntoken_sha256 = "{hash_token(tok)}"\n')
         school_cfgs.append((sid, token_file))
     coord = cfg_dir / "coordinator.toml"
@@ -315,14 +317,14 @@ def run_demo(opts: DemoOptions) -> int:
         console.print(f"report: {out / 'report.json'} and {page}   adapters: {out / 'rounds'}/<round>/adapter   total {report['seconds_total']:.0f} s")
         return 0 if coord.returncode == 0 and len(committed) == opts.rounds else 1
     finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for _, p in procs:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in procs:
             try:
-                p.wait(timeout=20)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
 
 
 def _score_ood(out: Path, opts: DemoOptions, cache: Path, report: dict[str, Any]) -> dict[str, Any] | None:
@@ -371,7 +373,8 @@ def _watch(console: Console, out: Path, coord: subprocess.Popen[bytes], opts: De
                         what = "the teacher" + (" before it learned" if e["round"] == 0 else f" after teach round {e['round']}")
                     else:
                         what = "base model" if e["round"] == 0 else f"round {e['round']} adapter"
-                    console.print(f"  [{time.monotonic() - t0:5.0f}s] held-out eval of {what}: accuracy {e['metrics']['accuracy']:.3f}, loss {e['metrics']['loss']:.3f}")
+                    console.print(f"  [{time.monotonic() - t0:5.0f}s] held-out eval of {what}: accuracy {e['metrics']['accuracy']:.3f}, "
+                                  f"loss {e['metrics']['loss']:.3f}")
             for r in rounds:
                 key = f"round-{r.round}-{r.status}"
                 if key not in seen and r.status != "open":

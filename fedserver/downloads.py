@@ -91,9 +91,11 @@ def _serialise_chunk(msg: Any) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-def add_federation_to_server(servicer: pb_grpc.FederationServicer, server: grpc.aio.Server) -> None:
+def add_federation_to_server(servicer: pb_grpc.FederationServicer, server: grpc.aio.Server,
+                             guard: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """The generated registration (its handler table, captured), with Download's serialiser
-    also taking encoded chunks."""
+    also taking encoded chunks. `guard`: rebuilds the handler table before it is registered
+    (fedserver/admission.py: identify, cap and time requests before they are read)."""
     captured: dict[str, Any] = {}
 
     class _Capture:
@@ -107,5 +109,7 @@ def add_federation_to_server(servicer: pb_grpc.FederationServicer, server: grpc.
     dl = captured["Download"]
     captured["Download"] = grpc.unary_stream_rpc_method_handler(
         dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=_serialise_chunk)
+    if guard is not None:
+        captured = guard(captured)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, captured),))
     server.add_registered_method_handlers(SERVICE, captured)

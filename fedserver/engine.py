@@ -19,18 +19,19 @@ import torch
 
 from common.data import OpenPrompt, Question, open_answer, prompt_text
 from common.distill import Pack
-from common.errors import DuplicateUploadError, WrongRoundError
+from common.errors import DuplicateUploadError, FederationError, WrongRoundError
 from common.evaluation import EvalResult
 from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
-from common.logs import get_logger
+from common.logs import LineBudget, get_logger, school_text
 from common.memory import release_memory
 from common.messages import (
     ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, IdleCommand, ShutdownCommand, UploadHeader,
 )
-from common.wire import bytes_to_tensors, bytes_to_tensors_with_metadata, tensors_to_bytes
+from common.wire import sha256_hex, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
+from fedserver.integrity import Recovery, file_sha256
 from fedserver.rounds import KINDS, OpenRound, RoundFailed
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
@@ -81,19 +82,28 @@ class RoundEngine:
         self._teacher_saved = ""   # the teacher adapter a teach round's commit records
         self._last_closed = store.last_round_number()   # kept in memory: count_bytes runs per chunk
         self.finished = asyncio.Event()
+        self.started = asyncio.Event()   # set when start() has loaded the state (the open round, if any)
         self.log = get_logger("engine")
         self.planning: tuple[int, str] | None = None   # (number, kind) of the round being planned
         self.phase = "starting"   # what the engine is doing now (dashboard): waiting, planning, collecting, closing, finished
         self._notes_start = float("-inf")           # the session-lines window's start (monotonic); -inf: none yet
         self._notes_lines = 0                       # per-school lines written in this window
         self._notes_skipped: dict[str, int] = {}    # event -> lines counted, not written, in this window
+        self.school_lines = LineBudget()            # lines quoting a school's own text: a few a minute per school
         self.metrics = CoordinatorMetrics(cfg.monitor.school_labels)
         self.metrics.bind(self)
+        self.recovery = Recovery(self)   # files read back from disk: checked, a bad one quarantined and recovered
+        self._strategy_saved = ""        # "<round>:<sha256>" of the strategy state a commit records
+        self._teacher_saved_sha = ""     # sha256 of the teacher adapter's weights a teach round's commit records
+        self._resumed_global: dict[str, torch.Tensor] = {}   # the interrupted round's adapter, when not the global one
+        self._checking: dict[str, asyncio.Future[None]] = {}   # artefacts being checked before they are served
 
     # ---------------------------------------------------------------- start-up
     async def start(self) -> None:
         """Load the global adapter (or create round 0) and re-open an interrupted round,
-        re-folding every receipted update from disk exactly once."""
+        re-folding every receipted update from disk exactly once. Every file read back is
+        checked against the sha256 recorded for it first; a bad one is quarantined and
+        recovered, never used, and never stops the start (fedserver/integrity.py)."""
         sha = self.store.get_meta("global_sha256")
         if sha is None:
             state = await asyncio.to_thread(initial_state, self.layout, self.cfg.lora.seed)
@@ -102,24 +112,30 @@ class RoundEngine:
             await asyncio.to_thread(self._checkpoint, 0, state, {"round": 0, "note": "initial adapter (B = 0)"}, sha)
             await asyncio.to_thread(self.store.set_meta, "global_sha256", sha)
             self.log.info("initial adapter created", sha256=sha[:12], tensors=len(state))
-        self.global_sha = sha
-        self.global_state = bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, sha))
+        self.global_sha, self.global_state = await asyncio.to_thread(self.recovery.load_global, sha)
         self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
                                             self.cfg.server.state_dir / "strategy" / "scratch",
                                             product_metrics=self.cfg.strategy.product_metrics))
         await asyncio.to_thread(self._load_strategy_state)
         if self.teacher is not None:   # the teacher's adapter of record, applied when the model loads
-            saved = self.store.get_meta("teacher_adapter")
+            saved = await asyncio.to_thread(self.recovery.teacher_adapter)
             self.teacher.restore_from = Path(saved) if saved else None
         row = self.store.open_round_row()
-        if row is not None:
+        if row is not None and await self._resumable(row):
             rnd = OpenRound(row.round, row.kind, row.participants, row.global_in,
-                            bytes_to_tensors(await asyncio.to_thread(self.artifacts.get, row.global_in)), row.deadline,
+                            self.global_state if row.global_in == self.global_sha else self._resumed_global, row.deadline,
                             plan=row.plan)
             kind = KINDS[rnd.kind]
             kind.begin(self, rnd)
-            for rc in self.store.receipts(row.round):   # every receipted result, folded exactly once
-                await asyncio.to_thread(kind.fold, self, rnd, rc.school_id, rc.num_examples, rc.metrics, Path(rc.path))
+            voided = 0
+            for rc in self.store.receipts(row.round):   # every receipted result, checked, folded exactly once
+                try:
+                    result = await asyncio.to_thread(kind.restore, self, rnd, rc)
+                except (FederationError, OSError, ValueError) as exc:   # damaged, missing or no longer valid
+                    await asyncio.to_thread(self.recovery.void_receipt, rc, exc)
+                    voided += 1
+                    continue
+                await asyncio.to_thread(kind.fold, self, rnd, rc.school_id, rc.num_examples, rc.metrics, Path(rc.path), result)
                 rnd.accepted.add(rc.school_id)
             if not kind.upload:   # evaluate rounds: the stored reports are the receipts
                 for e in self.store.evals(row.round):
@@ -127,11 +143,50 @@ class RoundEngine:
                         kind.fold(self, rnd, e["source"], e["num_examples"], e["metrics"], Path())
                         rnd.accepted.add(e["source"])
             self.current = rnd
-            self.log.info("resumed open round", round=rnd.number, kind=rnd.kind, receipted=len(rnd.accepted))
+            self.log.info("resumed open round", round=rnd.number, kind=rnd.kind, receipted=len(rnd.accepted),
+                          **({"receipts_voided": voided} if voided else {}))
         if self._evaluate is not None and not any(e["source"] == "server" and e["round"] == 0 for e in self.store.evals(0)):
             self._spawn_eval(0, None)
         if self.teacher is not None and self.teacher_eval and not any(e["source"] == "teacher" for e in self.store.evals(0)):
             self._spawn(self.evaluate_teacher(0))   # the teacher before it learned anything
+        self.started.set()
+
+    async def _resumable(self, row: Any) -> bool:
+        """The interrupted round's global adapter and pack are intact (or were restored); if
+        not, it cannot resume: it is closed as failed and the next round starts."""
+        problem = ""
+        if row.global_in != self.global_sha:
+            state = await asyncio.to_thread(self.recovery.read_adapter, row.global_in, f"round {row.round}'s global adapter",
+                                            "the round cannot resume", row.round)
+            if state is None:
+                problem = f"its global adapter {row.global_in[:12]}… is lost (damaged or missing, no intact copy)"
+            else:
+                self._resumed_global = state
+        pack = row.plan.get("pack")
+        if not problem and pack and not await asyncio.to_thread(self.recovery.pack_ok, KINDS[row.kind], row.round, pack):
+            problem = f"its pack {pack[:12]}… is damaged or missing and cannot be made again"
+        if not problem:
+            return True
+        await asyncio.to_thread(self.store.close_round, row.round, "failed", None, {"seconds": 0.0},
+                                {"restart": f"could not resume: {problem}"})
+        self._last_closed = row.round
+        self.metrics.note_failure("", row.round, f"{row.kind} round closed at restart", problem)
+        self.log.error("the interrupted round cannot resume; it is closed as failed and the next round starts",
+                       round=row.round, kind=row.kind, reason=problem)
+        self._spawn(asyncio.to_thread(self._after_close, row.round))
+        return False
+
+    async def check_served(self, sha: str) -> None:
+        """Before an artefact is served: it still hashes to its name (one stat when it was
+        checked and has not changed since). A damaged one is quarantined and restored from an
+        intact copy, or refused (CorruptFileError); several downloads asking at once share one check."""
+        if self.artifacts.known_good(sha):
+            return
+        pending = self._checking.get(sha)
+        if pending is None:
+            pending = self._checking[sha] = asyncio.ensure_future(asyncio.to_thread(self.recovery.served_ok, sha))
+            pending.add_done_callback(lambda _f: self._checking.pop(sha, None))
+        await asyncio.shield(pending)
 
     # ---------------------------------------------------------------- the teacher
     async def teacher_labels(self, questions: Sequence[Question],
@@ -149,7 +204,9 @@ class RoundEngine:
             ident.append([d.max_new_tokens, [p.id for p in prompts]] + ([d.top_k] if d.top_k else []))
         key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
         cached = self.store.get_meta(f"labels:{key}")
-        if cached and self.artifacts.path(cached).is_file():
+        # (bool(): mypy would type to_thread's result after the `and`'s left operand, str | None)
+        if cached and bool(await asyncio.to_thread(self.recovery.artifact_ok, cached, "label_pack",
+                                                   "the teacher labels the slice again")):
             return cached, {"scored": 0, "generated": 0}
         t0 = time.monotonic()
         probs: Any = []
@@ -191,6 +248,8 @@ class RoundEngine:
         assert self.teacher is not None
         path = self.checkpoint_dir / str(number) / "teacher-adapter"
         await self.teacher.call(lambda b: b.save_adapter(path))
+        weights = path / "adapter_model.safetensors"
+        self._teacher_saved_sha = await asyncio.to_thread(file_sha256, weights) if weights.is_file() else ""
         self._teacher_saved = str(path)
 
     async def evaluate_teacher(self, number: int) -> EvalResult | None:
@@ -226,7 +285,9 @@ class RoundEngine:
         """Keyed by round: a crash before the commit is recorded resumes from round N-1's state."""
         tensors, meta = self.strategy.state()
         header = {"strategy": json.dumps(self.strategy.describe()), "meta": json.dumps(meta)}
-        atomic_write_bytes(self._strategy_state_path(number), tensors_to_bytes(tensors, header))
+        data = tensors_to_bytes(tensors, header)
+        atomic_write_bytes(self._strategy_state_path(number), data)
+        self._strategy_saved = f"{number}:{sha256_hex(data)}"   # recorded by the commit, checked at a restart
         for old in self._strategy_state_path(number).parent.glob("round-*.safetensors"):
             n = old.stem.removeprefix("round-")
             if n.isdigit() and int(n) < number - 1:   # keep N and N-1
@@ -241,7 +302,10 @@ class RoundEngine:
             self.log.warning("no saved strategy state for the last committed round; server moments start from zero",
                              round=last, path=str(path))
             return
-        tensors, header = bytes_to_tensors_with_metadata(path.read_bytes())
+        loaded = self.recovery.strategy_state(path, last)   # checked against the sha256 the commit recorded
+        if loaded is None:
+            return
+        tensors, header = loaded
         saved = json.loads(header.get("strategy", "{}"))
         if saved != json.loads(json.dumps(self.strategy.describe())):
             self.log.warning("strategy or its options changed since the last round; its saved state is not loaded",
@@ -345,6 +409,7 @@ class RoundEngine:
             await asyncio.to_thread(atomic_write_text, path, data, fsync=False)
             await self._flush_bytes()   # a crash loses at most a few seconds of byte counts
             self.flush_session_notes()
+            self.school_lines.summarise(self.log)
             await asyncio.sleep(every_s)
 
     async def flush_bytes(self) -> None:
@@ -371,22 +436,26 @@ class RoundEngine:
             self.metrics.bytes_sent.inc(down)
 
     async def report_failure(self, school_id: str, f: Failure) -> None:
+        message = school_text(f.message)   # the school's own words: cut short, control characters escaped
         if f.phase == "evaluate":
             self._eval_answered(f.round, school_id)
-            self.log.warning("school could not evaluate", school=school_id, round=f.round, error=f.message)
+            self.school_lines.log(self.log, "warning", "school could not evaluate", school_id,
+                                  school=school_id, round=f.round, error=message)
             return
         async with self._lock:
             rnd = self.current
             if rnd is None or f.round != rnd.number or school_id not in rnd.pending():
                 return
-            rnd.failed[school_id] = f"{f.phase}: {f.message}"
-            self.metrics.school_failure(school_id, rnd.number, f.phase, f.message)
+            rnd.failed[school_id] = f"{f.phase}: {message}"
+            self.metrics.school_failure(school_id, rnd.number, f.phase, message)
             KINDS[rnd.kind].fail(self, rnd, school_id, rnd.failed[school_id])
-            self.log.warning("school reported failure", school=school_id, round=rnd.number, phase=f.phase, error=f.message)
+            self.school_lines.log(self.log, "warning", "school reported failure", school_id,
+                                  school=school_id, round=rnd.number, phase=f.phase, error=message)
             self._changed.set()
 
     def _refuse_eval(self, school_id: str, r: EvalReport, why: str) -> None:
-        self.log.warning("evaluation report refused", school=school_id, round=r.round, reason=why[:200])
+        self.school_lines.log(self.log, "warning", "evaluation report refused", school_id,
+                              school=school_id, round=r.round, reason=school_text(why, 200))
         self.metrics.refusal("EvalReport", "INVALID_ARGUMENT", ValueError(why))
         self.metrics.note_failure(school_id, r.round, "evaluation report refused", why)
 
@@ -411,6 +480,7 @@ class RoundEngine:
                 self._eval_answered(r.round, school_id)
                 return
             if in_round:
+                assert rnd is not None
                 # An evaluate round's result: stored first (the store is its receipt), then folded.
                 await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
                 KINDS[rnd.kind].fold(self, rnd, school_id, r.num_examples, r.metrics, Path())
@@ -454,7 +524,8 @@ class RoundEngine:
             raise DuplicateUploadError(f"school {school_id!r} already has an accepted result for round {rnd.number}; replays are refused")
         KINDS[rnd.kind].check(self, rnd, school_id, h)
         if h.base_sha256 and h.base_sha256 != rnd.global_sha:
-            raise WrongRoundError(f"upload was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses {rnd.global_sha[:12]}…; download it again")
+            raise WrongRoundError(f"upload was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses "
+                                  f"{rnd.global_sha[:12]}…; download it again")
 
     async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None,
                             data: bytes | bytearray | None = None) -> Receipt:
@@ -472,7 +543,7 @@ class RoundEngine:
         self._accepting.add(school_id)
         try:
             t0 = time.monotonic()
-            final, result = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", data)
+            final, result, kept_sha = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", data)
             async with self._lock:
                 try:
                     if self.current is not rnd:
@@ -481,7 +552,8 @@ class RoundEngine:
                 except Exception:
                     final.unlink(missing_ok=True)   # validated but never receipted: not kept
                     raise
-                rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics), str(final))
+                rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics),
+                             str(final), kept_sha)
                 await asyncio.to_thread(self.store.add_receipt, rc)
                 t1 = time.monotonic()
                 await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
@@ -583,14 +655,18 @@ class RoundEngine:
         self.metrics.current_round.set(number)
         self.metrics.participants.set(len(participants))
         self.metrics.accepted.set(0)
-        for sid in participants:
-            if sid in self.sessions:   # it may have left while the round was planned
-                self.sessions[sid].queue.put_nowait(kind.command(self, rnd, sid))
+        # Who is connected now, once: a participant that left while the round was planned gets
+        # nothing (it stays a participant: if it comes back, attach() sends its command; if not,
+        # the close counts it as disconnected), and a school leaving during this fan-out is not
+        # looked up again.
+        live = list(self.sessions.items())
+        chosen = set(participants)
         idle = IdleCommand(number, "not selected this round")   # one object: the servicer converts it once
-        for sid in set(self.sessions) - set(participants):
-            self.sessions[sid].queue.put_nowait(idle)
+        for sid, sess in live:
+            sess.queue.put_nowait(kind.command(self, rnd, sid) if sid in chosen else idle)
+        gone = sorted(chosen - {sid for sid, _ in live})
         self.log.info("round opened", round=number, kind=kind.name, participants=participants,
-                      deadline_s=self.cfg.rounds.deadline_s)
+                      deadline_s=self.cfg.rounds.deadline_s, **({"left_while_planned": gone} if gone else {}))
         return True
 
     def _should_close(self, rnd: OpenRound) -> bool:
@@ -616,7 +692,8 @@ class RoundEngine:
             committed = len(rnd.accepted) >= self.cfg.rounds.quorum
             sent, dense = self._dense_bytes.pop(rnd.number, [0, 0])
             commit = None
-            self._teacher_saved = ""
+            copy: tuple[str, str] | None = None
+            self._teacher_saved, self._teacher_saved_sha, self._strategy_saved = "", "", ""
             if committed:
                 try:
                     commit = await kind.commit(self, rnd)
@@ -637,12 +714,16 @@ class RoundEngine:
                 # `seconds`: the whole round, planning and close included (all but the commit's own row)
                 metrics["seconds"] = time.monotonic() - rnd.started + rnd.plan_seconds
                 seconds = metrics["seconds"]
-                meta = {"teacher_adapter": self._teacher_saved} if self._teacher_saved else {}
+                meta = {"teacher_adapter": self._teacher_saved,
+                        "teacher_adapter_sha256": self._teacher_saved_sha} if self._teacher_saved else {}
+                if self._strategy_saved:
+                    meta["strategy_state_sha256"] = self._strategy_saved
                 await asyncio.to_thread(self.store.close_round, rnd.number, "committed", sha, metrics, rnd.failed, meta)
                 self.log.info("round committed", round=rnd.number, kind=rnd.kind, accepted=len(rnd.accepted),
                               failed=len(rnd.failed), sha256=sha[:12], seconds=round(seconds, 3),
                               close_s=round(time.monotonic() - closing, 4), aggregate_s=round(committed_at - closing, 4))
                 if commit.state is not None:
+                    copy = (sha, self.global_sha)   # a second copy of the new adapter, after the close
                     self.global_sha, self.global_state = sha, commit.state
                     self._after_commit(rnd.number, sha)
             else:
@@ -663,11 +744,13 @@ class RoundEngine:
             self.phase = "between rounds"
         # The round's update files are no longer needed (its commit is recorded), and the
         # memory its uploads and aggregation used goes back to the system: off the loop, unlocked.
-        self._spawn(asyncio.to_thread(self._after_close, rnd.number))
+        self._spawn(asyncio.to_thread(self._after_close, rnd.number, copy))
         return committed
 
-    def _after_close(self, number: int) -> None:
+    def _after_close(self, number: int, copy: tuple[str, str] | None = None) -> None:
         shutil.rmtree(self.updates_dir / f"round-{number}", ignore_errors=True)
+        if copy is not None:   # (new global, previous): a separate second copy of the new one, the previous kept
+            self.recovery.keep_copy(copy[0], keep={copy[1]})
         release_memory(collect=False)
 
     def _commit_files(self, rnd: OpenRound, commit: Any, metrics: dict[str, float]) -> dict[str, float]:

@@ -171,6 +171,12 @@ class CoordinatorMetrics:
         self.commit_seconds = Histogram(f"{NS}_aggregation_commit_seconds", "Closing a round: the strategy's finalize "
                                         "(or the teacher's learning) and the new artefact", ["kind"],
                                         buckets=FAST_BUCKETS, registry=r)
+        self.quarantined = Counter(f"{NS}_state_files_quarantined", "Files read back from the state directory that "
+                                   "failed verification (the sha256 recorded for them, or their values) and were moved "
+                                   "to STATE_DIR/quarantine, by what they held", ["what"], registry=r)
+        self.global_fallbacks = Counter(f"{NS}_global_adapter_fallbacks", "Times the global adapter of record was lost "
+                                        "(damaged, no intact copy) and the federation continued from an older one",
+                                        registry=r)
         self.lag, self.lag_hist = lag_metrics(r, NS)
         if school_labels:
             self.school_uploads = Counter(f"{NS}_school_uploads_accepted", "Results accepted per school (opted in: "

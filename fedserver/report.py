@@ -83,11 +83,14 @@ def format_table(report: dict[str, Any]) -> str:
     t = report.get("teacher")
     if t:
         after = "".join(f"; after teach round {a['round']}: {a['accuracy']:.3f} / {a['loss']:.3f}" for a in t["after_teach_rounds"])
-        lines.append(f"teacher {t['model'] or '(model not recorded)'}" + (f" ({t['quantization']})" if t["quantization"] else "") + f": accuracy / loss before {_f(t['before']['accuracy'], '.3f')} / "
+        lines.append(f"teacher {t['model'] or '(model not recorded)'}" + (f" ({t['quantization']})" if t["quantization"] else "")
+                     + f": accuracy / loss before {_f(t['before']['accuracy'], '.3f')} / "
                      f"{_f(t['before']['loss'], '.3f')} on {t['eval_count']} held-out questions{after}")
-    lines.append(f"{'round':>5} {'kind':>8} {'status':>9} {'schools':>7} {'accuracy':>8} {'loss':>7} {'school acc':>10} {'train loss':>10} {'MB up':>7} {'MB down':>7} {'seconds':>7}")
+    lines.append(f"{'round':>5} {'kind':>8} {'status':>9} {'schools':>7} {'accuracy':>8} {'loss':>7} {'school acc':>10} {'train loss':>10} "
+                 f"{'MB up':>7} {'MB down':>7} {'seconds':>7}")
     for r in report["rounds"]:
-        lines.append(f"{r['round']:>5} {r.get('kind', 'train'):>8} {r['status']:>9} {r['accepted']:>3}/{len(r['participants']):<3} {_f(r['eval_accuracy'], '.3f'):>8} "
+        lines.append(f"{r['round']:>5} {r.get('kind', 'train'):>8} {r['status']:>9} {r['accepted']:>3}/{len(r['participants']):<3} "
+                     f"{_f(r['eval_accuracy'], '.3f'):>8} "
                      f"{_f(r['eval_loss'], '.3f'):>7} {_f(r['school_eval_accuracy'], '.3f'):>10} {_f(r['train_loss'], '.3f'):>10} "
                      f"{r['bytes_up'] / 1e6:>7.1f} {r['bytes_down'] / 1e6:>7.1f} {_f(r['seconds'], '.0f'):>7}")
     return "\n".join(lines)

@@ -32,13 +32,14 @@ from common.messages import (
     ArtifactRef, Command, DistillCommand, EvaluateCommand, TeachCommand, TrainCommand, UploadHeader,
 )
 from common.training import TrainParams
-from common.wire import bytes_to_tensors, tensors_to_bytes
+from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
 from fedserver.ensemble import ensemble
 from fedserver.strategy import ClientFailure, ClientUpdate
 from fedserver.validation import validate_update
 
 if TYPE_CHECKING:
     from fedserver.engine import RoundEngine
+    from fedserver.store import Receipt
 
 
 class RoundFailed(Exception):
@@ -93,11 +94,30 @@ class RoundKind:
                                   f"{self.upload or 'no'} uploads, not {kind!r}. Wait for the command meant for you")
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any]:
+                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
         """Validate a complete upload (`data`: its bytes when already in hand, else read from
-        `payload`); keep it where a restart finds it. Returns (kept file, result). Runs
-        concurrently for several schools, outside the engine's lock: touch no shared state."""
+        `payload`); keep it where a restart finds it. Returns (kept file, result, the kept
+        file's sha256: the receipt records it). Runs concurrently for several schools, outside
+        the engine's lock: touch no shared state."""
         raise NotImplementedError
+
+    def restore(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt) -> Any:
+        """A receipted result read back at a restart, as `fold` takes it: the kept file's bytes
+        checked against the sha256 its receipt recorded, then validated again as an upload is
+        (ChecksumError, ValidationError, OSError: the engine voids the receipt)."""
+        data = bytearray(Path(rc.path).read_bytes())   # a bytearray: validated as views, not copied
+        digest = sha256_hex(data)
+        if digest != rc.kept_sha256:
+            raise ChecksumError(f"the file of {rc.school_id}'s receipted result ({len(data)} bytes) hashes to {digest[:12]}…, "
+                                f"not to the {rc.kept_sha256[:12]}… its receipt recorded: it changed on disk")
+        return self.revalidate(eng, rnd, rc, data)
+
+    def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
+        raise NotImplementedError
+
+    def rebuild_pack(self, eng: RoundEngine, number: int) -> bytes | None:
+        """The bytes of round `number`'s pack made again, when they can be (None: they cannot)."""
+        return None
 
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
@@ -137,7 +157,8 @@ class TrainKind(RoundKind):
         if stored is None:   # a round opened by the first release (no stored plan): recompute as it did
             base = eng.strategy.configure_round(rnd.number, self.base_params(eng, rnd.number))
             return eng.strategy.configure_school(rnd.number, school, base)
-        return TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        return TrainParams(**fields)
 
     def command(self, eng: RoundEngine, rnd: OpenRound, school: str) -> Command:
         return TrainCommand(rnd.number, rnd.deadline, _ref(eng, rnd.global_sha), self.params(eng, rnd, school))
@@ -148,7 +169,7 @@ class TrainKind(RoundKind):
             raise WrongRoundError("num_examples must be >= 1")
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any]:
+                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
         if data is None:
             data = await asyncio.to_thread(payload.read_bytes)
         frozen = self.params(eng, rnd, school).freeze   # the school may leave these (zero) deltas out
@@ -161,9 +182,15 @@ class TrainKind(RoundKind):
             await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
             payload.unlink(missing_ok=True)
             eng.count_dense(rnd.number, h.total_size, len(dense))
+            kept = await asyncio.to_thread(sha256_hex, dense)
         else:
             await asyncio.to_thread(payload.replace, final)
-        return final, tensors
+            kept = h.sha256   # validate_update checked the payload hashes to it
+        return final, tensors, kept
+
+    def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
+        # the kept file is the complete, dense update (decoded, frozen parts filled in)
+        return validate_update(data, rc.kept_sha256, eng.layout, eng.cfg.rounds.max_norm, payload_sha256=rc.kept_sha256)
 
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
@@ -226,14 +253,21 @@ class TeachKind(RoundKind):
     async def plan(self, eng: RoundEngine, number: int, participants: list[str]) -> dict[str, Any]:
         if not eng.pool:   # open prompts are taught by the teacher only (see docs/DISTILLATION.md)
             raise RoundFailed("teach rounds need multiple-choice questions in the prompt pool; it has none")
+        pack = self._pool_pack(eng, number)
+        sha = await asyncio.to_thread(eng.artifacts.put, pack.to_bytes())
+        # Fixed now, so a restarted round ensembles with the weights it opened with.
+        weights = await asyncio.to_thread(eng.last_school_accuracies, participants)
+        return {"pack": sha, "pack_questions": len(pack.questions), "pack_prompts": len(pack.prompts), "weights": weights}
+
+    def _pool_pack(self, eng: RoundEngine, number: int) -> Pack:
+        """Round `number`'s pool pack: its slice of the prompt pool, the same every time it is made."""
         d, index = eng.cfg.distill, eng.exchange_index(number, "teach")
         questions = pool_slice(eng.pool, d.slice_size, index, d.seed + 1)
         prompts = pool_slice(eng.open_pool, d.open_slice_size, index, d.seed + 3) if eng.open_pool and d.open_slice_size else []
-        data = Pack(tuple(questions), prompts=tuple(prompts), max_new_tokens=d.max_new_tokens if prompts else 0).to_bytes()
-        sha = await asyncio.to_thread(eng.artifacts.put, data)
-        # Fixed now, so a restarted round ensembles with the weights it opened with.
-        weights = await asyncio.to_thread(eng.last_school_accuracies, participants)
-        return {"pack": sha, "pack_questions": len(questions), "pack_prompts": len(prompts), "weights": weights}
+        return Pack(tuple(questions), prompts=tuple(prompts), max_new_tokens=d.max_new_tokens if prompts else 0)
+
+    def rebuild_pack(self, eng: RoundEngine, number: int) -> bytes | None:
+        return self._pool_pack(eng, number).to_bytes() if eng.pool else None
 
     def _pack(self, eng: RoundEngine, rnd: OpenRound) -> Pack:
         """The round's pool pack, parsed once per round (acceptance reads it for every upload)."""
@@ -246,7 +280,7 @@ class TeachKind(RoundKind):
                             eng.cfg.distill.temperature)
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any]:
+                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
         if digest != h.sha256:
             raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; re-send the upload")
         if data is None:
@@ -256,11 +290,15 @@ class TeachKind(RoundKind):
         final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.answers.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(payload.replace, final)
-        return final, answers
+        return final, answers, h.sha256
+
+    def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
+        pack = self._pack(eng, rnd)
+        return validate_answer_set(bytes(data), pack.questions, pack.prompts)
 
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
-        if result is None:   # a restart: the kept file was validated when it was accepted
+        if result is None:   # not from restore(): the kept file was validated when it was accepted
             tensors = bytes_to_tensors(path.read_bytes())
             result = (tensors[ANSWERS_TENSOR], answer_texts(tensors))
         rnd.results[school] = result   # (probabilities, answer texts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any
 import grpc
 
 from common import PROTOCOL_VERSION, __version__
-from common.errors import AuthenticationError, FederationError, IncompatibleSchoolError, ProtocolError
-from common.logs import get_logger
-from common.models import parse_spec
+from common.errors import (
+    AuthenticationError, FederationError, IncompatibleSchoolError, ProtocolError, UnavailableError,
+)
+from common.logs import LineBudget, get_logger, school_text
 from common.messages import (
     Capabilities, Command, EvalReport, Failure, IdleCommand, Progress, SessionSettings, ShutdownCommand,
     UploadHeader,
@@ -24,9 +26,11 @@ from common.pb import federation_pb2_grpc as pb_grpc
 from common.tls import CertInfo
 from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
 from common.wire import MAX_CHUNK_BYTES
+from fedserver.admission import ByteBudget, retry_metadata
 from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
 from fedserver.downloads import ChunkCache
+from fedserver import inputs
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
 from fedserver.tls import Peer, PeerGuard
@@ -39,11 +43,12 @@ log = get_logger("servicer")
 _LOOK = IdleCommand(0, "look at the session")
 
 
-def _spec(model: str) -> str:
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.5"), to budget log lines by."""
     try:
-        return str(parse_spec(model))
-    except ValueError:
-        return model
+        return str(context.peer() or "?").rsplit(":", 1)[0]
+    except Exception:   # a test double, a closed call
+        return "?"
 
 
 def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,13 +56,17 @@ def _abort_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     async def _abort(self: Any, context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
         if isinstance(exc, FederationError):
-            # who is knocking with a wrong or revoked token is the operator's business: a warning
+            # who is knocking with a wrong or revoked token is the operator's business: a warning.
+            # The refusal's text may quote what the school sent: cut short, escaped.
             (log.warning if isinstance(exc, AuthenticationError) else log.info)(
-                "rpc refused", rpc=name, status=exc.status, error=str(exc))
+                "rpc refused", rpc=name, status=exc.status, error=school_text(str(exc)))
             self.engine.metrics.refusal(name, exc.status, exc)
-            await context.abort(grpc.StatusCode[exc.status], str(exc))
-        # A bug, not bad input: keep the traceback here, tell the school only that it happened.
-        log.error("rpc failed", rpc=name, error=repr(exc), exc_info=exc)
+            await context.abort(grpc.StatusCode[exc.status], str(exc), trailing_metadata=retry_metadata(exc))
+        # A bug, not bad input: keep the traceback here (plain, no local variables), tell the
+        # school only that it happened; a caller hitting it in a loop gets a few tracebacks a
+        # minute into the log, the rest counted (common.logs.LineBudget).
+        self.log_budget.log(log, "error", "rpc failed", _peer_host(context), rpc=name, error=school_text(repr(exc)),
+                            exc_info=exc)
         self.engine.metrics.refusal(name, "INTERNAL", exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"coordinator error in {name}; the operator can find it in the coordinator's log")
 
@@ -94,7 +103,8 @@ def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
                  uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float,
-                 base_model: str = "", guard: PeerGuard | None = None) -> None:
+                 base_model: str = "", guard: PeerGuard | None = None,
+                 upload_memory_bytes: int = 160 * 1024 * 1024, request_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.store = store
         self.artifacts = artifacts
@@ -109,6 +119,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.peers: dict[str, CertInfo] = {}   # school -> the certificate it joined with (revocation watch)
         # commands fanned out to all (by object); an entry holds its command, so its id is not reused
         self._pb_cache: dict[int, tuple[Command, pb.ServerCommand]] = {}
+        # uploads' payload bytes held at once ([server.limits] upload_memory_mb; fedserver/admission.py)
+        self.upload_budget = ByteBudget(upload_memory_bytes, request_timeout_s)
+        self.log_budget = LineBudget()   # "rpc failed" lines (tracebacks), per caller's host (common/logs.py)
 
     def _peer(self, context: grpc.aio.ServicerContext) -> Peer | None:
         """The caller's certificate identity (TLS), checked against the revocation list on every call."""
@@ -118,22 +131,39 @@ class FederationServicer(pb_grpc.FederationServicer):
         peer = self._peer(context)
         return self.auth.school_for(context.invocation_metadata() or (), peer.school_id if peer else None)
 
+    def caller(self, method: str, context: grpc.aio.ServicerContext) -> str:
+        """Who is calling, from the call's headers and connection alone (fedserver/admission.py
+        asks before it reads a request byte): the enrolment token (or certificate) for Join, the
+        session token for everything else. Raises AuthenticationError."""
+        if method == "Join":
+            peer = self._peer(context)
+            return self.auth.identify(context.invocation_metadata() or (), peer.school_id if peer else None)
+        return self._school(context)
+
     @_abort_on_error
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         peer = self._peer(context)
         school = self.auth.identify(context.invocation_metadata() or (), peer.school_id if peer else None)
         if request.protocol_version != PROTOCOL_VERSION:
-            raise IncompatibleSchoolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION}); upgrade the school daemon")
-        caps = capabilities_from_pb(request.capabilities)
-        if caps.model and self.base_model and _spec(caps.model) != _spec(self.base_model):
+            raise IncompatibleSchoolError(f"protocol version {request.protocol_version} is not supported (coordinator speaks "
+                                          f"{PROTOCOL_VERSION}); upgrade the school daemon")
+        caps = inputs.capabilities(capabilities_from_pb(request.capabilities))
+        if caps.model and self.base_model and not inputs.same_model(caps.model, inputs.spec_text(self.base_model)):
             raise IncompatibleSchoolError(f"school runs base model {caps.model!r} but this federation trains {self.base_model!r}; "
                                   "set [model] base in school.toml to match")
+        # The join's row first: if it cannot be written, nothing is changed (no session, the
+        # school's live one kept) and the school is told to retry.
+        try:
+            await asyncio.to_thread(self.store.record_join, school, caps.__dict__)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("join not recorded; the school will retry", school=school, error=repr(exc)[:300])
+            raise UnavailableError("the coordinator could not record this join (its database is busy or full); "
+                                   "nothing was changed, retry shortly") from exc
         self._caps[school] = caps
         if peer is not None:
             self.peers[school] = peer.cert
         info = self.auth.open_session(school)
-        await asyncio.to_thread(self.store.record_join, school, caps.__dict__)
-        self.engine.note_session("school joined", school, log, model=caps.model, examples=caps.num_examples)
+        self.engine.note_session("school joined", school, log, model=school_text(caps.model), examples=caps.num_examples)
         return settings_to_pb(SessionSettings(school, info.token, self.heartbeat_interval_s, MAX_CHUNK_BYTES,
                                               __version__, self.engine.settings.to_json()))
 
@@ -160,7 +190,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 sess.last_seen = time.monotonic()
                 if msg.WhichOneof("event") == "heartbeat":
                     continue   # the common case, thousands a second: nothing to build
-                ev = event_from_pb(msg)
+                ev = inputs.event(event_from_pb(msg))   # a field out of bounds ends the stream: INVALID_ARGUMENT
                 if isinstance(ev, Failure):
                     await self.engine.report_failure(school, ev)
                 elif isinstance(ev, EvalReport):
@@ -175,6 +205,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         # were about a quarter of the coordinator's CPU with only heartbeats flowing (docs/SCALING.md).
         loop = asyncio.get_running_loop()
         timeout = self.session_timeout_s
+        timer: asyncio.TimerHandle   # the silence timer, armed below
 
         def look(_: object = None) -> None:
             sess.queue.put_nowait(_LOOK)
@@ -195,6 +226,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 cmd = await sess.queue.get()
                 if cmd is _LOOK:
                     if reader.done():
+                        refused = None if reader.cancelled() else reader.exception()
+                        if refused is not None:
+                            # an event out of bounds: the stream ends with its status; a coordinator
+                            # bug handling an event: INTERNAL and logged, never OK with the event dropped
+                            raise refused
                         break  # the school closed its side
                     if time.monotonic() - sess.last_seen > timeout:
                         # One more beat before giving up: after a stall on this side, events the
@@ -219,6 +255,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_streaming
     async def Download(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
         self._school(context)
+        await self.engine.check_served(inputs.text("sha256", request.sha256))   # never serves a damaged file
         size = self.artifacts.size(request.sha256)
         if request.offset > size:
             raise ProtocolError(f"offset {request.offset} is past the end of the artefact ({size} bytes)")
@@ -227,7 +264,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             encoded = await self.chunk_cache.get(request.sha256, size)
             if encoded is not None:   # the round's adapter: encoded once, handed to gRPC as is
                 for i in range(offset // MAX_CHUNK_BYTES, len(encoded)):
-                    yield encoded[i]   # type: ignore[misc]  (Download's serialiser passes bytes through)
+                    yield encoded[i]   # type: ignore[misc]  # Download's serialiser passes bytes through
                     n = min(MAX_CHUNK_BYTES, size - i * MAX_CHUNK_BYTES)
                     self.engine.count_bytes(down=n)
                 return
@@ -248,9 +285,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_abort_on_error
     async def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.aio.ServicerContext) -> pb.UploadStatusResponse:
         school = self._school(context)
-        received, complete = await self.uploads.status(school, request.upload_id)
+        received, complete = await self.uploads.status(school, inputs.text("upload_id", request.upload_id))
         if not complete and request.HasField("header"):
-            await self._preflight(school, header_from_pb(request.header))
+            await self._preflight(school, inputs.header(header_from_pb(request.header)))
         return pb.UploadStatusResponse(received_bytes=received, complete=complete)
 
     @_abort_on_error
@@ -259,7 +296,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "header":
             raise ProtocolError("an upload must start with an UploadHeader")
-        h = header_from_pb(first.header)
+        h = inputs.header(header_from_pb(first.header))
         await self._preflight(school, h)
 
         async def chunks() -> AsyncIterator[tuple[int, bytes]]:
@@ -268,10 +305,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise ProtocolError("only chunks may follow the header")
                 yield msg.chunk.offset, msg.chunk.data   # each access to a bytes field copies it: once
 
-        part, digest, payload = await self.uploads.receive(school, h, chunks())
-        try:
-            rc = await self.engine.accept_upload(school, h, part, digest, payload)
-        except FederationError:
-            await self.uploads.discard(school, h.upload_id)
-            raise
+        # The payload is held in memory from its first byte to the receipt: its bytes are taken
+        # from the coordinator's budget first (a caller that does not fit waits, sending nothing).
+        async with self.upload_budget.hold(h.total_size, f"upload {h.upload_id}"):
+            part, digest, payload = await self.uploads.receive(school, h, chunks())
+            try:
+                rc = await self.engine.accept_upload(school, h, part, digest, payload)
+            except FederationError:
+                await self.uploads.discard(school, h.upload_id)
+                raise
+            del payload
         return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, sha256=rc.sha256, received_bytes=h.total_size)

@@ -36,15 +36,18 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS receipts (
   round INTEGER NOT NULL, school_id TEXT NOT NULL, upload_id TEXT NOT NULL UNIQUE,
   sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
-  path TEXT NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (round, school_id));
+  path TEXT NOT NULL, received_at REAL NOT NULL, file_sha256 TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (round, school_id));
 CREATE TABLE IF NOT EXISTS evals (
   round INTEGER NOT NULL, source TEXT NOT NULL, num_examples INTEGER NOT NULL,
   metrics TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round, source));
 """
 
 # PRAGMA user_version of the file. 0: the first release (rounds were all training rounds);
-# 2: rounds carry their kind and the plan fixed when they opened. Migrations run at start-up.
-SCHEMA_VERSION = 2
+# 2: rounds carry their kind and the plan fixed when they opened; 3: receipts record the sha256
+# of the file kept for them (a compressed upload is kept decoded), checked before a restart
+# re-folds it. Migrations run at start-up.
+SCHEMA_VERSION = 3
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -62,6 +65,14 @@ def _migrate(db: sqlite3.Connection) -> None:
         # Upload ids are filed per school now ("<school>.<upload id>"): two schools may send
         # the same id. Unfinished uploads of the old form restart from byte 0.
         db.execute("UPDATE receipts SET upload_id = school_id || '.' || upload_id WHERE instr(upload_id, '.') = 0")
+        db.execute("PRAGMA user_version = 2")
+        db.execute("COMMIT")
+        version = 2
+    if version < 3:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(receipts)")}
+        db.execute("BEGIN IMMEDIATE")
+        if "file_sha256" not in cols:   # '': the receipt's own sha256 (the payload as sent) is the kept file's
+            db.execute("ALTER TABLE receipts ADD COLUMN file_sha256 TEXT NOT NULL DEFAULT ''")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
 
@@ -93,6 +104,11 @@ class Receipt:
     num_examples: int
     metrics: dict[str, float]
     path: str
+    file_sha256: str = ""   # of the file at `path` ('' before schema 3: then `sha256`, the payload as sent)
+
+    @property
+    def kept_sha256(self) -> str:
+        return self.file_sha256 or self.sha256
 
 
 @dataclass(frozen=True)
@@ -254,29 +270,72 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
 
+    def unfinished_uploads(self, school_id: str, round_: int) -> list[str]:
+        """The ids of a school's uploads for `round_` that have no receipt yet."""
+        return [r[0] for r in self._query("SELECT upload_id FROM uploads WHERE school_id=? AND round=?", (school_id, round_))]
+
+    def abandoned_uploads(self, open_round: int | None) -> list[str]:
+        """Uploads in progress for any round but the open one (None: for any round): their round
+        closed or never opened, so nobody will finish them."""
+        if open_round is None:
+            return [r[0] for r in self._query("SELECT upload_id FROM uploads")]
+        return [r[0] for r in self._query("SELECT upload_id FROM uploads WHERE round<>?", (open_round,))]
+
+    def upload_ids(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT upload_id FROM uploads")}
+
     # ---- receipts ----
     def add_receipt(self, rc: Receipt) -> None:
         try:
             with self._tx() as db:
-                db.execute("INSERT INTO receipts VALUES(?,?,?,?,?,?,?,?)",
-                           (rc.round, rc.school_id, rc.upload_id, rc.sha256, rc.num_examples, json.dumps(dict(rc.metrics)), rc.path, time.time()))
+                db.execute("INSERT INTO receipts(round,school_id,upload_id,sha256,num_examples,metrics,path,received_at,"
+                           "file_sha256) VALUES(?,?,?,?,?,?,?,?,?)",
+                           (rc.round, rc.school_id, rc.upload_id, rc.sha256, rc.num_examples, json.dumps(dict(rc.metrics)),
+                            rc.path, time.time(), rc.file_sha256))
         except sqlite3.IntegrityError:
             raise DuplicateUploadError(
                 f"school {rc.school_id!r} already has an accepted update for round {rc.round}; replays are refused"
             ) from None
 
+    _RECEIPT_COLS = "round,school_id,upload_id,sha256,num_examples,metrics,path,file_sha256"
+
     def receipts(self, round_: int) -> list[Receipt]:
-        rows = self._query("SELECT round,school_id,upload_id,sha256,num_examples,metrics,path FROM receipts WHERE round=? ORDER BY received_at", (round_,))
-        return [Receipt(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]) for r in rows]
+        rows = self._query(f"SELECT {self._RECEIPT_COLS} FROM receipts WHERE round=? ORDER BY received_at", (round_,))
+        return [Receipt(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
 
     def receipt_for_upload(self, upload_id: str) -> Receipt | None:
-        rows = self._query("SELECT round,school_id,upload_id,sha256,num_examples,metrics,path FROM receipts WHERE upload_id=?", (upload_id,))
-        return Receipt(rows[0][0], rows[0][1], rows[0][2], rows[0][3], rows[0][4], json.loads(rows[0][5]), rows[0][6]) if rows else None
+        rows = self._query(f"SELECT {self._RECEIPT_COLS} FROM receipts WHERE upload_id=?", (upload_id,))
+        r = rows[0] if rows else None
+        return Receipt(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) if r else None
+
+    def void_receipt(self, rc: Receipt) -> None:
+        """Forget an accepted result whose kept file was found damaged: its receipt and its
+        upload row go in one transaction, so the school counts as not having sent it and its
+        next upload (even with the same id) is taken."""
+        with self._tx() as db:
+            db.execute("DELETE FROM receipts WHERE round=? AND school_id=? AND upload_id=?", (rc.round, rc.school_id, rc.upload_id))
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (rc.upload_id,))
+
+    RECOVERY_NOTES = 50
+
+    def add_recovery_note(self, note: Mapping[str, Any]) -> None:
+        """A bad file found and what was done (meta 'state_recoveries', the newest RECOVERY_NOTES)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT value FROM meta WHERE key='state_recoveries'").fetchall()
+            notes = json.loads(rows[0][0]) if rows else []
+            notes = [*notes, dict(note)][-self.RECOVERY_NOTES:]
+            db.execute("INSERT INTO meta(key,value) VALUES('state_recoveries',?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (json.dumps(notes),))
+
+    def recovery_notes(self) -> list[dict[str, Any]]:
+        value = self.get_meta("state_recoveries")
+        return json.loads(value) if value else []
 
     # ---- evaluations ----
     def add_eval(self, round_: int, source: str, num_examples: int, metrics: Mapping[str, float]) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO evals VALUES(?,?,?,?,?) ON CONFLICT(round,source) DO UPDATE SET num_examples=excluded.num_examples, metrics=excluded.metrics, at=excluded.at",
+            db.execute("INSERT INTO evals VALUES(?,?,?,?,?) ON CONFLICT(round,source) DO UPDATE SET "
+                       "num_examples=excluded.num_examples, metrics=excluded.metrics, at=excluded.at",
                        (round_, source, num_examples, json.dumps(dict(metrics)), time.time()))
 
     def evals(self, round_: int | None = None) -> list[dict[str, Any]]:

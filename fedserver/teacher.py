@@ -188,7 +188,8 @@ class LocalTeacher:
         steps = torch.stack(res.logits, 1).float().log_softmax(-1)      # [batch, new tokens, vocab]
         gens = []
         for b in range(len(prompts)):
-            ids, lps, tops = [], [], []
+            ids: list[int] = []
+            lps, tops = [], []
             for t in range(new.shape[1]):
                 tid = int(new[b, t])
                 if tid == self.tok.pad_token_id and t > 0 and ids and ids[-1] == self.tok.eos_token_id:

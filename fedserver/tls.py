@@ -34,7 +34,7 @@ SERVER_KEYS = {"cert": "server.tls.cert", "key": "server.tls.key", "ca": "server
 
 
 def _signature(paths: list[Path]) -> tuple[Any, ...]:
-    out = []
+    out: list[tuple[int, int, int] | None] = []
     for p in paths:
         try:
             st = os.stat(p)
@@ -118,7 +118,9 @@ class ServerIdentity:
             return None
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self._config(), self.fetch, require_client_authentication=True)
+        # grpc's docs: the fetcher returns None for "no change"; types-grpcio's Callable does not say so
+        return grpc.dynamic_ssl_server_credentials(self._config(), self.fetch,  # type: ignore[arg-type]
+                                                   require_client_authentication=True)
 
 
 class RevocationList:
@@ -207,7 +209,7 @@ class PeerGuard:
 
     def peer(self, context: grpc.aio.ServicerContext) -> Peer:
         auth = context.auth_context() or {}
-        pems = auth.get("x509_pem_cert") or []
+        pems = list(auth.get("x509_pem_cert") or [])
         if not pems:
             raise AuthenticationError("no client certificate on this connection: connect with the school's "
                                       "certificate ([school.tls] cert and key in school.toml)")

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError
+from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
+from common.logs import get_logger
 from common.messages import UploadHeader
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.store import Store
-from fedserver.validation import header_numbers_problem
+from fedserver.validation import CODECS, header_numbers_problem
 
 
 def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
@@ -33,6 +34,10 @@ def _read_and_hash(path: Path, into: bytearray) -> Any:
     data = path.read_bytes()
     into += data
     return hashlib.sha256(data)
+
+
+# Uploads one school may have begun and not finished in one round (a retry resumes its own).
+MAX_UNFINISHED_PER_SCHOOL = 2
 
 
 def upload_key(school: str, upload_id: str) -> str:
@@ -55,6 +60,9 @@ class UploadReceiver:
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
         self.count_up = count_up
+        self._receiving: set[str] = set()   # uploads a stream is writing now: one writer per upload
+        self.is_open: Callable[[int], bool] = lambda round_: True   # the round still takes uploads (the engine's)
+        self.log = get_logger("uploads")
 
     def part(self, key: str) -> Path:
         return self.uploads_dir / f"{key}.part"
@@ -65,6 +73,9 @@ class UploadReceiver:
             raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
         if h.total_size == 0 or len(h.sha256) != 64:
             raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
+        if h.encoding and h.encoding not in CODECS:   # before a byte of payload is sent, not after
+            raise ValidationError(f"unknown upload encoding {h.encoding!r}; this coordinator decodes {sorted(CODECS)}. "
+                                  "Upgrade the school")
         problem = header_numbers_problem(h.num_examples, h.metrics)
         if problem:
             raise ValidationError(f"upload header: {problem}; the daemon reports its own numbers, so upgrade or fix it")
@@ -88,7 +99,22 @@ class UploadReceiver:
         (kept in hand so that validation reads no file back). Runs concurrently for many
         schools: nothing here takes the engine's lock."""
         key = upload_key(school, h.upload_id)
+        if key in self._receiving:
+            raise DuplicateUploadError(f"upload {h.upload_id} is being received on another stream; cancel that "
+                                       "stream or wait for it to end, then ask UploadStatus where to resume")
+        self._receiving.add(key)
+        try:
+            return await self._receive(key, school, h, chunks)
+        finally:
+            self._receiving.discard(key)
+
+    async def _receive(self, key: str, school: str, h: UploadHeader,
+                       chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str, bytearray]:
         part = self.part(key)
+        others = [u for u in await asyncio.to_thread(self.store.unfinished_uploads, school, h.round) if u != key]
+        if len(others) >= MAX_UNFINISHED_PER_SCHOOL:
+            raise TooLargeError(f"this school already has {len(others)} unfinished uploads in round {h.round}; resume "
+                                "one (UploadStatus says where) instead of starting another")
         row = await asyncio.to_thread(self.store.begin_upload, key, school, h.round, h.sha256, h.total_size,
                                       {"round": h.round, "num_examples": h.num_examples, "kind": h.kind})
         if (row.school_id, row.round, row.sha256, row.total_size) != (school, h.round, h.sha256, h.total_size):
@@ -113,6 +139,9 @@ class UploadReceiver:
                         raise ProtocolError(f"chunk at offset {offset}, expected {received}")
                     if received + len(data) > h.total_size:
                         raise ProtocolError(f"chunks exceed the announced total_size of {h.total_size} bytes")
+                    if not self.is_open(h.round):   # no stream outlives its round
+                        raise WrongRoundError(f"round {h.round} closed while this upload was in progress; its "
+                                              "result is no longer needed")
                     if writing is not None:
                         await writing
                     writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, data)
@@ -127,8 +156,56 @@ class UploadReceiver:
             raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
         return part, hasher.hexdigest(), payload
 
+    def sweep(self, open_round: int | None) -> int:
+        """Remove what no stream will finish (start-up, and after rounds): rows and `.part`
+        files of uploads for rounds other than the open one, `.part` files without a row (a
+        crash between the two), and temporary files. Uploads a stream is writing are left
+        alone. Returns the number of files removed. Blocking: call it off the event loop."""
+        removed = 0
+        abandoned = [u for u in self.store.abandoned_uploads(open_round) if u not in self._receiving]
+        for key in abandoned:
+            self.store.forget_upload(key)
+        known = self.store.upload_ids() | self._receiving
+        for path in self.uploads_dir.iterdir():
+            stem = path.name.removesuffix(".part")
+            if path.is_file() and (path.suffix != ".part" or stem not in known):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if abandoned or removed:
+            self.log.info("abandoned uploads removed", rows=len(abandoned), files=removed, open_round=open_round)
+        return removed
+
     async def discard(self, school: str, upload_id: str) -> None:
         """A rejected payload is not kept: the school sends a new one."""
         key = upload_key(school, upload_id)
         self.part(key).unlink(missing_ok=True)
         await asyncio.to_thread(self.store.forget_upload, key)
+
+
+def sweep_crash_debris(state_dir: Path, updates_dir: Path, open_round: int | None, before: float) -> int:
+    """What a killed coordinator leaves behind, removed at start-up: temporary files of
+    interrupted writes anywhere under the state directory (`*.tmp`, `*.tmp-<pid>`) last
+    written before `before` (this process's start: its own writes in progress are younger),
+    and the update directories of rounds that are not open. Returns the number of paths
+    removed. Blocking."""
+    import re
+    import shutil
+
+    removed = 0
+    keep = f"round-{open_round}" if open_round is not None else None
+    if updates_dir.is_dir():
+        for d in updates_dir.iterdir():
+            if d.name != keep:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed += 1
+    temp = re.compile(r"(\.tmp|\.tmp-\d+)$")
+    for path in state_dir.rglob("*"):
+        if temp.search(path.name) and "quarantine" not in path.parts:
+            try:
+                if not path.is_file() or path.stat().st_mtime >= before:
+                    continue
+            except OSError:   # renamed into place meanwhile
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

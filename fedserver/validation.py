@@ -17,7 +17,7 @@ from common.wire import bytes_to_tensors, sha256_hex
 CODECS = ("int8", "topk")
 
 
-def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, TensorSpec],
+def validate_update(payload: bytes | bytearray, announced_sha256: str, layout: Mapping[str, TensorSpec],
                     max_norm: float = 0.0, payload_sha256: str | None = None, encoding: str = "",
                     frozen: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Parse and check an update; returns its tensors. Raises with a message that says what
@@ -39,6 +39,7 @@ def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, 
             if max_norm > 0 and norm > max_norm:
                 raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")
             return views
+    check_header(payload, layout, encoding)   # before any tensor is built
     tensors = bytes_to_tensors(bytes(payload))
     if encoding:
         if encoding not in CODECS:
@@ -54,6 +55,49 @@ def validate_update(payload: bytes, announced_sha256: str, layout: Mapping[str, 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 MAX_FAST_HEADER = 16 << 20   # larger headers take the general parser (and its limits)
 
+# The safetensors header of an update is bounded by the federation's layout: per tensor its name
+# (a compressed one has up to three parts, "<name>::idx"...), dtype, shape and offsets, plus
+# some metadata. A header past the bound, or more tensors than the layout has, is refused before
+# the header is parsed into tensors: a million empty tensors is a small payload but a huge parse.
+PARTS_PER_TENSOR = {"": 1, "int8": 2, "topk": 3}   # tensors sent per layout tensor, by encoding
+HEADER_BYTES_PER_TENSOR = 160                       # '{"dtype":"F32","shape":[..],"data_offsets":[..]}' and quotes
+HEADER_METADATA_BYTES = 64 << 10                     # __metadata__ and padding
+
+
+def header_limits(layout: Mapping[str, TensorSpec], encoding: str = "") -> tuple[int, int]:
+    """(most header bytes, most tensors) an update of `layout` may have."""
+    parts = PARTS_PER_TENSOR.get(encoding, max(PARTS_PER_TENSOR.values()))
+    per_name = sum(len(name.encode()) + len("::scale") + HEADER_BYTES_PER_TENSOR for name in layout)
+    return HEADER_METADATA_BYTES + parts * per_name, parts * len(layout)
+
+
+def check_header(payload: bytes | bytearray, layout: Mapping[str, TensorSpec], encoding: str = "") -> None:
+    """The safetensors header's size and tensor count against the layout's bounds, read from the
+    8-byte length and the (bounded) JSON header only; ValidationError saying what is wrong."""
+    if len(payload) < 8:
+        raise ValidationError(f"payload is not valid safetensors: {len(payload)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", payload, 0)
+    most_bytes, most_tensors = header_limits(layout, encoding)
+    if n > most_bytes:
+        raise ValidationError(f"payload is not valid safetensors for this federation: a header of {n:,} bytes, but an "
+                              f"update of its {len(layout)} adapter tensors has at most {most_bytes:,}. Refused unparsed; "
+                              "check the school's model and LoRA settings match the coordinator's")
+    if 8 + n > len(payload):
+        raise ValidationError(f"payload is not valid safetensors: a header of {n:,} bytes is longer than the "
+                              f"{len(payload):,}-byte payload; re-send the upload")
+    try:
+        header = json.loads(memoryview(payload)[8:8 + n].tobytes())
+    except ValueError as exc:
+        raise ValidationError(f"payload is not valid safetensors: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValidationError("payload is not valid safetensors: its header is not a JSON object")
+    count = len(header) - ("__metadata__" in header)
+    if count > most_tensors:
+        raise ValidationError(f"update holds {count:,} tensors but the federation's adapter has {len(layout)}"
+                              + (f" (sent as {most_tensors} {encoding} parts)" if encoding and most_tensors != len(layout) else "")
+                              + f": at least {count - most_tensors:,} unexpected. Refused before any tensor was built; "
+                              "check the school's model and LoRA settings match the coordinator's")
+
 
 def packed_views(payload: bytes | bytearray, layout: Mapping[str, TensorSpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """(all elements as one flat tensor, each layout tensor as a view of it) when `payload` is
@@ -63,8 +107,8 @@ def packed_views(payload: bytes | bytearray, layout: Mapping[str, TensorSpec]) -
     if not isinstance(payload, bytearray) or len(payload) < 8:
         return None
     (n,) = struct.unpack_from("<Q", payload, 0)
-    if n > min(len(payload) - 8, MAX_FAST_HEADER):
-        return None
+    if n > min(len(payload) - 8, MAX_FAST_HEADER, header_limits(layout)[0]):
+        return None   # the general parser refuses it with its reasons
     try:
         header = json.loads(memoryview(payload)[8:8 + n].tobytes())
     except ValueError:

@@ -234,7 +234,7 @@ async def start_school() -> AsyncIterator[Callable[..., Any]]:
         return daemon, stop, task
 
     yield factory
-    for stop, task in running:
+    for stop, _ in running:
         stop.set()
     for _, task in running:
         try:

@@ -27,7 +27,7 @@ def test_aggregation_bench_quick(tmp_path: Path) -> None:
     recs = {(r["strategy"], r["mode"], r["uploads"]): r for r in result["records"]}
     assert set(recs) == {(c.strategy, c.mode, n) for c in CONFIGS for n in QUICK_UPLOADS}   # every configuration
 
-    for (strategy, mode, n), r in recs.items():
+    for (strategy, _mode, n), r in recs.items():
         if strategy == "krum" and n < 4:     # krum with f=1 is defined from f + 3 = 4 updates on
             assert r["skipped"] and "at least 4" in r["reason"]
             continue

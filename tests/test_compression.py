@@ -281,7 +281,8 @@ TOPK_CASES: list[tuple[str, Mutation, str]] = [
     ("val Inf", _edit(f"{B}::val", _poke(2, -math.inf)), r"::val contains NaN or Inf"),
     ("terabyte shape", _set(f"{A}::shape", torch.tensor([2**40, 2**20], dtype=torch.int64)),
      r"declares 1152921504606846976 elements, more than the \d+ this payload may still declare"),
-    ("shape over max_numel", _set(f"{A}::shape", torch.tensor([50_000_001], dtype=torch.int64)), r"more than the \d+ this payload may still declare \(max_numel\)"),
+    ("shape over max_numel", _set(f"{A}::shape", torch.tensor([50_000_001], dtype=torch.int64)),
+     r"more than the \d+ this payload may still declare \(max_numel\)"),
     ("unknown suffix", _set(f"{A}::scale", torch.ones(16)), r"unknown suffix '::scale' for kind 'topk'"),
 ]
 

@@ -127,7 +127,7 @@ async def test_metrics_status_and_dashboard_during_a_real_federation(tmp_path, t
         assert value(fams, "schoolfed_upload_validation_seconds", "schoolfed_upload_validation_seconds_count") == receipts
 
         sent = 0.0
-        for daemon, ep in zip(daemons, endpoints):
+        for _daemon, ep in zip(daemons, endpoints):
             d = families((await get(ep.url))[1])
             sent += value(d, "schoolfed_daemon_sent_bytes", "schoolfed_daemon_sent_bytes_total", kind="train")
             assert value(d, "schoolfed_daemon_last_round") == 2

@@ -107,7 +107,7 @@ async def test_no_canary_leaves_a_school(tmp_path, tiny_model, tiny_teacher, exc
         for form in (secret, secret.lower(), "quokka-7731", "Zyxwv canary"):
             assert form.encode() not in sent and form.encode("utf-16-le") not in sent, form
         ids = tok(secret, add_special_tokens=False).input_ids
-        for width, fmt in ((8, "<q"), (4, "<i"), (4, "<f")):
+        for _width, fmt in ((8, "<q"), (4, "<i"), (4, "<f")):
             packed = b"".join(struct.pack(fmt, i) for i in ids)
             assert packed not in sent, (secret, fmt)
         # and as protobuf varints (a repeated int field would carry them so)

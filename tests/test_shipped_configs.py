@@ -149,6 +149,27 @@ def test_example_paths_fit_the_unit_sandbox(name: str) -> None:
         assert cfg.model.base == load_toml(CoordinatorConfig, example(CoordinatorConfig)).model.base
 
 
+def test_the_shipped_norm_bound_refuses_absurd_updates() -> None:
+    """Hardening (#8): the shipped default accepted a delta of norm 1e15 (max_norm = 0 disabled it)."""
+    import torch
+
+    from common.errors import ValidationError
+    from common.wire import sha256_hex, tensors_to_bytes
+    from fedserver.config import RoundsSection
+    from fedserver.validation import validate_update
+
+    from common.lora import TensorSpec
+
+    layout = {"a.lora_A.weight": TensorSpec((4, 8)), "a.lora_B.weight": TensorSpec((8, 4))}
+    for bound in (RoundsSection().max_norm, load_toml(CoordinatorConfig, example(CoordinatorConfig)).rounds.max_norm):
+        assert bound > 0
+        honest = tensors_to_bytes({k: torch.full(v.shape, 0.05) for k, v in layout.items()})   # norm 0.4
+        assert set(validate_update(honest, sha256_hex(honest), layout, max_norm=bound)) == set(layout)
+        absurd = tensors_to_bytes({k: torch.full(v.shape, 1e14) for k, v in layout.items()})
+        with pytest.raises(ValidationError, match="norm"):
+            validate_update(absurd, sha256_hex(absurd), layout, max_norm=bound)
+
+
 def test_config_errors_are_all_reported_at_once(tmp_path: Path) -> None:
     bad = tmp_path / "coordinator.toml"
     bad.write_text(

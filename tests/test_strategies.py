@@ -318,7 +318,7 @@ def test_hetlora_trains_schools_at_their_ranks_and_weights_by_product_norm(data)
             v[:, 2:] = 0
     res = run_round(strat, glob, [("school-0", 10, d0), ("school-1", 10, deltas[1]), ("school-2", 10, deltas[2])])
     finals = []
-    for sid, r, d in (("school-0", 2, d0), ("school-1", 3, deltas[1]), ("school-2", R, deltas[2])):
+    for _sid, r, d in (("school-0", 2, d0), ("school-1", 3, deltas[1]), ("school-2", R, deltas[2])):
         f = {k: glob[k] + d[k] for k in glob}
         for k, v in f.items():
             if "lora_A" in k:
@@ -440,7 +440,8 @@ def test_merging_strategies_are_exact_over_rounds_and_can_cap_the_rank(name, dat
     state = glob
     for rnd in (1, 2):
         ups = [(SCHOOLS[i], 5 + i, deltas[3 * (rnd - 1) + i]) for i in range(3)]
-        want = sum((5 + i) * product({k: state[k] + d[k] if k in d else state[k] for k in state}) for i, (_, _, d) in enumerate(ups)) / sum(5 + i for i in range(3))
+        want = (sum((5 + i) * product({k: state[k] + d[k] if k in d else state[k] for k in state}) for i, (_, _, d) in enumerate(ups))
+                / sum(5 + i for i in range(3)))
         res = run_round(strat, state, ups, rnd=rnd)
         torch.testing.assert_close(product(res.state), want, atol=1e-5, rtol=1e-5)
         state = res.state

@@ -79,7 +79,7 @@ def _options(cls: type[Strategy], values: Mapping[str, Any], where: str) -> Any:
 
 
 def create(name: str, options: Mapping[str, Any] | None = None) -> Strategy:
-    cls = lookup(name)
+    cls: type[Strategy] = lookup(name)
     return cls(_options(cls, options or {}, f"[strategy.options] for {name!r}"))
 
 
@@ -92,11 +92,12 @@ def build(section: Any) -> Strategy:
         wname = table.pop("name", None)
         if not isinstance(wname, str):
             raise ConfigError(f"[[strategy.wrappers]] #{i + 1}: needs name = one of {available(WRAPPER_GROUP)}")
-        cls = lookup(wname, wrapper=True)
-        strategy = cls(strategy, _options(cls, table, f"[[strategy.wrappers]] #{i + 1} ({wname})"))
-        problems = strategy.compatibility()   # type: ignore[attr-defined]
+        wcls: type[Wrapper] = lookup(wname, wrapper=True)
+        wrapped = wcls(strategy, _options(wcls, table, f"[[strategy.wrappers]] #{i + 1} ({wname})"))
+        problems = wrapped.compatibility()
         if problems:
             raise ConfigError(f"[[strategy.wrappers]] #{i + 1} ({wname}): " + "; ".join(problems))
+        strategy = wrapped
     return strategy
 
 

@@ -193,6 +193,7 @@ class _FedOpt(FedAvg):
     w ← w + η m / (√v + τ), elementwise on the factor deltas."""
 
     Options = OptOptions
+    options: OptOptions
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

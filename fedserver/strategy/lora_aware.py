@@ -46,6 +46,7 @@ class RankOptions(RobustOptions):
 
 class _Ranked(ProductStrategy):
     Options = RankOptions
+    options: RankOptions
 
     def setup(self, ctx: StrategyContext) -> None:
         too_big = {k: v for k, v in self.options.ranks.items() if v > ctx.settings.rank}

@@ -98,7 +98,8 @@ def thin_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """SVD of b @ a (d_out × m)(m × d_in) without forming it when m is small."""
     m = a.shape[0]
     if m >= min(b.shape[0], a.shape[1]):
-        return torch.linalg.svd(b @ a, full_matrices=False)
+        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        return u, s, vh
     qb, rb = torch.linalg.qr(b)          # d_out × m, m × m
     qa, ra = torch.linalg.qr(a.T)        # d_in × m, m × m
     uc, s, vhc = torch.linalg.svd(rb @ ra.T)
@@ -110,6 +111,7 @@ def _orthonormal_complement(rows: torch.Tensor, k: int, dim: int) -> torch.Tenso
     x = torch.randn(k, dim, generator=gen, dtype=torch.float64)
     if rows.numel():
         x -= (x @ rows.T) @ rows
+    q: torch.Tensor
     q, _ = torch.linalg.qr(x.T)
     return q.T[:k]
 

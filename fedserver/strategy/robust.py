@@ -234,6 +234,7 @@ class Krum(ProductStrategy):
     name = "krum"
     summary = "Pick the one update closest to its K−f−2 nearest neighbours (Blanchard et al. 2017)."
     Options = KrumOptions
+    options: KrumOptions
 
     def min_updates(self) -> int:
         return self.options.f + 3
@@ -308,7 +309,7 @@ class GeometricMedian(ProductStrategy):
         beta = self.weights()
         w = beta.clone()
         it = 0
-        for it in range(1, self.options.iterations + 1):
+        for it in range(1, self.options.iterations + 1):  # noqa: B007 (read after the loop: the iterations run)
             d = (h.diag() - 2 * (h @ w) + w @ h @ w).clamp_min(0).sqrt()
             new = beta / d.clamp_min(self.options.nu)
             new = new / new.sum()

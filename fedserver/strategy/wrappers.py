@@ -47,6 +47,9 @@ class Clip(Wrapper):
     name = "clip"
     summary = "Scale each update to at most L2 norm C before aggregation; bounds any one school's pull."
     Options = ClipOptions
+    options: ClipOptions
+    clipped: int
+    norms: list[float]
 
     def begin_round(self, round_: int, global_state: State) -> None:
         self.clipped, self.norms = 0, []
@@ -126,7 +129,7 @@ class DifferentialPrivacy(Wrapper):
 
     def _noise(self, mean: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         std = self.options.noise_multiplier * self.options.clip_norm / count
-        for k, v in mean.items():
+        for v in mean.values():
             v.add_(torch.randn(v.shape, generator=self._gen, dtype=torch.float64) * std)
         enrolled = max(1, len(self.context.enrolled))
         rate = min(1.0, self._participants / enrolled)
