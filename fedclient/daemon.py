@@ -34,7 +34,7 @@ from common.training import TrainParams
 from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
 from fedclient.config import SchoolConfig, load_school_identity
 from fedclient.monitor import STATUS_EVERY_S, DaemonMetrics, DaemonStatus
-from fedclient.transfer import download, retry_after_s, status_lost, upload
+from fedclient.transfer import DOWNLOAD_STALL_S, StalledError, download, retry_after_s, status_lost, upload
 from fedclient.worker import SchoolModel
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 78   # 78 = EX_CONFIG: systemd must not restart
@@ -280,6 +280,12 @@ class SchoolDaemon:
             stub, md = self._link
             try:
                 return await fn(stub, md)
+            except StalledError as exc:   # the link may be fine: resume on it at once
+                self.log.info("transfer stalled; resuming", reason=str(exc))
+                self.metrics.retries.inc()
+                self.status.add("transfer_retries", 1)
+                await asyncio.sleep(0.2)
+                continue
             except grpc.aio.AioRpcError as exc:
                 wait_s = retry_after_s(exc)
                 if wait_s is not None:   # the coordinator is busy (its limits): same link, a moment later
@@ -355,7 +361,7 @@ class SchoolDaemon:
             return cached[1]
         buf = self._partial.setdefault(sha, bytearray())
         before = len(buf)
-        data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download")), cmd.deadline_unix)
+        data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download"), DOWNLOAD_STALL_S), cmd.deadline_unix)
         self.metrics.received.inc(len(data) - before)
         self.status.add("received_bytes", len(data) - before)
         self._partial.pop(sha, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,13 +19,31 @@ from common.wire import MAX_CHUNK_BYTES, iter_chunks
 Metadata = Sequence[tuple[str, str]]
 
 
+# A download that receives nothing for this long is ended and resumed where it stopped (a
+# stream can stall without the connection failing: measured at 10,000 schools, docs/SCALING.md).
+DOWNLOAD_STALL_S = 60.0
+
+
+class StalledError(Exception):
+    """A transfer made no progress for its stall timeout; the bytes received are kept."""
+
+
 async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata, buffer: bytearray,
-                   progress: Callable[[int, int], None] | None = None) -> bytes:
+                   progress: Callable[[int, int], None] | None = None, stall_s: float | None = None) -> bytes:
     """Fetch an artefact into `buffer`, resuming from len(buffer) (bytes kept from an
-    interrupted attempt), and verify its sha256."""
+    interrupted attempt), and verify its sha256. `stall_s`: no chunk for that long ends the
+    call with StalledError (the caller resumes; `buffer` keeps what arrived)."""
     hasher = hashlib.sha256(buffer)   # hash as chunks arrive: no second pass at the end
     stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=len(buffer)), metadata=metadata)
-    async for chunk in stream:
+    chunks = aiter(stream)
+    while True:
+        try:
+            chunk = await (asyncio.wait_for(anext(chunks), stall_s) if stall_s else anext(chunks))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            stream.cancel()
+            raise StalledError(f"no download progress for {stall_s:g} s at byte {len(buffer)}") from None
         if chunk.offset != len(buffer):
             raise ChecksumError(f"download chunk at {chunk.offset}, expected {len(buffer)}")
         data = chunk.data   # each access to a protobuf bytes field copies it: read it once

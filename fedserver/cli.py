@@ -4,6 +4,7 @@ Exit codes: 0 done or stopped, 1 crash (systemd restarts), 78 configuration erro
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import dataclasses
 import json
@@ -85,6 +86,17 @@ def _read_state(state_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], 
         store.close()
 
 
+STATUS_NAMES = 20   # `fedserver status` names schools up to this many; beyond, it counts them
+
+
+def _some(names: list[str], total: int | None = None) -> str:
+    """Names, or past STATUS_NAMES the count and the first few (10,000 schools are not a line)."""
+    total = len(names) if total is None else total
+    if total <= STATUS_NAMES and len(names) == total:
+        return ", ".join(names)
+    return f"{total} schools" + (f" ({', '.join(names[:5])}, ...)" if names else "")
+
+
 def _status(args: argparse.Namespace) -> int:
     from fedserver.report import format_table
 
@@ -94,15 +106,26 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({**report, "schools": schools, "live": live}, indent=2))
         return 0
     print(format_table(report))
-    print(f"schools that joined at least once: {', '.join(s['id'] for s in schools) or '(none yet)'}")
+    print(f"schools that joined at least once: {_some([s['id'] for s in schools]) or '(none yet)'}")
     if live is not None and not live["stale"]:
-        print(f"coordinator now: {live.get('phase', '?')}; connected: {', '.join(live.get('schools', {})) or 'no school'}")
+        connected = list(live.get("schools", {}))
+        print(f"coordinator now: {live.get('phase', '?')}; connected: "
+              f"{_some(connected, live.get('connected', len(connected))) or 'no school'}")
     if live is not None:
         age = "of unknown age" if live["age_s"] is None else f"as of {live['age_s']:.0f} s ago"
         when = (f" ({age}; the coordinator is not running or not writing {args.state_dir / 'live.json'})"
                 if live["stale"] else "")
         if live.get("round"):
-            print(f"round {live['round']} open{when}: " + ", ".join(f"{k}: {v}" for k, v in live.get("schools", {}).items()))
+            states = live.get("schools", {})
+            if len(states) <= STATUS_NAMES:
+                line = ", ".join(f"{k}: {v}" for k, v in states.items())
+            else:   # thousands of schools: how many are doing what
+                counts = collections.Counter(str(v) for v in states.values())
+                connected = live.get("connected", len(states))
+                listed = (f" (of {connected} connected; live.json lists the first {len(states)})"
+                          if connected > len(states) else "")
+                line = f"{len(states)} schools{listed}: " + ", ".join(f"{v} {n}" for v, n in counts.most_common())
+            print(f"round {live['round']} open{when}: " + line)
         elif live["stale"]:
             print(f"live view{when}")
     return 0

@@ -137,7 +137,12 @@ class Store:
             raise RuntimeError(f"{self.path} is from an older coordinator; start the coordinator once to migrate it")
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database once every statement in flight has finished. A worker thread may
+        still be writing (a coroutine awaiting asyncio.to_thread was cancelled, its thread was
+        not): closing under it crashed the process (SIGSEGV in sqlite3). Later calls raise
+        sqlite3.ProgrammingError."""
+        with self._lock:
+            self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -256,3 +256,44 @@ def test_hostile_streams_leave_memory_bounded_and_honest_schools_served(tmp_path
         assert s["peak_above_before_mib"] < 100, (name, s)
         assert s["honest_during_attack"]["failed"] == 0, (name, s)
         assert s["honest_during_attack"]["ok"] >= 3, (name, s)
+
+
+# ------------------------------------------------------------------ a stalled download resumes
+
+async def test_a_stalled_download_ends_and_resumes_where_it_stopped():
+    """A download stream can stall without the connection failing (seen at 10,000 schools);
+    the daemon's download gives up after its stall timeout, keeps what arrived, and resumes."""
+    from common.wire import sha256_hex
+    from fedclient.transfer import StalledError, download
+
+    data = bytes(range(256)) * 40
+    cut = 4096
+
+    class Stream:
+        def __init__(self, offset, stall):
+            self.offset, self.stall, self.cancelled = offset, stall, False
+
+        def cancel(self):
+            self.cancelled = True
+
+        async def __aiter__(self):
+            for start in range(self.offset, len(data), cut):
+                if self.stall and start >= cut:
+                    await asyncio.sleep(3600)   # the server side went quiet
+                yield pb.Chunk(offset=start, data=data[start:start + cut], total_size=len(data))
+
+    class Stub:
+        def __init__(self):
+            self.calls = []
+
+        def Download(self, request, metadata=None):
+            s = Stream(request.offset, stall=not self.calls)
+            self.calls.append(s)
+            return s
+
+    stub, buf = Stub(), bytearray()
+    with pytest.raises(StalledError, match="no download progress for 0.2 s at byte 4096"):
+        await download(stub, sha256_hex(data), [], buf, stall_s=0.2)
+    assert stub.calls[0].cancelled and bytes(buf) == data[:cut]
+    assert await download(stub, sha256_hex(data), [], buf, stall_s=0.2) == data   # resumed at 4096
+    assert len(stub.calls) == 2

@@ -198,6 +198,18 @@ def test_status_json_is_one_document_and_a_stale_live_view_says_so(tmp_path, res
     out = capsys.readouterr().out
     assert "round 3 open: school-1: train 50%" in out and "as of" not in out
 
+    # thousands of connected schools: counted, not listed one by one
+    many = {f"school-{i:05d}": ("train 50%" if i % 3 else "uploading") for i in range(3000)}
+    live = {**json.loads((state / "live.json").read_text()), "time": time.time(), "schools": dict(list(many.items())[:1000]),
+            "connected": 3000}
+    (state / "live.json").write_text(json.dumps(live))
+    assert main(["status", "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "connected: 3000 schools (school-00000, school-00001," in out, out
+    assert ("round 3 open: 1000 schools (of 3000 connected; live.json lists the first 1000): train 50% 666, "
+            "uploading 334") in out, out
+    assert max(len(line) for line in out.splitlines()) < 400
+
 
 async def test_a_resumed_round_keeps_its_byte_counts(tmp_path, tiny_model) -> None:
     """Bytes counted in an open round survive a stop and a restart into the same round."""

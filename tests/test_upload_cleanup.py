@@ -148,3 +148,38 @@ async def test_an_unknown_encoding_is_refused_before_the_payload_is_sent(rx):
     with pytest.raises(ValidationError, match="unknown upload encoding 'bogus'"):
         await rx.check_header("school-1", dataclasses.replace(header("u1"), encoding="bogus"))
     await rx.check_header("school-1", dataclasses.replace(header("u1"), encoding="int8"))
+
+
+def test_closing_the_store_under_a_writing_thread_does_not_crash(tmp_path):
+    """A coroutine awaiting asyncio.to_thread(store.add_bytes) can be cancelled while its thread
+    still writes; the coordinator's stop then closed the database under it: SIGSEGV (seen once in
+    CI, once in the fault suite). Run in a child process: a crash must fail the test, not pytest."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sqlite3, threading, time
+from pathlib import Path
+from fedserver.store import Store
+for attempt in range(30):
+    store = Store(Path({str(tmp_path)!r}) / f"s{{attempt}}.sqlite")
+    store.open_round(1, ["a"], "0" * 64, time.time() + 60)
+    stop = False
+    def hammer():
+        while not stop:
+            try:
+                store.add_bytes(1, 1, 1)
+            except sqlite3.ProgrammingError:   # closed: the clear error, not a crash
+                return
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.01)
+    store.close()
+    stop = True
+    for t in threads:
+        t.join()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
