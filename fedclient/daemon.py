@@ -305,7 +305,8 @@ class SchoolDaemon:
                 self.log.info("transfer interrupted; will resume", code=exc.code().name)
                 self.metrics.retries.inc()
                 self.status.add("transfer_retries", 1)
-                self._link_ready.clear()
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:   # the coordinator timed out a slow
+                    self._link_ready.clear()                          # message: the link itself may be fine
                 await asyncio.sleep(0.2)
 
     def _handlers(self) -> dict[type, Callable[[Any], Awaitable[None]]]:

@@ -59,7 +59,7 @@ class RequestTimeoutError(FederationError):
 @dataclass(frozen=True)
 class Limits:
     calls_per_school: int = 4          # concurrent calls one school holds per method
-    request_timeout_s: float = 30.0    # a request message (or an upload's next chunk) must arrive within this
+    request_timeout_s: float = 60.0    # a request message (or an upload's next chunk) must arrive within this
     anonymous_calls: int = 16          # calls held at once, per method, by callers nobody identifies (health checks)
     anonymous_timeout_s: float = 5.0   # their request must arrive within this
 

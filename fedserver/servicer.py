@@ -104,7 +104,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
                  uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float,
                  base_model: str = "", guard: PeerGuard | None = None,
-                 upload_memory_bytes: int = 160 * 1024 * 1024, request_timeout_s: float = 30.0) -> None:
+                 upload_memory_bytes: int = 160 * 1024 * 1024, request_timeout_s: float = 60.0) -> None:
         self.engine = engine
         self.store = store
         self.artifacts = artifacts
