@@ -697,7 +697,9 @@ def run_bench(schools: int, procs: int, participants: int, *, workdir: Path | No
             "cpu_percent_before_schools": result["before"]["cpu_percent"],
             # the event loop's thread (Python: handlers, asyncio) and the rest (gRPC's C core, workers)
             "cpu_percent_event_loop_thread": round(main_s / (w2 - w1) * 100, 2),
-            "cpu_percent_other_threads": round((c2 - c1 - main_s) / (w2 - w1) * 100, 2),
+            # the process's and the thread's CPU are read from /proc at slightly different
+            # moments (clock ticks of 10 ms): a difference just under zero is 0, not negative
+            "cpu_percent_other_threads": round(max(0.0, c2 - c1 - main_s) / (w2 - w1) * 100, 2),
             "loadavg_1m": round(os.getloadavg()[0], 2),   # other work on the machine during the window
             "cpu_us_per_beat": round((c2 - c1 - (w2 - w1) * idle_cpu / 100) / max(1.0, (w2 - w1) * n / heartbeat_s) * 1e6, 1),
         }
