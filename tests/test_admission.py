@@ -297,3 +297,52 @@ async def test_a_stalled_download_ends_and_resumes_where_it_stopped():
     assert stub.calls[0].cancelled and bytes(buf) == data[:cut]
     assert await download(stub, sha256_hex(data), [], buf, stall_s=0.2) == data   # resumed at 4096
     assert len(stub.calls) == 2
+
+
+# ------------------------------------------------------------------ the daemon's retries, per kind
+
+async def test_the_daemon_retries_each_refusal_kind_as_it_should():
+    """SchoolDaemon._rpc: busy (retry-after) and a coordinator's DEADLINE_EXCEEDED (a slow
+    message timed out) are retried on the same link; UNAVAILABLE waits for a new link; a
+    final refusal is raised."""
+    import types
+
+    from fedclient.daemon import SchoolDaemon
+
+    class Counter:
+        def inc(self):
+            pass
+
+    ready = asyncio.Event()
+    ready.set()
+    fake = types.SimpleNamespace(_link_ready=ready, _link=("stub", []), log=types.SimpleNamespace(info=lambda *a, **k: None),
+                                 metrics=types.SimpleNamespace(retries=Counter()),
+                                 status=types.SimpleNamespace(add=lambda *a: None))
+
+    def err(code, trailing=()):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details="x")
+
+    async def run(errors):
+        calls = []
+
+        async def fn(stub, md):
+            calls.append(len(calls))
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+        return await SchoolDaemon._rpc(fake, fn, time.time() + 5), calls
+
+    # busy, then a timed-out message: both on the same link, the link never cleared
+    got, calls = await run([err(grpc.StatusCode.RESOURCE_EXHAUSTED, [(RETRY_AFTER_KEY, "50")]),
+                            err(grpc.StatusCode.DEADLINE_EXCEEDED)])
+    assert got == "ok" and len(calls) == 3 and ready.is_set()
+    # a dropped link: cleared, and the call waits until the session re-joins
+    task = asyncio.create_task(run([err(grpc.StatusCode.UNAVAILABLE)]))
+    await asyncio.sleep(0.5)
+    assert not task.done() and not ready.is_set()
+    ready.set()
+    assert (await task)[0] == "ok"
+    # final: raised at once
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await run([err(grpc.StatusCode.INVALID_ARGUMENT)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
