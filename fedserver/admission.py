@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,6 +64,10 @@ class Limits:
     anonymous_calls: int = 16          # calls held at once, per method, by callers nobody identifies (health checks)
     anonymous_timeout_s: float = 5.0   # their request must arrive within this
 
+
+# The school admitted for the call being handled (set in the call's own task, before its
+# handler runs): the servicer asks it instead of identifying the caller a second time.
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("schoolfed_caller", default="")
 
 ANONYMOUS = ""   # the caller of a service that needs no identity (grpc.health.v1) from elsewhere ...
 LOCAL = "<local>"   # ... and from this machine (a probe of the operator's): a pool strangers cannot spend
@@ -264,9 +269,11 @@ def _messages(method: str, school: str, it: AsyncIterator[bytes], decode: Callab
 async def _admit(method: str, context: grpc.aio.ServicerContext, admission: Admission) -> str:
     """The caller's school, counted against its cap; or the call refused (aborted)."""
     try:
-        return admission.enter(method, context)
+        school = admission.enter(method, context)
     except FederationError as exc:
         await admission.refuse(context, method, exc)
+    CALLER.set(school)
+    return school
 
 
 async def _request(method: str, school: str, it: AsyncIterator[bytes], decode: Callable[[bytes], Any],

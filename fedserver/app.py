@@ -23,10 +23,10 @@ from common.models import load_config
 from common.lora import expected_layout
 from common.wire import grpc_options
 from fedserver.admission import (
-    MAX_REQUEST_BYTES, Admission, Limits, add_guarded, anonymous_caller, capture_handlers, guard_handlers,
+    MAX_REQUEST_BYTES, Admission, Limits, add_guarded, anonymous_caller, capture_handlers,
 )
 from fedserver.artifacts import ArtifactStore
-from fedserver.downloads import add_federation_to_server
+from fedserver.downloads import federation_handlers
 from fedserver.auth import Authenticator
 from fedserver.config import CoordinatorConfig
 from fedserver.engine import RoundEngine
@@ -116,7 +116,7 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
                           on_refusal=lambda method, status, exc: engine.metrics.refusal(method, status, exc))
     # Download also takes pre-encoded chunks (fedserver/downloads.py); every method identifies
     # its caller and reads its request under limits (fedserver/admission.py)
-    add_federation_to_server(servicer, server, guard=lambda handlers: guard_handlers(handlers, admission))
+    add_guarded(server, SERVICE, federation_handlers(servicer), admission)
     health_servicer = health.aio.HealthServicer()
     add_guarded(server, *capture_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer),
                 Admission(anonymous_caller(lambda method, context: servicer.caller("Health", context)), admission.limits))

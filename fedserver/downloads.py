@@ -19,9 +19,8 @@ import grpc
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import MAX_CHUNK_BYTES
+from fedserver.admission import capture_handlers
 from fedserver.artifacts import ArtifactStore
-
-SERVICE = "schoolfed.v1.Federation"
 
 
 def _encode(read: Callable[[int], bytes], total: int, chunk: int) -> list[bytes]:
@@ -91,25 +90,11 @@ def _serialise_chunk(msg: Any) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-def add_federation_to_server(servicer: pb_grpc.FederationServicer, server: grpc.aio.Server,
-                             guard: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-    """The generated registration (its handler table, captured), with Download's serialiser
-    also taking encoded chunks. `guard`: rebuilds the handler table before it is registered
-    (fedserver/admission.py: identify, cap and time requests before they are read)."""
-    captured: dict[str, Any] = {}
-
-    class _Capture:
-        def add_generic_rpc_handlers(self, handlers: Any) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-            captured.update(handlers)
-
-    pb_grpc.add_FederationServicer_to_server(servicer, _Capture())
-    dl = captured["Download"]
-    captured["Download"] = grpc.unary_stream_rpc_method_handler(
+def federation_handlers(servicer: pb_grpc.FederationServicer) -> dict[str, Any]:
+    """The generated handler table (captured, not registered), with Download's serialiser also
+    taking encoded chunks. fedserver/app.py registers it through fedserver/admission.py."""
+    _, handlers = capture_handlers(pb_grpc.add_FederationServicer_to_server, servicer)
+    dl = handlers["Download"]
+    handlers["Download"] = grpc.unary_stream_rpc_method_handler(
         dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=_serialise_chunk)
-    if guard is not None:
-        captured = guard(captured)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, captured),))
-    server.add_registered_method_handlers(SERVICE, captured)
+    return handlers

@@ -26,7 +26,7 @@ from common.pb import federation_pb2_grpc as pb_grpc
 from common.tls import CertInfo
 from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
 from common.wire import MAX_CHUNK_BYTES
-from fedserver.admission import ByteBudget, retry_metadata
+from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
 from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
 from fedserver.downloads import ChunkCache
@@ -128,6 +128,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         return self.guard.peer(context) if self.guard is not None else None
 
     def _school(self, context: grpc.aio.ServicerContext) -> str:
+        admitted = CALLER.get()   # identified by admission for this very call (fedserver/admission.py)
+        if admitted and admitted != LOCAL:
+            return admitted
         peer = self._peer(context)
         return self.auth.school_for(context.invocation_metadata() or (), peer.school_id if peer else None)
 
