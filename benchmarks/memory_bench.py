@@ -114,6 +114,16 @@ def run(rounds: int = 100, schools: int = 4, model: str = DEFAULT_MODEL, cache_d
         a, b = timeline[r].get("opened", first_open), timeline[r]["committed"]
         vals = [v for t, v in samples if a <= t <= b + 0.05]
         per_round.append(max(vals) if vals else 0)
+    # where in a round the memory is: the highest sample while uploads arrive (open -> last
+    # accepted) and while the round closes (last accepted -> committed), median over rounds
+    phases: dict[str, list[int]] = {"uploads": [], "close": []}
+    for r in committed:
+        t = timeline[r]
+        a, m, b = t.get("opened", first_open), t.get("last_accepted", t["committed"]), t["committed"]
+        for name, (lo, hi) in (("uploads", (a, m)), ("close", (m, b + 0.05))):
+            vals = [v for ts, v in samples if lo <= ts <= hi]
+            if vals:
+                phases[name].append(max(vals))
     tenth = max(1, len(per_round) // 10)
     deciles = [max(per_round[i:i + tenth]) / 1024 for i in range(0, len(per_round), tenth)]
     adapter_bytes = sum(p.stat().st_size for p in (root / "state" / "artifacts").iterdir()) // max(1, len(committed) + 1)
@@ -133,6 +143,7 @@ def run(rounds: int = 100, schools: int = 4, model: str = DEFAULT_MODEL, cache_d
         "per_decile_mib": [round(d, 1) for d in deciles],
         "growth_mib": round(deciles[-1] - deciles[0], 1),
         "within_budget": peak_kib <= budget_kib,
+        "phase_peak_over_start_mib": {k: round((sorted(v)[len(v) // 2] - start_kib) / 1024, 1) for k, v in phases.items() if v},
         "workdir": str(root),
     }
     return result
@@ -147,6 +158,8 @@ def format_result(r: dict[str, Any]) -> str:
         f"budget start + 4 x adapter = {r['budget_mib']} MiB: {'within' if r['within_budget'] else 'OVER'}",
         "highest RSS per tenth of the rounds (MiB): " + " ".join(f"{d:.0f}" for d in r["per_decile_mib"]),
         f"growth, last tenth - first tenth: {r['growth_mib']:+.1f} MiB",
+        "a round's highest RSS above start-up, median over rounds: "
+        + ", ".join(f"{k} +{v} MiB" for k, v in r.get("phase_peak_over_start_mib", {}).items()),
     ])
 
 
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         model = "dir:" + str(build_tiny_model(tiny))
         rounds, schools = min(rounds, 4), 2
     try:
-        result = run(rounds, schools, model, args.cache_dir, args.workdir, args.quiet)
+        result = run(rounds, schools, model, args.cache_dir.resolve(), args.workdir, args.quiet)
     except BenchError as exc:
         print(f"memory_bench: {exc}", file=sys.stderr)
         return 1

@@ -51,7 +51,8 @@ class ServerLimitsSection:
 
     calls_per_school: int = 4             # calls one school may hold open at once, per method (Join, Upload, ...)
     request_timeout_s: float = 60.0       # a request message, or an upload's next chunk, must arrive whole within this
-    upload_memory_mb: int = 160           # payload bytes of uploads in progress held at once; more wait their turn
+    upload_memory_mb: int = 160           # bytes uploads in progress hold at once (2 chunks each while streaming,
+                                          # the whole payload when checked whole); more wait their turn
     streams_per_connection: int = 32      # HTTP/2 streams open at once on one connection (a school uses 2-4)
     max_connections: int = 0              # connections at once; 0: 4 per enrolled school + 1,024
 

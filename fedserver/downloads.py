@@ -1,88 +1,46 @@
-"""Serving artefacts fast: every participant of a round downloads the same global adapter,
-so its chunk messages are encoded once (protobuf `Chunk`s, at the fixed chunk boundaries) and
-each download hands gRPC those bytes as they are: no file read, no message built, no copy per
-school. A resumed download that starts off a boundary, and any artefact not in the cache, is
-read from disk and encoded chunk by chunk as before."""
+"""Serving artefacts: every chunk of a Download is read from the artefact's file (the page
+cache, for the round's adapter that every participant fetches) and framed as a protobuf `Chunk`
+around the bytes read, which are then handed to gRPC as they are: one copy out of the page cache
+and one into the framed message, no message object built, and nothing kept between chunks (the
+coordinator holds no encoded copy of the adapter: its memory does not grow with the adapter's
+size times the schools downloading)."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import os
-from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import capture_handlers
-from fedserver.artifacts import ArtifactStore
+from fedserver.transfers import decode_upload_message
 
 
-def _encode(read: Callable[[int], bytes], total: int, chunk: int) -> list[bytes]:
-    out = []
-    for offset in range(0, total, chunk):
-        msg = pb.Chunk(offset=offset, total_size=total)
-        msg.data = read(chunk)
-        out.append(msg.SerializeToString())
-    return out
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
-def encode_chunks(data: bytes, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
-    """The serialised `Chunk` messages of an artefact, one per `chunk` bytes."""
-    return _encode(io.BytesIO(data).read, len(data), chunk)
-
-
-def encode_file(path: Path, chunk: int = MAX_CHUNK_BYTES) -> list[bytes]:
-    """encode_chunks of a file, read a chunk at a time (never the whole file and its chunks at once)."""
-    with open(path, "rb") as fh:
-        return _encode(fh.read, os.fstat(fh.fileno()).st_size, chunk)
-
-
-class ChunkCache:
-    """Encoded chunks of the last `entries` artefacts downloaded (the global adapter of the
-    open round, and the one before while late schools fetch it). Memory: `entries` x the
-    artefact's size; artefacts above `max_bytes` are never cached."""
-
-    def __init__(self, artifacts: ArtifactStore, entries: int = 1, max_bytes: int = 256 << 20) -> None:
-        self.artifacts = artifacts
-        self.entries = entries
-        self.max_bytes = max_bytes
-        self._cache: OrderedDict[str, list[bytes]] = OrderedDict()
-        self._building: dict[str, asyncio.Future[list[bytes]]] = {}
-
-    async def get(self, sha: str, size: int) -> list[bytes] | None:
-        if self.entries <= 0 or size > self.max_bytes:
-            return None
-        hit = self._cache.get(sha)
-        if hit is not None:
-            self._cache.move_to_end(sha)
-            return hit
-        pending = self._building.get(sha)
-        if pending is not None:   # several schools asked at once: one build
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
-        self._building[sha] = fut
-        while len(self._cache) >= self.entries:   # room first: never two generations at once
-            self._cache.popitem(last=False)
-        try:
-            chunks = await asyncio.to_thread(encode_file, self.artifacts.path(sha))
-            self._cache[sha] = chunks
-            fut.set_result(chunks)
-            return chunks
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()   # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        finally:
-            del self._building[sha]
-
-    def clear(self) -> None:
-        self._cache.clear()
+def read_chunk(fh: Any, offset: int, total: int, chunk: int = MAX_CHUNK_BYTES) -> bytes:
+    """The serialised `Chunk` (offset = 1, data = 2, total_size = 3, in field order, as protobuf
+    writes it) of the file's bytes from `offset`, at most `chunk` of them. Blocking: the
+    servicer calls it on the event loop, since the round's adapter, just written, is read from
+    the page cache (~0.1 ms a chunk; a worker-thread hop per chunk cost more than the read)."""
+    data = os.pread(fh.fileno(), min(chunk, total - offset), offset)
+    if not data and offset < total:
+        raise OSError(f"{getattr(fh, 'name', 'artefact')}: ended at {offset} of {total} bytes; it changed on disk")
+    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
+    tail = b"\x18" + _varint(total) if total else b""
+    return b"".join((head, data, tail))
 
 
 def _serialise_chunk(msg: Any) -> bytes:
@@ -97,4 +55,7 @@ def federation_handlers(servicer: pb_grpc.FederationServicer) -> dict[str, Any]:
     dl = handlers["Download"]
     handlers["Download"] = grpc.unary_stream_rpc_method_handler(
         dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=_serialise_chunk)
+    up = handlers["Upload"]   # and Upload's decoder hands over chunks without copying them
+    handlers["Upload"] = grpc.stream_unary_rpc_method_handler(
+        up.stream_unary, request_deserializer=decode_upload_message, response_serializer=up.response_serializer)
     return handlers

@@ -36,7 +36,7 @@ from fedserver.rounds import KINDS, OpenRound, RoundFailed
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
 from fedserver.monitor import CoordinatorMetrics
-from fedserver.validation import eval_report_problem
+from fedserver.validation import StreamCheck, eval_report_problem
 from fedserver.transfers import upload_key
 
 
@@ -74,6 +74,8 @@ class RoundEngine:
         self.global_state: dict[str, torch.Tensor] = {}
         self._lock = asyncio.Lock()         # serialises receipts and folds into the open round, and its close
         self._accepting: set[str] = set()   # schools whose upload is being validated (one at a time per school)
+        self._trimming: asyncio.Future[None] | None = None   # a malloc_trim in a worker thread
+        self._trim_again = False
         self._changed = asyncio.Event()     # poked on join, leave, upload, failure
         self._bytes: dict[int, list[int]] = {}
         self._dense_bytes: dict[int, list[int]] = {}   # round -> [compressed bytes received, dense payload bytes they stand for]
@@ -370,10 +372,6 @@ class RoundEngine:
             self._changed.set()
             self.note_session("school detached", sess.school_id)
 
-    def served_adapters(self) -> set[str]:
-        """The adapters schools fetch now: the global one and the open round's."""
-        return {self.global_sha, self.current.global_sha} if self.current is not None else {self.global_sha}
-
     def end_sessions(self, reason: str) -> None:
         """The coordinator is stopping: end every Session stream with a (non-final) Shutdown, so
         each handler returns normally instead of being cancelled when the server's grace runs
@@ -527,8 +525,15 @@ class RoundEngine:
             raise WrongRoundError(f"upload was computed against adapter {h.base_sha256[:12]}… but round {rnd.number} uses "
                                   f"{rnd.global_sha[:12]}…; download it again")
 
+    def stream_check(self, school_id: str, h: UploadHeader) -> StreamCheck | None:
+        """What checks this upload's bytes as they arrive (the open round kind's), if anything."""
+        rnd = self.current
+        if rnd is None or rnd.number != h.round:
+            return None
+        return KINDS[rnd.kind].stream_check(self, rnd, school_id, h)
+
     async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None,
-                            data: bytes | bytearray | None = None) -> Receipt:
+                            check: StreamCheck | None = None) -> Receipt:
         """Validate a complete upload (the round kind's checks) and fold it in. Validation runs
         concurrently across schools, unlocked; only the receipt and the fold are serialised.
         Receipt first, then fold: a crash in between is repaired at start-up by re-folding
@@ -543,7 +548,7 @@ class RoundEngine:
         self._accepting.add(school_id)
         try:
             t0 = time.monotonic()
-            final, result, kept_sha = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", data)
+            final, result, kept_sha = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", check)
             async with self._lock:
                 try:
                     if self.current is not rnd:
@@ -562,6 +567,7 @@ class RoundEngine:
             self._accepting.discard(school_id)
         self.metrics.upload_accepted(rnd.kind, school_id, t1 - t0, time.monotonic() - t1)
         self.metrics.accepted.set(len(rnd.accepted))
+        self._trim_soon()
         if school_id in self.sessions:
             self.sessions[school_id].progress = f"{kind.name} result accepted for round {rnd.number}"
         self.log.info("result accepted", school=school_id, round=rnd.number, kind=rnd.kind, examples=h.num_examples,
@@ -791,6 +797,23 @@ class RoundEngine:
     def _spawn_eval(self, number: int, state: dict[str, torch.Tensor] | None) -> None:
         assert self._evaluate is not None
         self._spawn(self._evaluate(number, state))
+
+    def _trim_soon(self) -> None:
+        """Give the heap pages an upload's transfer used (gRPC's buffers; glibc keeps freed heap
+        pages until trimmed) back to the system, off the event loop: after every accepted
+        upload, one trim at a time (a request while one runs is folded into it)."""
+        if self._trimming is not None and not self._trimming.done():
+            self._trim_again = True
+            return
+
+        def trim() -> None:
+            while True:
+                self._trim_again = False
+                release_memory(collect=False)
+                if not self._trim_again:
+                    return
+
+        self._trimming = asyncio.ensure_future(asyncio.to_thread(trim))
 
     def _spawn(self, work: Any) -> None:
         """Background evaluation work; the final shutdown waits for it."""

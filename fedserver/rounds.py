@@ -35,7 +35,8 @@ from common.training import TrainParams
 from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
 from fedserver.ensemble import ensemble
 from fedserver.strategy import ClientFailure, ClientUpdate
-from fedserver.validation import validate_update
+from fedserver.strategy.fedavg import FedAvg
+from fedserver.validation import FileDelta, PackedFile, StreamCheck, read_whole, validate_update
 
 if TYPE_CHECKING:
     from fedserver.engine import RoundEngine
@@ -93,10 +94,15 @@ class RoundKind:
             raise WrongRoundError(f"round {rnd.number} is a {self.name} round; it takes "
                                   f"{self.upload or 'no'} uploads, not {kind!r}. Wait for the command meant for you")
 
+    def stream_check(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader) -> StreamCheck | None:
+        """What checks this kind's uploads while their bytes arrive (None: accept() reads the
+        complete file and checks it whole)."""
+        return None
+
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
-        """Validate a complete upload (`data`: its bytes when already in hand, else read from
-        `payload`); keep it where a restart finds it. Returns (kept file, result, the kept
+                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
+        """Validate a complete upload (what `check` found while the bytes arrived, or the file
+        read back); keep it where a restart finds it. Returns (kept file, result, the kept
         file's sha256: the receipt records it). Runs concurrently for several schools, outside
         the engine's lock: touch no shared state."""
         raise NotImplementedError
@@ -105,7 +111,7 @@ class RoundKind:
         """A receipted result read back at a restart, as `fold` takes it: the kept file's bytes
         checked against the sha256 its receipt recorded, then validated again as an upload is
         (ChecksumError, ValidationError, OSError: the engine voids the receipt)."""
-        data = bytearray(Path(rc.path).read_bytes())   # a bytearray: validated as views, not copied
+        data = read_whole(Path(rc.path))   # a bytearray: validated as views, not copied
         digest = sha256_hex(data)
         if digest != rc.kept_sha256:
             raise ChecksumError(f"the file of {rc.school_id}'s receipted result ({len(data)} bytes) hashes to {digest[:12]}…, "
@@ -168,14 +174,26 @@ class TrainKind(RoundKind):
         if h.num_examples < 1:
             raise WrongRoundError("num_examples must be >= 1")
 
+    def stream_check(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader) -> StreamCheck | None:
+        if h.encoding or self.params(eng, rnd, school).freeze:   # decoded or filled in first: checked whole
+            return None
+        return StreamCheck(eng.layout, h.total_size, eng.cfg.rounds.max_norm)
+
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
-        if data is None:
-            data = await asyncio.to_thread(payload.read_bytes)
+                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
+        final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.safetensors"
         frozen = self.params(eng, rnd, school).freeze   # the school may leave these (zero) deltas out
+        if check is not None and not h.encoding and not frozen:
+            if digest != h.sha256:
+                raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; "
+                                    "re-send the upload")
+            packed = await asyncio.to_thread(_keep_checked, check, payload, final)
+            if packed is not None:   # checked as the bytes arrived: nothing was read back
+                return final, FileDelta(packed, eng.layout), h.sha256
+        data = await asyncio.to_thread(read_whole, payload)
         tensors = await asyncio.to_thread(validate_update, data, h.sha256, eng.layout, eng.cfg.rounds.max_norm,
                                           digest, h.encoding, frozen)
-        final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.safetensors"
+        del data
         final.parent.mkdir(parents=True, exist_ok=True)
         if h.encoding or frozen:   # keep the decoded, complete update: restarts and spilling buffers read it back
             dense = await asyncio.to_thread(tensors_to_bytes, tensors)
@@ -195,6 +213,8 @@ class TrainKind(RoundKind):
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
         tensors = result if result is not None else bytes_to_tensors(path.read_bytes())
+        if isinstance(tensors, FileDelta) and not isinstance(eng.strategy, FedAvg):
+            tensors = tensors.load()   # rules other than the averaging family read each tensor more than once
         eng.strategy.accumulate(ClientUpdate(school, rnd.number, num_examples, tensors, dict(metrics), path))
 
     def fail(self, eng: RoundEngine, rnd: OpenRound, school: str, reason: str) -> None:
@@ -210,6 +230,16 @@ class TrainKind(RoundKind):
 
 
 # ---------------------------------------------------------------- distill (server teaches)
+
+
+def _keep_checked(check: StreamCheck, payload: Path, final: Path) -> PackedFile | None:
+    """The verdict of the check made while the bytes arrived and, when it is a packed update
+    within bounds, the payload moved to where it is kept (None: check the file whole)."""
+    packed = check.result(final)
+    if packed is not None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        payload.replace(final)
+    return packed
 
 
 class DistillKind(TrainKind):
@@ -280,11 +310,10 @@ class TeachKind(RoundKind):
                             eng.cfg.distill.temperature)
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, data: bytes | bytearray | None = None) -> tuple[Path, Any, str]:
+                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
         if digest != h.sha256:
             raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; re-send the upload")
-        if data is None:
-            data = await asyncio.to_thread(payload.read_bytes)
+        data = await asyncio.to_thread(payload.read_bytes)
         pack = self._pack(eng, rnd)
         answers = await asyncio.to_thread(validate_answer_set, bytes(data), pack.questions, pack.prompts)
         final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.answers.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import time
@@ -29,12 +30,12 @@ from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
 from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
-from fedserver.downloads import ChunkCache
+from fedserver.downloads import read_chunk
 from fedserver import inputs
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
 from fedserver.tls import Peer, PeerGuard
-from fedserver.transfers import UploadReceiver
+from fedserver.transfers import RawChunk, UploadReceiver
 
 log = get_logger("servicer")
 
@@ -109,7 +110,6 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.store = store
         self.artifacts = artifacts
         self.auth = auth
-        self.chunk_cache = ChunkCache(artifacts)
         self.uploads = UploadReceiver(store, uploads_dir, max_upload_bytes, lambda n: engine.count_bytes(up=n))
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session_timeout_s = session_timeout_s
@@ -263,22 +263,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         if request.offset > size:
             raise ProtocolError(f"offset {request.offset} is past the end of the artefact ({size} bytes)")
         offset = request.offset
-        if offset % MAX_CHUNK_BYTES == 0 and request.sha256 in self.engine.served_adapters():
-            encoded = await self.chunk_cache.get(request.sha256, size)
-            if encoded is not None:   # the round's adapter: encoded once, handed to gRPC as is
-                for i in range(offset // MAX_CHUNK_BYTES, len(encoded)):
-                    yield encoded[i]   # type: ignore[misc]  # Download's serialiser passes bytes through
-                    n = min(MAX_CHUNK_BYTES, size - i * MAX_CHUNK_BYTES)
-                    self.engine.count_bytes(down=n)
-                return
-        path = self.artifacts.path(request.sha256)
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            while offset < size:
-                data = await asyncio.to_thread(fh.read, MAX_CHUNK_BYTES)
-                yield pb.Chunk(offset=offset, data=data, total_size=size)
-                offset += len(data)
-                self.engine.count_bytes(down=len(data))
+        with open(self.artifacts.path(request.sha256), "rb") as fh:
+            while offset < size:   # each chunk framed around the bytes read, handed to gRPC as is
+                encoded = read_chunk(fh, offset, size)
+                n = min(MAX_CHUNK_BYTES, size - offset)
+                yield encoded   # type: ignore[misc]  # Download's serialiser passes bytes through
+                offset += n
+                self.engine.count_bytes(down=n)
 
     async def _preflight(self, school: str, h: UploadHeader) -> None:
         """Checks that need no payload: size, form, replay, then the round's own (kind, participant)."""
@@ -297,25 +288,32 @@ class FederationServicer(pb_grpc.FederationServicer):
     async def Upload(self, request_iterator: AsyncIterator[pb.UploadMessage], context: grpc.aio.ServicerContext) -> pb.UploadReceipt:
         school = self._school(context)
         first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("message") != "header":
+        if first is None or isinstance(first, RawChunk) or first.WhichOneof("message") != "header":
             raise ProtocolError("an upload must start with an UploadHeader")
         h = inputs.header(header_from_pb(first.header))
         await self._preflight(school, h)
 
-        async def chunks() -> AsyncIterator[tuple[int, bytes]]:
-            async for msg in request_iterator:
-                if msg.WhichOneof("message") != "chunk":
+        async def chunks() -> AsyncIterator[tuple[int, bytes | memoryview]]:
+            async for msg in request_iterator:   # chunks come as RawChunk (decode_upload_message)
+                if isinstance(msg, RawChunk):
+                    yield msg.offset, msg.data
+                elif msg.WhichOneof("message") != "chunk":
                     raise ProtocolError("only chunks may follow the header")
-                yield msg.chunk.offset, msg.chunk.data   # each access to a bytes field copies it: once
+                else:
+                    yield msg.chunk.offset, msg.chunk.data   # each access to a bytes field copies it: once
 
-        # The payload is held in memory from its first byte to the receipt: its bytes are taken
-        # from the coordinator's budget first (a caller that does not fit waits, sending nothing).
-        async with self.upload_budget.hold(h.total_size, f"upload {h.upload_id}"):
-            part, digest, payload = await self.uploads.receive(school, h, chunks())
+        # The bytes are checked as they arrive and written a chunk at a time: in hand, a chunk or
+        # two while receiving; the whole payload only when it must be read back to be checked
+        # (compressed or partial uploads). Both are taken from the coordinator's budget first (a
+        # caller that does not fit waits, sending nothing).
+        check = self.engine.stream_check(school, h)
+        async with self.upload_budget.hold(min(h.total_size, 2 * MAX_CHUNK_BYTES), f"upload {h.upload_id}"):
+            part, digest = await self.uploads.receive(school, h, chunks(), check)
+        whole = 0 if check is not None and check.packed else h.total_size
+        async with self.upload_budget.hold(whole, f"upload {h.upload_id}") if whole else contextlib.nullcontext():
             try:
-                rc = await self.engine.accept_upload(school, h, part, digest, payload)
+                rc = await self.engine.accept_upload(school, h, part, digest, check)
             except FederationError:
                 await self.uploads.discard(school, h.upload_id)
                 raise
-            del payload
         return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, sha256=rc.sha256, received_bytes=h.total_size)

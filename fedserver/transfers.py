@@ -8,20 +8,24 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
 from common.logs import get_logger
 from common.messages import UploadHeader
+from common.pb import federation_pb2 as pb
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.store import Store
-from fedserver.validation import CODECS, header_numbers_problem
+from fedserver.validation import CODECS, StreamCheck, header_numbers_problem
 
 
-def _write_and_hash(fh: Any, hasher: Any, data: bytes) -> None:
+def _write_and_hash(fh: Any, hasher: Any, check: StreamCheck | None, data: bytes | memoryview) -> None:
     fh.write(data)
     hasher.update(data)
+    if check is not None:
+        check.feed(data)
 
 
 def _sync(fh: Any) -> None:
@@ -29,11 +33,87 @@ def _sync(fh: Any) -> None:
     os.fsync(fh.fileno())
 
 
-def _read_and_hash(path: Path, into: bytearray) -> Any:
-    """A resumed upload's bytes already held: appended to `into`, and their running hash."""
-    data = path.read_bytes()
-    into += data
-    return hashlib.sha256(data)
+def _read_and_hash(path: Path, check: StreamCheck | None) -> Any:
+    """A resumed upload's bytes already held, read a chunk at a time: their running hash, and
+    the stream check fed with them."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(MAX_CHUNK_BYTES):
+            hasher.update(data)
+            if check is not None:
+                check.feed(data)
+    return hasher
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """An `UploadMessage` holding a chunk, with its data a view of the received message's bytes
+    (protobuf's decoder would copy the 1 MiB twice: into the message, then out of the field)."""
+
+    offset: int
+    data: memoryview
+    total_size: int
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if shift > 63:
+            raise ValueError("varint too long")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _chunk_view(raw: bytes) -> RawChunk | None:
+    """The chunk in `raw` when it is exactly an UploadMessage whose oneof holds a Chunk (field 2;
+    Chunk: offset = 1, data = 2, total_size = 3, unknown fields skipped); None for anything else."""
+    if not raw or raw[0] != 0x12:
+        return None
+    n, pos = _varint(raw, 1)
+    end = len(raw)
+    if pos + n != end:
+        return None
+    offset = total = 0
+    data = memoryview(b"")
+    while pos < end:
+        tag, pos = _varint(raw, pos)
+        field, wire = tag >> 3, tag & 7
+        if field == 0 or (field in (1, 3) and wire != 0) or (field == 2 and wire != 2):
+            return None
+        if wire == 0:
+            value, pos = _varint(raw, pos)
+            if field == 1:
+                offset = value
+            elif field == 3:
+                total = value
+        elif wire == 2:
+            length, pos = _varint(raw, pos)
+            if pos + length > end:
+                return None
+            if field == 2:
+                data = memoryview(raw)[pos:pos + length]
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return None
+    if pos != end or offset >= 1 << 64 or total >= 1 << 64:
+        return None
+    return RawChunk(offset, data, total)
+
+
+def decode_upload_message(raw: bytes) -> RawChunk | pb.UploadMessage:
+    """Upload's request decoder: chunks as views of the received bytes (no copy), anything else
+    (the header, an odd encoding) by protobuf, whose errors say what is wrong."""
+    try:
+        chunk = _chunk_view(raw)
+    except (ValueError, IndexError):
+        chunk = None
+    return chunk if chunk is not None else pb.UploadMessage.FromString(raw)
 
 
 # Uploads one school may have begun and not finished in one round (a retry resumes its own).
@@ -92,24 +172,25 @@ class UploadReceiver:
         part = self.part(key)
         return (part.stat().st_size if part.exists() else 0), False
 
-    async def receive(self, school: str, h: UploadHeader,
-                      chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str, bytearray]:
+    async def receive(self, school: str, h: UploadHeader, chunks: AsyncIterator[tuple[int, bytes | memoryview]],
+                      check: StreamCheck | None = None) -> tuple[Path, str]:
         """Append the chunks (offset, bytes) after what is already held; returns the complete
-        payload's path, its sha256 computed while the bytes arrived, and the payload itself
-        (kept in hand so that validation reads no file back). Runs concurrently for many
-        schools: nothing here takes the engine's lock."""
+        payload's path and its sha256, computed while the bytes arrived. `check` (the round
+        kind's validation as bytes arrive) is fed every byte, in order, beside the hash. No
+        payload is held: a chunk at a time is written. Runs concurrently for many schools:
+        nothing here takes the engine's lock."""
         key = upload_key(school, h.upload_id)
         if key in self._receiving:
             raise DuplicateUploadError(f"upload {h.upload_id} is being received on another stream; cancel that "
                                        "stream or wait for it to end, then ask UploadStatus where to resume")
         self._receiving.add(key)
         try:
-            return await self._receive(key, school, h, chunks)
+            return await self._receive(key, school, h, chunks, check)
         finally:
             self._receiving.discard(key)
 
-    async def _receive(self, key: str, school: str, h: UploadHeader,
-                       chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[Path, str, bytearray]:
+    async def _receive(self, key: str, school: str, h: UploadHeader, chunks: AsyncIterator[tuple[int, bytes | memoryview]],
+                       check: StreamCheck | None) -> tuple[Path, str]:
         part = self.part(key)
         others = [u for u in await asyncio.to_thread(self.store.unfinished_uploads, school, h.round) if u != key]
         if len(others) >= MAX_UNFINISHED_PER_SCHOOL:
@@ -123,11 +204,8 @@ class UploadReceiver:
         if h.offset != have:
             raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
         received = have
-        # The payload in hand, grown as chunks arrive (never ahead of the bytes received; a large
-        # buffer grows by mremap, not by copying) and viewed by validation without a copy.
-        payload = bytearray()
-        # A resumed upload first reads and hashes the bytes it already holds.
-        hasher = await asyncio.to_thread(_read_and_hash, part, payload) if have else hashlib.sha256()
+        # A resumed upload first reads, hashes and checks the bytes it already holds.
+        hasher = await asyncio.to_thread(_read_and_hash, part, check) if have else hashlib.sha256()
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] | None = None   # one chunk's write + hash in flight while the next arrives
         with open(part, "ab") as fh:
@@ -144,8 +222,7 @@ class UploadReceiver:
                                               "result is no longer needed")
                     if writing is not None:
                         await writing
-                    writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, data)
-                    payload += data
+                    writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, check, data)
                     received += len(data)
                     self.count_up(len(data))
             finally:   # what arrived is on disk before the file closes (a resume starts after it)
@@ -154,7 +231,7 @@ class UploadReceiver:
             await asyncio.to_thread(_sync, fh)
         if received != h.total_size:
             raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
-        return part, hasher.hexdigest(), payload
+        return part, hasher.hexdigest()
 
     def sweep(self, open_round: int | None) -> int:
         """Remove what no stream will finish (start-up, and after rounds): rows and `.part`

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from common.compression import decode
@@ -99,18 +104,17 @@ def check_header(payload: bytes | bytearray, layout: Mapping[str, TensorSpec], e
                               "check the school's model and LoRA settings match the coordinator's")
 
 
-def packed_views(payload: bytes | bytearray, layout: Mapping[str, TensorSpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """(all elements as one flat tensor, each layout tensor as a view of it) when `payload` is
-    a writable buffer (bytearray) holding exactly the layout's tensors, each of its dtype and
-    shape, packed back to back in one dtype: no copy is made and the tensors share `payload`.
+def packed_spans(header_bytes: bytes | bytearray | memoryview, data_len: int, layout: Mapping[str, TensorSpec],
+                 ) -> tuple[torch.dtype, list[tuple[int, int, str]]] | None:
+    """(dtype, [(begin byte, end byte, name)] in payload order) when the safetensors header
+    `header_bytes` (the JSON after the 8-byte length) describes exactly the layout's tensors,
+    each of its dtype and shape, packed back to back in one dtype over `data_len` data bytes.
     None for anything else, which the general parser then takes (with its own messages)."""
-    if not isinstance(payload, bytearray) or len(payload) < 8:
+    n = len(header_bytes)
+    if n > min(MAX_FAST_HEADER, header_limits(layout)[0]):
         return None
-    (n,) = struct.unpack_from("<Q", payload, 0)
-    if n > min(len(payload) - 8, MAX_FAST_HEADER, header_limits(layout)[0]):
-        return None   # the general parser refuses it with its reasons
     try:
-        header = json.loads(memoryview(payload)[8:8 + n].tobytes())
+        header = json.loads(bytes(header_bytes))
     except ValueError:
         return None
     if not isinstance(header, dict):
@@ -139,10 +143,201 @@ def packed_views(payload: bytes | bytearray, layout: Mapping[str, TensorSpec]) -
         if begin != pos:
             return None
         pos = end
-    if 8 + n + pos != len(payload) or (8 + n) % item:
+    if pos != data_len or (8 + n) % item:
         return None
+    return dtype, spans
+
+
+def packed_views(payload: bytes | bytearray, layout: Mapping[str, TensorSpec]) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """(all elements as one flat tensor, each layout tensor as a view of it) when `payload` is
+    a writable buffer (bytearray) holding exactly the layout's tensors, each of its dtype and
+    shape, packed back to back in one dtype: no copy is made and the tensors share `payload`.
+    None for anything else, which the general parser then takes (with its own messages)."""
+    if not isinstance(payload, bytearray) or len(payload) < 8:
+        return None
+    (n,) = struct.unpack_from("<Q", payload, 0)
+    if n > len(payload) - 8:
+        return None
+    found = packed_spans(memoryview(payload)[8:8 + n], len(payload) - 8 - n, layout)
+    if found is None:
+        return None
+    dtype, spans = found
+    item = torch.empty((), dtype=dtype).element_size()
+    pos = len(payload) - 8 - n
     flat = torch.frombuffer(payload, dtype=dtype, offset=8 + n, count=pos // item) if pos else torch.empty(0, dtype=dtype)
     return flat, {name: flat[begin // item:end // item].view(layout[name].shape) for begin, end, name in spans}
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+@dataclass(frozen=True)
+class PackedFile:
+    """A complete packed update on disk: where each layout tensor's bytes are in the file.
+    Strategies read it as a mapping of tensors (`FileDelta`), a tensor at a time."""
+
+    path: Path
+    data_start: int                          # 8 + header length
+    dtype: torch.dtype
+    spans: tuple[tuple[int, int, str], ...]  # (begin, end) byte offsets after data_start, payload order
+
+
+class FileDelta(Mapping[str, torch.Tensor]):
+    """An accepted update's tensors read from its file on access (a tensor at a time), so the
+    coordinator never holds a whole upload. Each access reads (from the page cache, after the
+    upload was just written) and returns a new tensor. `runs()` gives the averaging strategies
+    the bytes in long contiguous reads."""
+
+    def __init__(self, packed: PackedFile, layout: Mapping[str, TensorSpec]) -> None:
+        self.packed = packed
+        self.layout = layout
+        self._where = {name: (begin, end) for begin, end, name in packed.spans}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        begin, end = self._where[name]
+        buf = bytearray(end - begin)
+        with open(self.packed.path, "rb") as fh:
+            read_into(fh, self.packed.data_start + begin, buf)
+        return torch.frombuffer(buf, dtype=self.packed.dtype).view(self.layout[name].shape) if buf else \
+            torch.empty(self.layout[name].shape, dtype=self.packed.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once: views of the file read in one go (for rules that hold updates)."""
+        data = read_whole(self.packed.path)
+        found = packed_views(data, self.layout)
+        if found is None:
+            raise OSError(f"{self.packed.path}: no longer the update that was accepted; it changed on disk")
+        return found[1]
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+
+def read_whole(path: Path) -> bytearray:
+    """A file's bytes in one buffer of exactly its size (a bytearray: validated as views, no copy)."""
+    with open(path, "rb") as fh:
+        buf = bytearray(os.fstat(fh.fileno()).st_size)
+        read_into(fh, 0, buf)
+    return buf
+
+
+def read_into(fh: Any, offset: int, buf: bytearray | memoryview) -> None:
+    """Fill `buf` from `fh` at `offset` (OSError if the file is shorter: it changed on disk)."""
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        got = os.preadv(fh.fileno(), [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"{getattr(fh, 'name', 'file')}: ended {len(view) - done} bytes early; it changed on disk")
+        done += got
+
+
+class StreamCheck:
+    """`validate_update`'s one-pass check of a packed update (what schools send), made while
+    the bytes arrive: the safetensors header once it is complete, then each chunk's elements
+    (finite, and their sum of squares for the norm bound) as they come, so that when the last
+    byte lands nothing is left to check and no payload was held. Fed in order, by one thread
+    at a time (the upload's writer). Anything that is not a packed update of the layout
+    (compressed, frozen parts left out, an odd header, a non-finite value) makes `packed`
+    False: the general path then reads the file and checks it whole, with its own messages."""
+
+    def __init__(self, layout: Mapping[str, TensorSpec], total_size: int, max_norm: float = 0.0) -> None:
+        self.layout = layout
+        self.total_size = total_size
+        self.max_norm = max_norm
+        self.packed: bool | None = None     # None: header not complete yet
+        self.fed = 0
+        self._head = bytearray()
+        self._carry = b""                   # the bytes of an element split across chunks
+        self._sumsq = 0.0
+        self._np: Any = None
+        self._item = 0
+        self._found: tuple[int, torch.dtype, tuple[tuple[int, int, str], ...]] | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.fed += len(data)
+        if self.packed is False:
+            return
+        view = memoryview(data)
+        if self.packed is None:
+            view = self._take_header(view)
+            if not self.packed:
+                return
+        self._check(view)
+
+    def _take_header(self, view: memoryview) -> memoryview:
+        need = 8
+        if len(self._head) >= 8:
+            need = 8 + struct.unpack_from("<Q", self._head, 0)[0]
+        while True:
+            take = max(0, need - len(self._head))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) < need:
+                return view   # more header to come
+            if need == 8:
+                (n,) = struct.unpack_from("<Q", self._head, 0)
+                if n > min(MAX_FAST_HEADER, header_limits(self.layout)[0]) or 8 + n > self.total_size:
+                    self._give_up()
+                    return view
+                need = 8 + n
+                continue
+            break
+        found = packed_spans(memoryview(self._head)[8:], self.total_size - len(self._head), self.layout)
+        if found is None or found[0] not in _NUMPY_DTYPES:
+            self._give_up()
+            return view
+        dtype, spans = found
+        self._found = (len(self._head), dtype, tuple(spans))
+        self._np = _NUMPY_DTYPES[dtype]
+        self._item = torch.empty((), dtype=dtype).element_size()
+        self.packed = True
+        self._head = bytearray()
+        return view
+
+    def _give_up(self) -> None:
+        self.packed = False
+        self._head = bytearray()
+        self._carry = b""
+
+    def _check(self, view: memoryview) -> None:
+        if self._carry:
+            joined = self._carry + bytes(view[:self._item - len(self._carry)])
+            view = view[self._item - len(self._carry):]
+            if len(joined) < self._item:
+                self._carry = joined
+                return
+            self._carry = b""
+            self._elements(memoryview(joined))
+        usable = len(view) - len(view) % self._item
+        if usable:
+            self._elements(view[:usable])
+        self._carry = bytes(view[usable:])
+
+    def _elements(self, view: memoryview) -> None:
+        x = np.frombuffer(view, dtype=self._np)
+        if x.dtype == np.float16:
+            x = x.astype(np.float32)
+        with np.errstate(all="ignore"):   # an overflow is a non-finite sum, decided below
+            s = float(np.dot(x, x))
+        if not math.isfinite(s):   # NaN, Inf or a norm past float range: the general path words it
+            self._give_up()
+            return
+        self._sumsq += s
+
+    def result(self, path: Path) -> PackedFile | None:
+        """After the last byte: the payload as a `PackedFile` at `path` (where it is kept), or
+        None when the general path must check it. Raises ValidationError past the norm bound."""
+        if not self.packed or self.fed != self.total_size or self._carry or self._found is None:
+            return None
+        norm = self._sumsq ** 0.5
+        if self.max_norm > 0 and norm > self.max_norm:
+            raise ValidationError(f"update L2 norm {norm:.4g} exceeds the bound {self.max_norm:.4g}")
+        data_start, dtype, spans = self._found
+        return PackedFile(path, data_start, dtype, spans)
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, TensorSpec],

@@ -21,6 +21,7 @@ from fedclient.transfer import upload
 from fedserver import rounds as rounds_mod
 from fedserver.artifacts import ArtifactStore
 from fedserver.strategy import ClientUpdate, FedAvg, StrategyContext
+from fedserver.validation import StreamCheck
 from tests.test_rpc_errors import _idle, expect_status, good_delta, header_for, open_round  # noqa: F401 (fixture)
 
 LAYOUT = {"m.lora_A.weight": TensorSpec((4, 32)), "m.lora_B.weight": TensorSpec((48, 4))}
@@ -96,17 +97,33 @@ def test_step_norm_only_when_asked_and_the_global_is_never_changed(product_metri
 # ---------------------------------------------------------------- uploads in parallel
 
 
+def around_validation(monkeypatch, before) -> None:
+    """`before()` runs in the worker thread where acceptance decides an upload: the verdict of
+    the check made while the bytes arrived (`StreamCheck.result`), or `validate_update` of a
+    payload read back whole."""
+    real_validate, real_result = rounds_mod.validate_update, StreamCheck.result
+
+    def validate(*args, **kwargs):
+        before()
+        return real_validate(*args, **kwargs)
+
+    def result(self, *args, **kwargs):
+        before()
+        return real_result(self, *args, **kwargs)
+
+    monkeypatch.setattr(rounds_mod, "validate_update", validate)
+    monkeypatch.setattr(StreamCheck, "result", result)
+
+
 def held_validation(monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Validation that signals `entered` and then waits for `release` (10 s at most)."""
     entered, release = threading.Event(), threading.Event()
-    real = rounds_mod.validate_update
 
-    def held(*args, **kwargs):
+    def held():
         entered.set()
         release.wait(10)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(rounds_mod, "validate_update", held)
+    around_validation(monkeypatch, held)
     return entered, release
 
 
@@ -115,13 +132,8 @@ async def test_uploads_are_validated_concurrently(open_round, monkeypatch):
     parties inside validation breaks (and the upload fails) if they ran one at a time."""
     rc, stub, sessions = open_round
     barrier = threading.Barrier(2, timeout=10)
-    real = rounds_mod.validate_update
-
-    def meeting_validate(*args, **kwargs):
-        barrier.wait()   # BrokenBarrierError after 10 s if the other validation never starts
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rounds_mod, "validate_update", meeting_validate)
+    # BrokenBarrierError after 10 s if the other validation never starts
+    around_validation(monkeypatch, barrier.wait)
     payloads = {sid: tensors_to_bytes({k: v * (i + 1) for k, v in good_delta(rc).items()})
                 for i, sid in enumerate(("school-1", "school-2"))}
     receipts = await asyncio.gather(*(upload(stub, header_for(rc, p), p, sessions[sid]) for sid, p in payloads.items()))
@@ -202,23 +214,26 @@ async def test_round_seconds_cover_the_close(open_round, monkeypatch):
     assert ckpt.stat().st_ino == rc.engine.artifacts.path(row.global_out).stat().st_ino
 
 
-# ---------------------------------------------------------------- downloads from encoded chunks
+# ---------------------------------------------------------------- downloads framed around the bytes read
 
 
-def test_encoded_chunks_parse_back_to_the_artefact(tmp_path):
+def test_framed_chunks_are_protobufs_own_encoding(tmp_path):
     from common.pb import federation_pb2 as pb
-    from fedserver.downloads import encode_chunks, encode_file
+    from fedserver.downloads import read_chunk
 
     data = bytes(range(256)) * 41   # 10,496 bytes: 10 whole chunks of 1,000 and a short one
-    chunks = [pb.Chunk.FromString(c) for c in encode_chunks(data, chunk=1000)]
     (tmp_path / "a").write_bytes(data)
-    assert encode_file(tmp_path / "a", chunk=1000) == encode_chunks(data, chunk=1000)
-    assert [c.offset for c in chunks] == list(range(0, len(data), 1000))
-    assert {c.total_size for c in chunks} == {len(data)}
-    assert b"".join(c.data for c in chunks) == data
+    with open(tmp_path / "a", "rb") as fh:
+        chunks = [read_chunk(fh, off, len(data), chunk=1000) for off in range(0, len(data), 1000)]
+        assert read_chunk(fh, 0, 0) == pb.Chunk().SerializeToString()   # an empty artefact
+        (tmp_path / "a").write_bytes(data[:500])   # shorter than announced: it changed on disk
+        with pytest.raises(OSError, match="changed on disk"):
+            read_chunk(fh, 600, len(data), chunk=1000)
+    for off, c in zip(range(0, len(data), 1000), chunks):
+        assert c == pb.Chunk(offset=off, data=data[off:off + 1000], total_size=len(data)).SerializeToString()
 
 
-async def test_round_adapter_is_served_from_the_cache_and_counted(open_round):
+async def test_downloads_are_whole_from_any_offset_and_counted(open_round):
     from fedclient.transfer import download
 
     rc, stub, sessions = open_round
@@ -228,25 +243,8 @@ async def test_round_adapter_is_served_from_the_cache_and_counted(open_round):
     assert await download(stub, sha, sessions["school-1"], bytearray()) == full
     assert await download(stub, sha, sessions["school-2"], bytearray()) == full
     assert rc.engine._bytes.get(1, [0, 0])[1] - down0 == 2 * len(full)
-    # a resume off a chunk boundary takes the file path, and gets the same bytes
+    # a resume off a chunk boundary gets the same bytes
     assert await download(stub, sha, sessions["school-1"], bytearray(full[:1000])) == full
-
-
-async def test_chunk_cache_builds_once_for_concurrent_schools(tmp_path, monkeypatch):
-    from fedserver import downloads
-
-    store = ArtifactStore(tmp_path / "art")
-    sha = store.put(b"x" * 5000)
-    cache = downloads.ChunkCache(store)
-    builds = []
-    real = downloads.encode_file
-    monkeypatch.setattr(downloads, "encode_file", lambda path: builds.append(1) or real(path))
-    results = await asyncio.gather(*(cache.get(sha, 5000) for _ in range(5)))
-    assert len(builds) == 1 and all(r is results[0] for r in results)
-    other = store.put(b"y" * 10)
-    await cache.get(other, 10)
-    assert list(cache._cache) == [other]             # one entry: the newest adapter
-    assert await cache.get(sha, 1 << 40) is None     # too large to cache: the caller reads the file
 
 
 # ---------------------------------------------------------------- validation without a copy

@@ -42,7 +42,7 @@ async def test_a_school_may_leave_only_a_few_uploads_unfinished(rx):
         await rx.receive("school-1", header("another"), chunks(b"abcdefgh"))
     # resuming one of its own is fine, and so is another school's, or the next round's
     h = dataclasses.replace(header("u0"), offset=4)
-    part, _, _ = await rx.receive("school-1", h, _from(4, b"efgh"))
+    part, _ = await rx.receive("school-1", h, _from(4, b"efgh"))
     assert part.read_bytes() == b"abcdefgh"
     await rx.receive("school-2", header("another"), chunks(b"abcdefgh"))
     await rx.receive("school-1", header("next", round_=2), chunks(b"abcdefgh"))

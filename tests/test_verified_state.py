@@ -77,7 +77,10 @@ async def send(eng: RoundEngine, sid: str, tensors: dict[str, torch.Tensor], exa
     part.parent.mkdir(parents=True, exist_ok=True)
     part.write_bytes(payload)
     h = UploadHeader(rnd.number, f"r{rnd.number}-" + sha256_hex(payload)[:16], examples, sha256_hex(payload), len(payload), 0, rnd.global_sha)
-    await eng.accept_upload(sid, h, part, sha256_hex(payload), bytearray(payload))
+    check = eng.stream_check(sid, h)   # the servicer feeds it every byte as it arrives
+    if check is not None:
+        check.feed(payload)
+    await eng.accept_upload(sid, h, part, sha256_hex(payload), check)
 
 
 async def commit_round(eng: RoundEngine, values: dict[str, float]) -> str:
@@ -225,7 +228,8 @@ async def test_compressed_upload_kept_decoded_is_verified_by_its_own_hash(tmp_pa
     part = tmp_path / "s1.part"
     part.write_bytes(payload)
     h = UploadHeader(1, "r1-int8", 30, sha256_hex(payload), len(payload), 0, rnd.global_sha, {}, "int8")
-    await eng.accept_upload("school-1", h, part, sha256_hex(payload), bytearray(payload))
+    assert eng.stream_check("school-1", h) is None   # compressed: checked whole, after decoding
+    await eng.accept_upload("school-1", h, part, sha256_hex(payload))
     (rc,) = eng.store.receipts(1)
     assert rc.sha256 == sha256_hex(payload) and rc.file_sha256 == file_sha256(Path(rc.path)) != rc.sha256
     await stop(eng)

@@ -22,6 +22,9 @@ from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, flat_norm
+from fedserver.validation import FileDelta, read_into
+
+FOLD_SLICE = 1 << 17   # elements read and folded at a time from an upload's file (512 KiB of float32)
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
@@ -83,8 +86,13 @@ class FedAvg(Strategy):
     def begin_round(self, round_: int, global_state: State) -> None:
         # The engine never changes a global state in place (a commit makes a new one): no copy.
         self._global = dict(global_state)
-        self._sum = {}   # float64 running sums, allocated by the first update (no zero pass)
+        # float64 running sums: views of one flat buffer (in the payload's tensor order, by name),
+        # allocated by the first update (no zero pass) and freed whole at the close
+        self._sum = {}
         self._weight, self._count, self._failures = 0.0, 0, 0
+
+    def _allocate_sums(self) -> None:
+        self._sum = segmented_empty_like({k: self._global[k] for k in sorted(self._global) if self.shared(k)})
 
     def weight_of(self, update: ClientUpdate) -> float:
         if update.num_examples <= 0:
@@ -93,14 +101,19 @@ class FedAvg(Strategy):
 
     def accumulate(self, update: ClientUpdate) -> None:
         w = self.weight_of(update)
-        for k in self._global:
-            if not self.shared(k):
-                continue
-            acc = self._sum.get(k)
-            if acc is None:   # float64 sums: order-independent to ~1e-12
-                self._sum[k] = update.delta[k].to(torch.float64).mul_(w) if w != 1.0 else update.delta[k].to(torch.float64, copy=True)
-            else:
-                acc.add_(update.delta[k].to(torch.float64), alpha=w)   # not mixed-dtype add_: ~75x slower
+        first = self._count == 0
+        if first:
+            self._allocate_sums()
+        if isinstance(update.delta, FileDelta):   # an upload on disk: read in long slices, never whole
+            fold_file(update.delta, self._sum, w, first)
+        else:
+            for k, acc in self._sum.items():   # float64 sums: order-independent to ~1e-12
+                if first:
+                    acc.copy_(update.delta[k])
+                    if w != 1.0:
+                        acc.mul_(w)
+                else:
+                    acc.add_(update.delta[k].to(torch.float64), alpha=w)   # not mixed-dtype add_: ~75x slower
         self._weight += w
         self._count += 1
 
@@ -125,14 +138,106 @@ class FedAvg(Strategy):
         for hook in self.mean_hooks:
             metrics.update(hook(mean, self._count))
         step = self.step(mean)
-        state = {k: step[k].add(g.to(torch.float64)).to(g.dtype) if k in step else g.clone() for k, g in self._global.items()}
         step_norm = flat_norm(step)
+        # the sums are given back segment by segment while the new state is written (new_state
+        # drops each step tensor once used), so the close never holds sums and state whole at once
+        self._sum = {}
+        del mean
+        state = new_state(self._global, step)
         metrics.update(updates=float(self._count), failures=float(self._failures),
                        examples=self._weight if self.options.weighting == "examples" else float(self._count),
                        update_norm=step_norm)
         if self.ctx is not None and self.ctx.product_metrics:
             metrics["step_norm"] = lowrank.step_norm(self._global, state, self.ctx.scale)
         return AggregateResult(state, metrics)
+
+
+SEGMENT_BYTES = 4 << 20   # the float64 sums are allocated in segments of about this size
+
+
+def segmented_empty_like(like: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors shaped like `like`'s, as views of consecutive buffers of about
+    SEGMENT_BYTES each (in `like`'s order): each buffer is its own mapping, given back to the OS
+    as soon as the last view of it is dropped."""
+    out: dict[str, torch.Tensor] = {}
+    group: list[str] = []
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def flush() -> None:
+        flat = torch.empty(sum(like[k].numel() for k in group), dtype=dtype)
+        pos = 0
+        for k in group:
+            n = like[k].numel()
+            out[k] = flat[pos:pos + n].view(like[k].shape)
+            pos += n
+        group.clear()
+
+    filled = 0
+    for k, t in like.items():
+        group.append(k)
+        filled += t.numel() * size
+        if filled >= SEGMENT_BYTES:
+            flush()
+            filled = 0
+    if group:
+        flush()
+    return out
+
+
+def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: bool) -> None:
+    """sums[k] (+)= w * delta[k] for every k in `sums`, read from the upload's file a slice at a
+    time: where the file and a buffer of the sums hold consecutive tensors in the same order
+    (what schools send), one long run. Memory: one slice of the file and its float64 copy."""
+    packed = delta.packed
+    item = packed.dtype.itemsize
+    runs: list[list[Any]] = []   # [file byte offset, flat float64 view of the sums' buffer, start, element count]
+    flats: dict[int, torch.Tensor] = {}
+    for begin, end, name in packed.spans:
+        acc = sums.get(name)
+        if acc is None:
+            continue
+        storage = acc.untyped_storage()
+        flat = flats.get(storage.data_ptr())
+        if flat is None:
+            flat = flats[storage.data_ptr()] = torch.empty(0, dtype=acc.dtype).set_(storage)
+        start, n = acc.storage_offset(), (end - begin) // item
+        last = runs[-1] if runs else None
+        if last is not None and last[1] is flat and last[0] + last[3] * item == packed.data_start + begin \
+                and last[2] + last[3] == start:
+            last[3] += n
+        else:
+            runs.append([packed.data_start + begin, flat, start, n])
+    buf = bytearray(FOLD_SLICE * item)
+    tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
+    with open(packed.path, "rb") as fh:
+        for offset, flat, start, n in runs:
+            for i in range(0, n, FOLD_SLICE):
+                c = min(FOLD_SLICE, n - i)
+                read_into(fh, offset + i * item, memoryview(buf)[:c * item])
+                x = torch.frombuffer(buf, dtype=packed.dtype, count=c)
+                acc = flat[start + i:start + i + c]
+                if first:
+                    acc.copy_(x)
+                    if w != 1.0:
+                        acc.mul_(w)
+                else:
+                    t = tmp[:c]
+                    t.copy_(x)
+                    acc.add_(t, alpha=w)
+
+
+def new_state(global_state: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """global + step, in the global's dtypes, as views of new buffers (given back to the OS whole
+    when the state is dropped, not left in the allocator's heap). Each step tensor is dropped
+    from `step` once used, so buffers it was the last view of are freed on the way."""
+    out = segmented_empty_like({k: global_state[k] for k in sorted(global_state)}, next(iter(global_state.values())).dtype) \
+        if len({g.dtype for g in global_state.values()}) == 1 else {k: torch.empty_like(g) for k, g in global_state.items()}
+    for k in sorted(global_state):
+        g = global_state[k]
+        d = step.pop(k, None)
+        out[k].copy_(d.add(g.to(torch.float64)) if d is not None else g)
+        del d
+    return {k: out[k] for k in global_state}
 
 
 # ------------------------------------------------------------------ server momentum

@@ -1,0 +1,219 @@
+"""Uploads checked as their bytes arrive and folded from their file a slice at a time: the
+coordinator never holds a whole upload (issue #9, memory). The streamed check must agree
+with `validate_update` on every payload it decides, and hand every payload it cannot decide
+to the general path; the file fold must give bit-for-bit the sums of the in-memory fold."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from common.errors import ValidationError
+from common.lora import TensorSpec, initial_state
+from common.wire import tensors_to_bytes
+from fedserver.strategy import ClientUpdate, FedAvg, StrategyContext
+from fedserver.strategy.fedavg import FedAvgM
+from fedserver.validation import FileDelta, StreamCheck, validate_update
+
+LAYOUT = {
+    "m.0.lora_A.weight": TensorSpec((4, 33)),   # odd sizes: elements straddle chunk boundaries
+    "m.0.lora_B.weight": TensorSpec((47, 4)),
+    "m.1.lora_A.weight": TensorSpec((4, 33)),
+    "m.1.lora_B.weight": TensorSpec((47, 4)),
+}
+
+
+def delta(seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in LAYOUT.items()}
+
+
+def feed(payload: bytes, max_norm: float = 0.0, seed: int = 0) -> StreamCheck:
+    """The payload fed in random pieces, from 1 byte up, as gRPC chunks might cut it."""
+    check = StreamCheck(LAYOUT, len(payload), max_norm)
+    rng, pos = random.Random(seed), 0
+    while pos < len(payload):
+        n = rng.choice([1, 2, 3, 5, 64, 700, 4096])
+        check.feed(payload[pos:pos + n])
+        pos += n
+    return check
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_packed_update_is_decided_as_it_arrives(tmp_path, seed):
+    d = delta(seed)
+    payload = tensors_to_bytes(d)
+    check = feed(payload, seed=seed)
+    packed = check.result(tmp_path / "u")
+    assert packed is not None and check.packed
+    (tmp_path / "u").write_bytes(payload)
+    back = FileDelta(packed, LAYOUT)
+    assert set(back) == set(LAYOUT)
+    for k, v in d.items():
+        assert torch.equal(back[k], v)
+
+
+def test_the_norm_bound_is_the_same_as_validate_updates(tmp_path):
+    payload = tensors_to_bytes(delta(3))
+    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta(3).values())))
+    assert feed(payload, max_norm=norm * 1.001).result(tmp_path / "u") is not None
+    with pytest.raises(ValidationError, match="exceeds the bound") as streamed:
+        feed(payload, max_norm=norm * 0.999).result(tmp_path / "u")
+    with pytest.raises(ValidationError, match="exceeds the bound") as whole:
+        validate_update(bytearray(payload), sha(payload), LAYOUT, max_norm=norm * 0.999)
+    assert str(streamed.value).split(" exceeds")[0][:18] == str(whole.value).split(" exceeds")[0][:18]
+
+
+def sha(b: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_a_non_finite_update_goes_to_the_general_path_which_names_the_tensor(tmp_path, bad):
+    d = delta(4)
+    d["m.1.lora_B.weight"][5, 2] = bad
+    d["m.1.lora_B.weight"][6, 2] = bad
+    payload = tensors_to_bytes(d)
+    check = feed(payload)
+    assert check.result(tmp_path / "u") is None and check.packed is False
+    with pytest.raises(ValidationError, match="m.1.lora_B.weight"):
+        validate_update(bytearray(payload), sha(payload), LAYOUT)
+
+
+@pytest.mark.parametrize("what", ["missing", "extra", "shape", "dtype", "metadata-only-ok", "short", "garbage"])
+def test_anything_but_a_packed_update_of_the_layout_is_left_to_the_general_path(tmp_path, what):
+    d = delta(5)
+    if what == "missing":
+        del d["m.0.lora_A.weight"]
+    elif what == "extra":
+        d["x.lora_A.weight"] = torch.zeros(2, 2)
+    elif what == "shape":
+        d["m.0.lora_A.weight"] = torch.zeros(33, 4)
+    elif what == "dtype":
+        d["m.0.lora_A.weight"] = d["m.0.lora_A.weight"].double()
+    payload = tensors_to_bytes(d, {"note": "x"} if what == "metadata-only-ok" else None)
+    if what == "short":
+        payload = payload[:-4]
+    if what == "garbage":
+        payload = b"\xff" * 200
+    check = StreamCheck(LAYOUT, len(payload) + (4 if what == "short" else 0))
+    check.feed(payload)
+    found = check.result(tmp_path / "u")
+    if what == "metadata-only-ok":
+        assert found is not None   # metadata is allowed, as validate_update allows it
+    else:
+        assert found is None
+
+
+def ctx() -> StrategyContext:
+    from common.lora import LoraSettings
+
+    return StrategyContext(LoraSettings(rank=4, alpha=8), LAYOUT)
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FedAvgM])
+def test_folding_from_files_gives_the_same_bits_as_folding_tensors(tmp_path, strategy):
+    glob = initial_state(LAYOUT, 0)
+    results = []
+    for from_file in (False, True):
+        s = strategy()
+        s.setup(ctx())
+        s.begin_round(1, glob)
+        for i, n in enumerate((3, 11, 7)):
+            d = delta(10 + i)
+            if from_file:
+                payload = tensors_to_bytes(d)
+                path = tmp_path / f"{i}.safetensors"
+                path.write_bytes(payload)
+                packed = feed(payload, seed=i).result(path)
+                assert packed is not None
+                d = FileDelta(packed, LAYOUT)
+            s.accumulate(ClientUpdate(f"s{i}", 1, n, d))
+        results.append(s.finalize())
+    a, b = results
+    assert a.state.keys() == b.state.keys() == glob.keys()
+    for k in glob:
+        assert torch.equal(a.state[k], b.state[k]), k
+        assert a.state[k].dtype == glob[k].dtype and a.state[k].shape == glob[k].shape
+    assert a.metrics == b.metrics
+
+
+def test_the_new_state_does_not_share_memory_with_the_old_one_or_the_sums():
+    glob = initial_state(LAYOUT, 0)
+    s = FedAvg()
+    s.setup(ctx())
+    s.begin_round(1, glob)
+    s.accumulate(ClientUpdate("a", 1, 2, delta(1)))
+    new = s.finalize().state
+    before = {k: v.clone() for k, v in new.items()}
+    s.begin_round(2, new)
+    s.accumulate(ClientUpdate("a", 2, 2, delta(2)))
+    s.finalize()
+    for k in new:   # round 2 left round 1's result alone
+        assert torch.equal(new[k], before[k])
+
+
+# ---------------------------------------------------------------- Upload's chunk decoder
+
+
+def test_chunks_decode_as_views_that_agree_with_protobuf():
+    from common.pb import federation_pb2 as pb
+    from fedserver.transfers import RawChunk, decode_upload_message
+
+    rng = random.Random(0)
+    for _ in range(200):
+        data = rng.randbytes(rng.choice([0, 1, 127, 128, 300, 70000]))
+        msg = pb.UploadMessage(chunk=pb.Chunk(offset=rng.choice([0, 1, 2**40, 2**64 - 1]), data=data,
+                                              total_size=rng.choice([0, 5, 2**63])))
+        raw = msg.SerializeToString()
+        got = decode_upload_message(raw)
+        assert isinstance(got, RawChunk)
+        assert (got.offset, bytes(got.data), got.total_size) == (msg.chunk.offset, data, msg.chunk.total_size)
+    # fields out of order, and unknown ones, are read as protobuf reads them
+    inner = pb.Chunk(total_size=9).SerializeToString() + b"\x08\x05" + b"\x12\x03abc" + b"\xa0\x01\x07" + b"\x08\x06"
+    raw = b"\x12" + bytes([len(inner)]) + inner
+    ref, got = pb.UploadMessage.FromString(raw), decode_upload_message(raw)
+    assert (got.offset, bytes(got.data), got.total_size) == (ref.chunk.offset, ref.chunk.data, ref.chunk.total_size) == (6, b"abc", 9)
+
+
+def test_anything_but_a_plain_chunk_is_left_to_protobuf():
+    from google.protobuf.message import DecodeError
+
+    from common.pb import federation_pb2 as pb
+    from fedserver.transfers import RawChunk, decode_upload_message
+
+    header = pb.UploadMessage(header=pb.UploadHeader(round=3, upload_id="u"))
+    assert not isinstance(decode_upload_message(header.SerializeToString()), RawChunk)
+    assert decode_upload_message(header.SerializeToString()).header.round == 3
+    raw = pb.UploadMessage(chunk=pb.Chunk(offset=1, data=b"xy")).SerializeToString()
+    for bad in (raw[:-1], raw + b"\x12", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x12\x02\x0a\x05"):
+        try:
+            got = decode_upload_message(bad)
+        except DecodeError:
+            continue
+        assert not isinstance(got, RawChunk) or bytes(got.data) in (b"xy",)   # what protobuf would read too
+    rng = random.Random(1)
+    for _ in range(2000):   # random bytes: never an exception other than protobuf's own
+        blob = b"\x12" + rng.randbytes(rng.randint(0, 12))
+        try:
+            got = decode_upload_message(blob)
+        except DecodeError:
+            continue
+        if isinstance(got, RawChunk):
+            ref = pb.UploadMessage.FromString(blob)
+            assert (got.offset, bytes(got.data), got.total_size) == (ref.chunk.offset, ref.chunk.data, ref.chunk.total_size)
+
+
+def test_a_file_delta_loads_whole_for_rules_that_hold_updates(tmp_path):
+    d = delta(7)
+    payload = tensors_to_bytes(d)
+    (tmp_path / "u").write_bytes(payload)
+    whole = FileDelta(feed(payload).result(tmp_path / "u"), LAYOUT).load()
+    assert whole.keys() == d.keys() and all(torch.equal(whole[k], v) for k, v in d.items())
+    (tmp_path / "u").write_bytes(payload[:-8])   # changed on disk since it was accepted
+    with pytest.raises(OSError, match="changed on disk"):
+        FileDelta(feed(payload).result(tmp_path / "u"), LAYOUT).load()
