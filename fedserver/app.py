@@ -109,7 +109,8 @@ async def create_server(cfg: CoordinatorConfig, checkpoint_dir: Path | None = No
     servicer = FederationServicer(engine, store, artifacts, auth, state / "uploads", cfg.server.max_upload_bytes,
                                   cfg.server.heartbeat_interval_s, cfg.server.session_timeout_s, cfg.model.base,
                                   guard=guard, upload_memory_bytes=cfg.server.limits.upload_memory_mb * 1024 * 1024,
-                                  request_timeout_s=cfg.server.limits.request_timeout_s)
+                                  request_timeout_s=cfg.server.limits.request_timeout_s,
+                                  heartbeats_per_s=cfg.server.heartbeats_per_s, enrolled=len(cfg.schools))
     server = grpc.aio.server(options=server_options(cfg))
     limits = cfg.server.limits
     admission = Admission(servicer.caller, Limits(limits.calls_per_school, limits.request_timeout_s),

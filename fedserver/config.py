@@ -77,8 +77,14 @@ class ServerSection:
     listen: str = "127.0.0.1:50051"       # host:port; port 0 picks a free port (tests)
     state_dir: Path = Path("/var/lib/fedserver")  # SQLite state, artefacts, uploads, checkpoints
     max_upload_bytes: int = 64 * 1024 * 1024     # bytes; larger uploads are refused up front
-    heartbeat_interval_s: float = 5.0     # seconds between school heartbeats
+    heartbeat_interval_s: float = 5.0     # seconds between school heartbeats (the shortest the coordinator asks for)
     session_timeout_s: float = 30.0       # seconds without a heartbeat before a school is dropped
+    # The most heartbeats a second the coordinator asks of all its schools together: past
+    # heartbeats_per_s x heartbeat_interval_s schools (625 by default) each school's interval,
+    # and its timeout with it, is lengthened to schools / heartbeats_per_s (80 s and 480 s at
+    # 10,000; a dead connection is noticed sooner, by HTTP/2 keepalive). 0: every school beats
+    # at heartbeat_interval_s however many there are.
+    heartbeats_per_s: float = 125.0
     log_level: str = "info"
     tls: ServerTLSSection = field(default_factory=ServerTLSSection)   # [server.tls]
     limits: ServerLimitsSection = field(default_factory=ServerLimitsSection)   # [server.limits]
@@ -97,6 +103,8 @@ class ServerSection:
                        f"({self.max_upload_bytes} bytes): the largest upload would never fit; raise it")
         if self.heartbeat_interval_s <= 0 or self.session_timeout_s <= self.heartbeat_interval_s:
             out.append("session_timeout_s must exceed heartbeat_interval_s > 0")
+        if not self.heartbeats_per_s >= 0:
+            out.append("heartbeats_per_s: must be >= 0 (0: no budget, every school beats at heartbeat_interval_s)")
         if self.log_level.lower() not in LOG_LEVELS:
             out.append(f"log_level: one of {', '.join(LOG_LEVELS)}")
         return out

@@ -105,7 +105,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, store: Store, artifacts: ArtifactStore, auth: Authenticator,
                  uploads_dir: Path, max_upload_bytes: int, heartbeat_interval_s: float, session_timeout_s: float,
                  base_model: str = "", guard: PeerGuard | None = None,
-                 upload_memory_bytes: int = 160 * 1024 * 1024, request_timeout_s: float = 60.0) -> None:
+                 upload_memory_bytes: int = 160 * 1024 * 1024, request_timeout_s: float = 60.0,
+                 heartbeats_per_s: float = 0.0, enrolled: int = 0) -> None:
         self.engine = engine
         self.store = store
         self.artifacts = artifacts
@@ -113,6 +114,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.uploads = UploadReceiver(store, uploads_dir, max_upload_bytes, lambda n: engine.count_bytes(up=n))
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session_timeout_s = session_timeout_s
+        self.heartbeats_per_s = heartbeats_per_s   # all schools' heartbeats together (0: no budget)
+        self.enrolled = enrolled
+        self._intervals: dict[str, float] = {}     # school -> the heartbeat interval its Join was given
         self._caps: dict[str, Capabilities] = {}
         self.base_model = base_model   # schools must train the same base (heterogeneous federations: later)
         self.guard = guard             # mutual TLS: the school id from the verified peer certificate; None: plaintext
@@ -167,8 +171,22 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.peers[school] = peer.cert
         info = self.auth.open_session(school)
         self.engine.note_session("school joined", school, log, model=school_text(caps.model), examples=caps.num_examples)
-        return settings_to_pb(SessionSettings(school, info.token, self.heartbeat_interval_s, MAX_CHUNK_BYTES,
+        self._intervals[school] = interval = self.heartbeat_interval(len(self.engine.sessions) + 1)
+        return settings_to_pb(SessionSettings(school, info.token, interval, MAX_CHUNK_BYTES,
                                               __version__, self.engine.settings.to_json()))
+
+    def heartbeat_interval(self, connected: int) -> float:
+        """The interval a joining school is asked to beat at: heartbeat_interval_s, lengthened so
+        that all the schools (enrolled, or connected if more) together send at most
+        heartbeats_per_s. A school keeps what its Join said until it joins again."""
+        if self.heartbeats_per_s <= 0:
+            return self.heartbeat_interval_s
+        return max(self.heartbeat_interval_s, max(self.enrolled, connected) / self.heartbeats_per_s)
+
+    def session_timeout(self, school: str) -> float:
+        """How long this school may be silent: session_timeout_s, scaled with its interval."""
+        interval = self._intervals.get(school, self.heartbeat_interval_s)
+        return self.session_timeout_s * interval / self.heartbeat_interval_s
 
     def _command_pb(self, cmd: Command) -> pb.ServerCommand:
         """A command fanned out to every school is one object (the engine queues the same
@@ -207,7 +225,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         # once per session_timeout_s). A task and a timeout per session per heartbeat interval
         # were about a quarter of the coordinator's CPU with only heartbeats flowing (docs/SCALING.md).
         loop = asyncio.get_running_loop()
-        timeout = self.session_timeout_s
+        timeout = self.session_timeout(school)
         timer: asyncio.TimerHandle   # the silence timer, armed below
 
         def look(_: object = None) -> None:

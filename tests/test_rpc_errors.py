@@ -328,3 +328,68 @@ async def test_silent_school_is_dropped_after_the_session_timeout(tmp_path, tiny
             c.cancel()
         await rc.stop()
         await channel.close()
+
+
+async def test_heartbeats_are_spread_to_the_coordinators_budget(tmp_path, tiny_model, start_coordinator):
+    """With more schools than heartbeats_per_s x heartbeat_interval_s, Join hands out a longer
+    interval (schools / heartbeats_per_s) and the session's silence timeout grows with it: a
+    school beating at that interval, slower than session_timeout_s, stays; a silent one is
+    still dropped, at the scaled timeout."""
+    import asyncio
+    import dataclasses
+    import time
+
+    cfg = coordinator_config(tmp_path, tiny_model, schools=3, tls=False, rounds=dict(total=1, min_schools=3, quorum=2))
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, heartbeat_interval_s=0.3, session_timeout_s=1.0,
+                                                              heartbeats_per_s=2.5))
+    rc = await start_coordinator(cfg)
+    channel = grpc.aio.insecure_channel(rc.address, options=grpc_options())
+    stub = pb_grpc.FederationStub(channel)
+
+    async def beating(every: float):
+        while True:
+            yield pb.ClientEvent(heartbeat=pb.Heartbeat(unix_time=0))
+            await asyncio.sleep(every)
+
+    async def one_beat_then_silence():
+        yield pb.ClientEvent(heartbeat=pb.Heartbeat(unix_time=0))
+        await asyncio.Event().wait()
+
+    calls, intervals = [], []
+    try:
+        for sid in ("school-1", "school-2"):
+            resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION),
+                                   metadata=[("authorization", f"Bearer {TOKENS[sid]}")])
+            intervals.append(resp.heartbeat_interval_s)
+            events = beating(resp.heartbeat_interval_s) if sid == "school-1" else one_beat_then_silence()
+            calls.append(stub.Session(events, metadata=[("x-session-token", resp.session_token)]))
+        assert intervals == [pytest.approx(1.2), pytest.approx(1.2)]   # 3 enrolled / 2.5 a second
+        await wait_for(lambda: {"school-1", "school-2"} <= set(rc.engine.sessions), 10, "both sessions")
+        t0 = time.monotonic()
+        await asyncio.sleep(2.5)   # well past session_timeout_s (1.0 s), short of the scaled 4.0 s
+        assert {"school-1", "school-2"} <= set(rc.engine.sessions)
+        await wait_for(lambda: "school-2" not in rc.engine.sessions, 10, "the silent school to be dropped")
+        assert time.monotonic() - t0 > 2.5
+        assert "school-1" in rc.engine.sessions   # beating every 1.2 s: never silent for 4 s
+    finally:
+        for c in calls:
+            c.cancel()
+        await rc.stop()
+        await channel.close()
+
+
+def test_the_heartbeat_interval_grows_with_the_schools_past_the_budget():
+    from fedserver.servicer import FederationServicer
+
+    s = FederationServicer.__new__(FederationServicer)
+    s.heartbeat_interval_s, s.session_timeout_s, s._intervals = 5.0, 30.0, {}
+    s.heartbeats_per_s, s.enrolled = 125.0, 10_000
+    assert s.heartbeat_interval(10) == 80.0            # the enrolled schools count, connected or not
+    assert s.heartbeat_interval(12_000) == 96.0        # more connected than enrolled (certificates)
+    s.enrolled = 600
+    assert s.heartbeat_interval(3) == 5.0              # within the budget: the configured interval
+    s.heartbeats_per_s = 0.0
+    s.enrolled = 10_000
+    assert s.heartbeat_interval(10_000) == 5.0         # no budget
+    s._intervals["a"] = 80.0
+    assert s.session_timeout("a") == 480.0 and s.session_timeout("b") == 30.0
