@@ -144,6 +144,7 @@ def run(rounds: int = 100, schools: int = 4, model: str = DEFAULT_MODEL, cache_d
         "growth_mib": round(deciles[-1] - deciles[0], 1),
         "within_budget": peak_kib <= budget_kib,
         "phase_peak_over_start_mib": {k: round((sorted(v)[len(v) // 2] - start_kib) / 1024, 1) for k, v in phases.items() if v},
+        "phase_highest_over_start_mib": {k: round((max(v) - start_kib) / 1024, 1) for k, v in phases.items() if v},
         "workdir": str(root),
     }
     return result
@@ -159,7 +160,9 @@ def format_result(r: dict[str, Any]) -> str:
         "highest RSS per tenth of the rounds (MiB): " + " ".join(f"{d:.0f}" for d in r["per_decile_mib"]),
         f"growth, last tenth - first tenth: {r['growth_mib']:+.1f} MiB",
         "a round's highest RSS above start-up, median over rounds: "
-        + ", ".join(f"{k} +{v} MiB" for k, v in r.get("phase_peak_over_start_mib", {}).items()),
+        + ", ".join(f"{k} +{v} MiB" for k, v in r.get("phase_peak_over_start_mib", {}).items())
+        + "; highest of all: "
+        + ", ".join(f"{k} +{v} MiB" for k, v in r.get("phase_highest_over_start_mib", {}).items()),
     ])
 
 

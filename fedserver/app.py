@@ -172,14 +172,18 @@ async def _housekeeping(engine: RoundEngine, uploads: UploadReceiver, started_at
 
 def server_options(cfg: CoordinatorConfig) -> list[tuple[str, int]]:
     """gRPC's options for the coordinator's port: the shared ones, with a receive limit of one
-    upload chunk (not 4 MiB: gRPC buffers up to it per stream before our code runs), HTTP/2
-    streams per connection and connections capped ([server.limits])."""
+    upload chunk (not 4 MiB: gRPC buffers up to it per stream before our code runs), a fixed
+    HTTP/2 receive window, HTTP/2 streams per connection and connections capped ([server.limits])."""
     limits = cfg.server.limits
     connections = limits.max_connections or 4 * len(cfg.schools) + 1024
     opts = [(k, v) for k, v in grpc_options() if k != "grpc.max_receive_message_length"]
-    return opts + [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                   ("grpc.max_concurrent_streams", limits.streams_per_connection),
-                   ("grpc.max_allowed_incoming_connections", connections)]
+    # A fixed receive window instead of BDP probing (which grows windows, and what gRPC buffers,
+    # to the measured bandwidth-delay product: on loopback several MiB per upload stream).
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", limits.receive_window_kb * 1024)] \
+        if limits.receive_window_kb else []
+    return opts + window + [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                            ("grpc.max_concurrent_streams", limits.streams_per_connection),
+                            ("grpc.max_allowed_incoming_connections", connections)]
 
 
 def _tls_guard(cfg: CoordinatorConfig) -> PeerGuard | None:

@@ -55,6 +55,10 @@ class ServerLimitsSection:
                                           # the whole payload when checked whole); more wait their turn
     streams_per_connection: int = 32      # HTTP/2 streams open at once on one connection (a school uses 2-4)
     max_connections: int = 0              # connections at once; 0: 4 per enrolled school + 1,024
+    # What gRPC may buffer per incoming stream before our code reads it, in KiB (the HTTP/2
+    # receive window). One upload then streams at most window / round-trip time (2 MiB: ~335
+    # Mbit/s at 50 ms). 0: gRPC sizes windows to the link (BDP probing), and buffers grow with them.
+    receive_window_kb: int = 2048
 
     def problems(self) -> list[str]:
         out = []
@@ -69,6 +73,8 @@ class ServerLimitsSection:
                        "and a status call at once)")
         if self.max_connections < 0:
             out.append("max_connections: must be >= 0 (0: 4 per enrolled school + 1,024)")
+        if self.receive_window_kb != 0 and not 64 <= self.receive_window_kb <= 1 << 20:
+            out.append("receive_window_kb: must be 0 (gRPC's BDP probing) or 64 to 1,048,576")
         return out
 
 

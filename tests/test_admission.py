@@ -347,3 +347,20 @@ async def test_the_daemon_retries_each_refusal_kind_as_it_should():
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await run([err(grpc.StatusCode.INVALID_ARGUMENT)])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_receive_window_is_fixed_unless_set_to_zero(tmp_path):
+    """What gRPC buffers per incoming stream is the configured window (no BDP probing, which grows
+    it with the link); 0 gives gRPC's own sizing back."""
+    import dataclasses
+
+    from fedserver.app import server_options
+    from fedserver.config import ServerLimitsSection
+    from tests.conftest import coordinator_config
+
+    cfg = coordinator_config(tmp_path, "dir:unused", tls=False)
+    opts = dict(server_options(cfg))
+    assert opts["grpc.http2.bdp_probe"] == 0 and opts["grpc.http2.lookahead_bytes"] == 2048 * 1024
+    off = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, limits=ServerLimitsSection(receive_window_kb=0)))
+    assert "grpc.http2.bdp_probe" not in dict(server_options(off))
+    assert ServerLimitsSection(receive_window_kb=10).problems() and not ServerLimitsSection(receive_window_kb=0).problems()
