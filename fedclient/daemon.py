@@ -113,7 +113,8 @@ class SchoolDaemon:
                 delay = backoff.next_delay()
                 (self.log.info if self._joined_once else self.log.debug)("reconnecting", in_s=round(delay, 2))
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):   # not wait_for: 3.11's can lose a cancellation
+                        await stop.wait()
                 except TimeoutError:
                     pass
         finally:
@@ -223,7 +224,8 @@ class SchoolDaemon:
         async def outgoing():  # type: ignore[no-untyped-def]
             while True:
                 try:
-                    ev = await asyncio.wait_for(self.events.get(), timeout=beat)
+                    async with asyncio.timeout(beat):   # not wait_for: 3.11's can lose a cancellation
+                        ev = await self.events.get()
                 except TimeoutError:
                     ev = Heartbeat(time.time())
                 yield event_to_pb(ev)
@@ -275,7 +277,8 @@ class SchoolDaemon:
             remaining = deadline - time.time() if deadline else 3600.0
             if remaining <= 0:
                 raise TimeoutError("the round's deadline passed")
-            await asyncio.wait_for(self._link_ready.wait(), timeout=remaining)
+            async with asyncio.timeout(remaining):   # not wait_for: 3.11's can lose a cancellation
+                await self._link_ready.wait()
             assert self._link is not None
             stub, md = self._link
             try:

@@ -38,7 +38,8 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
     chunks = aiter(stream)
     while True:
         try:
-            chunk = await (asyncio.wait_for(anext(chunks), stall_s) if stall_s else anext(chunks))
+            async with asyncio.timeout(stall_s or None):   # not wait_for: 3.11's can lose a cancellation
+                chunk = await anext(chunks)
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:

@@ -130,7 +130,8 @@ class Admission:
         if timeout is None:
             return await anext(it, None)
         try:
-            return await asyncio.wait_for(anext(it, None), timeout)
+            async with asyncio.timeout(timeout):   # not wait_for: 3.11's can lose a cancellation
+                return await anext(it, None)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(
                 f"{method}: no complete request message within {timeout:g} s; the call is ended (a school "

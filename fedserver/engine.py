@@ -579,7 +579,10 @@ class RoundEngine:
     async def _wait_change(self, timeout: float) -> None:
         self._changed.clear()
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout=max(0.01, timeout))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when the
+            # event is set as the task is cancelled, losing the cancellation (a stop then hung)
+            async with asyncio.timeout(max(0.01, timeout)):
+                await self._changed.wait()
         except TimeoutError:
             pass
 

@@ -360,3 +360,23 @@ def test_a_state_file_of_the_first_release_is_migrated(tmp_path):
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     store.close()
     Store(tmp_path / "state.sqlite", readonly=True).close()   # readable by `fedserver status` now
+
+
+async def test_a_round_loop_wait_does_not_lose_a_cancellation():
+    """The engine's wait for a change must end with CancelledError when the coordinator is
+    stopped, even if a change (a school leaving) lands in the same instant. Python 3.11's
+    wait_for returned normally then, and the round loop ran on until its deadline (a teardown
+    hung 240 s in CI)."""
+    import asyncio
+
+    from fedserver.engine import RoundEngine
+
+    for _ in range(20):
+        eng = RoundEngine.__new__(RoundEngine)
+        eng._changed = asyncio.Event()
+        task = asyncio.create_task(eng._wait_change(5.0))
+        await asyncio.sleep(0.001)
+        eng._changed.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert done and task.cancelled()
