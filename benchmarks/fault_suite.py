@@ -174,6 +174,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """SIGTERM (by PID), then SIGKILL if it has not exited after `timeout`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+    return proc.returncode
+
 class LogTail:
     """New JSON lines of a growing file, parsed (other lines kept as {'event': text})."""
 
@@ -271,15 +283,9 @@ class Coordinator:
         """SIGTERM, then SIGKILL after `timeout`."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait(30)
+        code = terminate(self.proc, timeout)
         self.log.close()
-        return self.proc.returncode
+        return code
 
     async def wait_log(self, pred: Callable[[dict[str, Any]], bool], timeout: float,
                        also: Callable[[], bool] | None = None) -> dict[str, Any] | None:
@@ -347,15 +353,7 @@ class SchoolProc:
             self.proc.wait(30)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
+        return terminate(self.proc, timeout) if self.proc is not None else None
 
     def all_events(self) -> list[dict[str, Any]]:
         return LogTail(self.events_path).poll()

@@ -35,7 +35,6 @@ from common.training import TrainParams
 from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
 from fedserver.ensemble import ensemble
 from fedserver.strategy import ClientFailure, ClientUpdate
-from fedserver.strategy.fedavg import FedAvg
 from fedserver.validation import FileDelta, PackedFile, StreamCheck, read_whole, validate_update
 
 if TYPE_CHECKING:
@@ -213,8 +212,8 @@ class TrainKind(RoundKind):
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
         tensors = result if result is not None else bytes_to_tensors(path.read_bytes())
-        if isinstance(tensors, FileDelta) and not isinstance(eng.strategy, FedAvg):
-            tensors = tensors.load()   # rules other than the averaging family read each tensor more than once
+        if isinstance(tensors, FileDelta) and not eng.strategy.folds_files:
+            tensors = tensors.load()   # the rule (or a wrapper) reads each tensor more than once
         eng.strategy.accumulate(ClientUpdate(school, rnd.number, num_examples, tensors, dict(metrics), path))
 
     def fail(self, eng: RoundEngine, rnd: OpenRound, school: str, reason: str) -> None:

@@ -86,6 +86,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # accumulate() may be handed an update still on disk (fedserver.validation.FileDelta) and
+    # reads it once; False: the engine loads the update into memory first
+    folds_files: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

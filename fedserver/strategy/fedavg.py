@@ -56,6 +56,7 @@ class FedAvg(Strategy):
     name = "fedavg"
     summary = "Weighted mean of the factor deltas (FedIT). The baseline; cross-term bias on B·A."
     Options = AvgOptions
+    folds_files = True   # the whole averaging family: fold_file reads an upload in slices
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -86,8 +87,8 @@ class FedAvg(Strategy):
     def begin_round(self, round_: int, global_state: State) -> None:
         # The engine never changes a global state in place (a commit makes a new one): no copy.
         self._global = dict(global_state)
-        # float64 running sums: views of one flat buffer (in the payload's tensor order, by name),
-        # allocated by the first update (no zero pass) and freed whole at the close
+        # float64 running sums: views of ~4 MiB segments (in the payload's tensor order, by name),
+        # allocated by the first update (no zero pass), freed segment by segment at the close
         self._sum = {}
         self._weight, self._count, self._failures = 0.0, 0, 0
 
