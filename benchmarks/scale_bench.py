@@ -22,8 +22,8 @@ How the rounds are arranged (no coordinator internals are touched):
   Round 1 opens while the schools are still joining (as soon as `participants` are connected);
   its participants hold their work until the idle measurements are done. Then they upload,
   round 1 commits, the EvaluateCommand goes to every connected school (fan-out 1), round 2
-  opens with all schools connected (fan-out 2: TrainCommand to `participants`, IdleCommand to
-  the rest), its participants work at once, round 2 commits (the measured round), the
+  opens with all schools connected (fan-out 2: a TrainCommand to each of `participants`; the
+  schools not selected are sent nothing), its participants work at once, round 2 commits (the measured round), the
   schools' evaluations come in, and the final ShutdownCommand goes to all (fan-out 3).
 """
 

@@ -26,7 +26,7 @@ from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, sp
 from common.logs import LineBudget, get_logger, school_text
 from common.memory import release_memory
 from common.messages import (
-    ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, IdleCommand, ShutdownCommand, UploadHeader,
+    ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, ShutdownCommand, UploadHeader,
 )
 from common.wire import sha256_hex, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
@@ -668,11 +668,13 @@ class RoundEngine:
         # nothing (it stays a participant: if it comes back, attach() sends its command; if not,
         # the close counts it as disconnected), and a school leaving during this fan-out is not
         # looked up again.
-        live = list(self.sessions.items())
+        # Only participants hear of the round: a school not selected gets nothing (an
+        # IdleCommand each was 9,000 messages per round at 10,000 schools, for daemons that
+        # ignore it; docs/SCALING.md).
         chosen = set(participants)
-        idle = IdleCommand(number, "not selected this round")   # one object: the servicer converts it once
+        live = [(sid, sess) for sid, sess in self.sessions.items() if sid in chosen]
         for sid, sess in live:
-            sess.queue.put_nowait(kind.command(self, rnd, sid) if sid in chosen else idle)
+            sess.queue.put_nowait(kind.command(self, rnd, sid))
         gone = sorted(chosen - {sid for sid, _ in live})
         self.log.info("round opened", round=number, kind=kind.name, participants=participants,
                       deadline_s=self.cfg.rounds.deadline_s, **({"left_while_planned": gone} if gone else {}))

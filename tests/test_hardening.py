@@ -21,7 +21,7 @@ import structlog
 
 from common import PROTOCOL_VERSION
 from common.logs import LineBudget, configure_logging, school_text, scrub
-from common.messages import Capabilities, IdleCommand, TrainCommand
+from common.messages import Capabilities, TrainCommand
 from common.pb import federation_pb2 as pb
 from fedserver import inputs
 from tests.conftest import TOKENS, coordinator_config, wait_for
@@ -312,25 +312,25 @@ async def test_join_that_cannot_be_recorded_changes_nothing(open_round, monkeypa
 
 
 class _LeavingQueue(asyncio.Queue):
-    """A session queue whose first idle command detaches every other school that is not a
-    participant: a school leaving between two look-ups of the round's fan-out, made deterministic."""
+    """A session queue whose first command detaches every other participant: a school leaving
+    between two steps of the round's fan-out, made deterministic."""
 
     engine = None
     participants: set[str] = set()
 
     def put_nowait(self, item):
         eng = type(self).engine
-        if eng is not None and isinstance(item, IdleCommand):
+        if eng is not None:
             type(self).engine = None
             for sid, sess in list(eng.sessions.items()):
-                if sid not in type(self).participants and sess.queue is not self:
+                if sid in type(self).participants and sess.queue is not self:
                     eng.detach(sess)
         super().put_nowait(item)
 
 
 @pytest.fixture
 async def engine_only(tmp_path, tiny_model, start_coordinator):
-    cfg = coordinator_config(tmp_path, tiny_model, schools=3, tls=False, rounds=dict(total=1, min_schools=1, fraction=0.34, quorum=1))
+    cfg = coordinator_config(tmp_path, tiny_model, schools=3, tls=False, rounds=dict(total=1, min_schools=1, fraction=0.67, quorum=1))
     return await start_coordinator(cfg, run_rounds=False)
 
 
@@ -338,18 +338,19 @@ async def test_school_leaving_during_the_fan_out_does_not_stop_the_engine(engine
     eng = engine_only.engine
     sessions = {sid: eng.attach(sid, Capabilities()) for sid in ("school-1", "school-2", "school-3")}
     import random
-    chosen = set(random.Random(1).sample(sorted(sessions), 1))   # as _open_next picks round 1's participant
+    chosen = set(random.Random(1).sample(sorted(sessions), 2))   # as _open_next picks round 1's participants
     _LeavingQueue.engine, _LeavingQueue.participants = eng, chosen
     for s in sessions.values():
         s.queue = _LeavingQueue()
     assert await eng._open_next() is True
     rnd = eng.current
     assert rnd is not None and set(rnd.participants) == chosen
-    (p,) = chosen
-    assert isinstance(sessions[p].queue.get_nowait(), TrainCommand)
-    assert len(eng.sessions) == 2   # one non-participant left mid-fan-out; the other got its idle command
-    (stayed,) = set(eng.sessions) - chosen
-    assert isinstance(sessions[stayed].queue.get_nowait(), IdleCommand)
+    assert len(eng.sessions) == 2   # one participant left mid-fan-out; it stays a participant of the round
+    (stayed,) = set(eng.sessions) & chosen
+    assert isinstance(sessions[stayed].queue.get_nowait(), TrainCommand)
+    # a school the round did not select hears nothing of it (no IdleCommand per round)
+    (bystander,) = set(sessions) - chosen
+    assert sessions[bystander].queue.empty()
 
 
 async def test_participant_leaving_while_the_round_is_planned_is_skipped(engine_only, monkeypatch):

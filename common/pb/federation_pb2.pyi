@@ -493,6 +493,10 @@ Global___TeachCommand: _TypeAlias = TeachCommand  # noqa: Y015
 
 @_typing.final
 class IdleCommand(_message.Message):
+    """No longer sent per round: a school that a round does not select is sent nothing.
+    Kept so that a daemon still understands (and ignores) one from an older coordinator.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
