@@ -19,7 +19,7 @@ import torch
 
 from common.data import OpenPrompt, Question, open_answer, prompt_text
 from common.distill import Pack
-from common.errors import DuplicateUploadError, FederationError, WrongRoundError
+from common.errors import CorruptFileError, DuplicateUploadError, FederationError, NotFoundError, WrongRoundError
 from common.evaluation import EvalResult
 from common.files import atomic_write_bytes, atomic_write_text
 from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, split_merge, write_peft_dir
@@ -35,8 +35,9 @@ from fedserver.integrity import Recovery, file_sha256
 from fedserver.rounds import KINDS, OpenRound, RoundFailed
 from fedserver.store import Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
+from fedserver.strategy.base import State
 from fedserver.monitor import CoordinatorMetrics
-from fedserver.validation import StreamCheck, eval_report_problem
+from fedserver.validation import FileState, StreamCheck, eval_report_problem
 from fedserver.transfers import upload_key
 
 
@@ -71,7 +72,7 @@ class RoundEngine:
         self.sessions: dict[str, SchoolSession] = {}
         self.current: OpenRound | None = None
         self.global_sha = ""
-        self.global_state: dict[str, torch.Tensor] = {}
+        self.global_state: State = {}
         self._lock = asyncio.Lock()         # serialises receipts and folds into the open round, and its close
         self._accepting: set[str] = set()   # schools whose upload is being validated (one at a time per school)
         self._trimming: asyncio.Future[None] | None = None   # a malloc_trim in a worker thread
@@ -114,7 +115,9 @@ class RoundEngine:
             await asyncio.to_thread(self._checkpoint, 0, state, {"round": 0, "note": "initial adapter (B = 0)"}, sha)
             await asyncio.to_thread(self.store.set_meta, "global_sha256", sha)
             self.log.info("initial adapter created", sha256=sha[:12], tensors=len(state))
-        self.global_sha, self.global_state = await asyncio.to_thread(self.recovery.load_global, sha)
+        self.global_sha, loaded = await asyncio.to_thread(self.recovery.load_global, sha)
+        self.global_state = await self._hold_global(self.global_sha, loaded)
+        del loaded
         self.strategy.setup(StrategyContext(self.settings, self.layout, tuple(s.id for s in self.cfg.schools),
                                             self.cfg.server.state_dir / "strategy" / "scratch",
                                             product_metrics=self.cfg.strategy.product_metrics))
@@ -714,6 +717,7 @@ class RoundEngine:
                     rnd.failed["commit"] = str(exc)
                     self.metrics.note_failure("", rnd.number, f"{rnd.kind} round could not be committed", str(exc))
                     committed = False
+                    await self._recheck_global()
                 self.metrics.commit_seconds.labels(rnd.kind).observe(time.monotonic() - closing)
             if committed and commit is not None:
                 sha = commit.sha
@@ -737,6 +741,7 @@ class RoundEngine:
                     copy = (sha, self.global_sha)   # a second copy of the new adapter, after the close
                     self.global_sha, self.global_state = sha, commit.state
                     self._after_commit(rnd.number, sha)
+                    self.global_state = await self._hold_global(sha, commit.state)
             else:
                 seconds = time.monotonic() - rnd.started + rnd.plan_seconds
                 await asyncio.to_thread(self.store.close_round, rnd.number, "failed", None,
@@ -799,9 +804,30 @@ class RoundEngine:
             for sess in self.sessions.values():
                 sess.queue.put_nowait(cmd)
 
-    def _spawn_eval(self, number: int, state: dict[str, torch.Tensor] | None) -> None:
+    async def _recheck_global(self) -> None:
+        """After a commit that failed: if the global adapter was lost meanwhile (damaged on disk
+        with no intact copy), fall back to the newest intact one now, as a restart would,
+        rather than fail every round after this one."""
+        try:
+            await asyncio.to_thread(self.artifacts.verify, self.global_sha)
+            return
+        except (CorruptFileError, NotFoundError):
+            pass
+        sha, state = await asyncio.to_thread(self.recovery.load_global, self.global_sha)
+        self.global_sha, self.global_state = sha, await self._hold_global(sha, state)
+
+    async def _hold_global(self, sha: str, state: State) -> State:
+        """The global adapter as the engine holds it between commits: read from its artefact
+        file when a round needs it (FileState: not held in memory through the round, as
+        uploads are folded from their files); the tensors in memory only when the file cannot
+        be read that way. A file that changes on disk meanwhile is checked again, and restored
+        from its kept copy if damaged, before it is read (fedserver/integrity.py)."""
+        lazy = await asyncio.to_thread(FileState.open, self.artifacts.path(sha), lambda: self.recovery.served_ok(sha))
+        return lazy if lazy is not None else state
+
+    def _spawn_eval(self, number: int, state: State | None) -> None:
         assert self._evaluate is not None
-        self._spawn(self._evaluate(number, state))
+        self._spawn(self._evaluate(number, None if state is None else dict(state)))   # a FileState read once, here
 
     def _trim_soon(self) -> None:
         """Give the heap pages an upload's transfer used (gRPC's buffers; glibc keeps freed heap

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.distill import ANSWERS_TENSOR, Pack, answer_texts, pool_slice, validate_answer_set, vote_texts
-from common.errors import ChecksumError, WrongRoundError
+from common.errors import ChecksumError, CorruptFileError, NotFoundError, WrongRoundError
 from common.files import atomic_write_bytes
 from common.messages import (
     ArtifactRef, Command, DistillCommand, EvaluateCommand, TeachCommand, TrainCommand, UploadHeader,
@@ -52,7 +52,7 @@ class OpenRound:
     kind: str
     participants: list[str]
     global_sha: str
-    global_state: dict[str, torch.Tensor]
+    global_state: Mapping[str, torch.Tensor]
     deadline: float   # unix seconds
     plan: dict[str, Any] = field(default_factory=dict)
     accepted: set[str] = field(default_factory=set)
@@ -224,6 +224,8 @@ class TrainKind(RoundKind):
             result = await asyncio.to_thread(eng.strategy.finalize)
         except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
             raise RoundFailed(f"{eng.strategy.name}: {exc}") from exc
+        except (CorruptFileError, NotFoundError, OSError) as exc:   # the global adapter, read from its file, is lost
+            raise RoundFailed(f"the global adapter could not be read: {exc}") from exc
         sha = await asyncio.to_thread(eng.artifacts.put_tensors, result.state)
         return Commit(sha, result.state, dict(result.metrics))
 

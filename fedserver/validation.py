@@ -216,6 +216,93 @@ class FileDelta(Mapping[str, torch.Tensor]):
         return len(self.layout)
 
 
+_DTYPES_BY_NAME = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class FileState(Mapping[str, torch.Tensor]):
+    """A committed adapter's tensors read from its artefact file on access, so the coordinator
+    does not hold the global adapter through a round (it is read twice: the strategy's start,
+    for shapes only, and the close). Each access returns a new tensor. The file was hashed when
+    written or loaded; before each read one fstat compares it with what was checked, and a file
+    that changed is judged again by `recheck` (the engine's: intact, or restored from its kept
+    copy, or CorruptFileError), then read anew. `meta()` gives shapes and dtypes, no data."""
+
+    def __init__(self, path: Path, recheck: Any = None) -> None:
+        self.path = Path(path)
+        self.recheck = recheck   # () -> None, raises CorruptFileError
+        self._open()
+
+    def _open(self) -> None:
+        with open(self.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            head = os.pread(fh.fileno(), 8, 0)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (st.st_size,)
+            if 8 + n > st.st_size or n > MAX_FAST_HEADER:
+                raise ValueError(f"{self.path}: not a safetensors file")
+            header = json.loads(os.pread(fh.fileno(), n, 8))
+        header.pop("__metadata__", None)
+        where: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            dtype = _DTYPES_BY_NAME.get(entry.get("dtype"))
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if dtype is None or end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > st.st_size:
+                raise ValueError(f"{self.path}: tensor {name!r} is not one this reader takes")
+            where[name] = (dtype, shape, 8 + n + begin, 8 + n + end)
+        self._where = where
+        self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def open(cls, path: Path, recheck: Any = None) -> FileState | None:
+        """The file as a lazy state, or None when it is not a plain safetensors file of the
+        dtypes read here (the caller keeps the tensors in memory)."""
+        try:
+            return cls(path, recheck)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _current(self, fh: Any) -> None:
+        st = os.fstat(fh.fileno())
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:
+            raise _Changed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._where[name]
+        buf = bytearray(end - begin)
+        for attempt in (0, 1):
+            try:
+                with open(self.path, "rb") as fh:
+                    self._current(fh)
+                    read_into(fh, begin, buf)
+                break
+            except _Changed:
+                if attempt or self.recheck is None:
+                    raise OSError(f"{self.path}: the adapter changed on disk while the coordinator used it") from None
+                self.recheck()   # intact after all, or restored, or CorruptFileError
+                self._open()
+                dtype, shape, begin, end = self._where[name]
+        return torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Shapes and dtypes only (tensors on the meta device: no memory)."""
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape, _, _) in self._where.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class _Changed(Exception):
+    pass
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors with `state`'s shapes and dtypes, reading nothing from a FileState."""
+    return state.meta() if isinstance(state, FileState) else dict(state)
+
+
 def read_whole(path: Path) -> bytearray:
     """A file's bytes in one buffer of exactly its size (a bytearray: validated as views, no copy)."""
     with open(path, "rb") as fh:

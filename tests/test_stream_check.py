@@ -5,6 +5,7 @@ to the general path; the file fold must give bit-for-bit the sums of the in-memo
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -15,7 +16,9 @@ from common.lora import TensorSpec, initial_state
 from common.wire import tensors_to_bytes
 from fedserver.strategy import ClientUpdate, FedAvg, StrategyContext
 from fedserver.strategy.fedavg import FedAvgM
-from fedserver.validation import FileDelta, StreamCheck, validate_update
+from common.errors import CorruptFileError
+from common.safetensors_stream import write_safetensors
+from fedserver.validation import FileDelta, FileState, StreamCheck, validate_update
 
 LAYOUT = {
     "m.0.lora_A.weight": TensorSpec((4, 33)),   # odd sizes: elements straddle chunk boundaries
@@ -155,6 +158,79 @@ def test_the_new_state_does_not_share_memory_with_the_old_one_or_the_sums():
     s.finalize()
     for k in new:   # round 2 left round 1's result alone
         assert torch.equal(new[k], before[k])
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FedAvgM])
+def test_a_global_held_as_its_file_gives_the_same_bits(tmp_path, strategy):
+    """The engine holds the global adapter as its artefact file between commits (FileState):
+    the averaging family reads shapes at the start and values at the close, with the same result."""
+    glob = initial_state(LAYOUT, 0)
+    glob = {k: v + 0.5 for k, v in glob.items()}   # B is zero at init: make every tensor count
+    write_safetensors(tmp_path / "global", glob)
+    results = []
+    for held in (glob, FileState(tmp_path / "global")):
+        s = strategy()
+        s.setup(ctx())
+        s.begin_round(1, held)
+        for i, n in enumerate((3, 11)):
+            s.accumulate(ClientUpdate(f"s{i}", 1, n, delta(20 + i)))
+        results.append(s.finalize())
+    a, b = results
+    for k in glob:
+        assert torch.equal(a.state[k], b.state[k]) and a.state[k].dtype == b.state[k].dtype, k
+    assert a.metrics == b.metrics
+
+
+def test_a_file_state_reads_what_was_written_and_names_shapes_without_reading(tmp_path):
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.zeros(0, 4)}
+    write_safetensors(tmp_path / "s", state)
+    fs = FileState.open(tmp_path / "s")
+    assert fs is not None and sorted(fs) == sorted(state) and len(fs) == 3
+    for k, v in state.items():
+        got = fs[k]
+        assert torch.equal(got, v) and got.dtype == v.dtype and got.shape == v.shape
+        assert not v.numel() or got.data_ptr() != fs[k].data_ptr()   # every access is a new tensor
+        meta = fs.meta()[k]
+        assert meta.device.type == "meta" and meta.shape == v.shape and meta.dtype == v.dtype
+    # not a safetensors file of the dtypes read here: None, and the caller keeps its tensors
+    (tmp_path / "junk").write_bytes(b"\xff" * 64)
+    assert FileState.open(tmp_path / "junk") is None
+    write_safetensors(tmp_path / "ints", {"i": torch.arange(4)})
+    assert FileState.open(tmp_path / "ints") is None
+    assert FileState.open(tmp_path / "missing") is None
+
+
+def test_a_file_state_whose_file_changes_is_checked_again_before_it_is_read(tmp_path):
+    good = {"a": torch.randn(3, 5), "b": torch.randn(4)}
+    path = tmp_path / "g"
+    write_safetensors(path, good)
+    calls = []
+
+    def restore():   # as the engine's recheck does: the damaged file replaced by an intact copy
+        calls.append("recheck")
+        write_safetensors(path.with_suffix(".tmp"), good)
+        path.with_suffix(".tmp").replace(path)
+
+    def rewrite(state):   # in place (same inode and size); its mtime moves on, as a later write's does
+        before = path.stat().st_mtime_ns
+        write_safetensors(path, state)
+        os.utime(path, ns=(before + 10**9, before + 10**9))
+
+    fs = FileState(path, restore)
+    rewrite({"a": torch.zeros(3, 5), "b": torch.zeros(4)})   # damaged
+    assert torch.equal(fs["a"], good["a"]) and calls == ["recheck"]
+    assert torch.equal(fs["b"], good["b"]) and calls == ["recheck"]   # restored: one stat, no second check
+
+    def refuse():
+        raise CorruptFileError("artefact is damaged on the coordinator and there is no intact copy")
+    fs = FileState(path, refuse)
+    rewrite({"a": torch.ones(3, 5), "b": torch.ones(4)})
+    with pytest.raises(CorruptFileError, match="no intact copy"):
+        fs["a"]
+    fs = FileState(path)   # no recheck given: a changed file is an error, never read as if it were the old one
+    rewrite(good)
+    with pytest.raises(OSError, match="changed on disk"):
+        fs["a"]
 
 
 # ---------------------------------------------------------------- Upload's chunk decoder

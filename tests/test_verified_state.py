@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sqlite3
 import struct
 import time
@@ -30,6 +31,7 @@ from fedserver.artifacts import ArtifactStore
 from fedserver.engine import RoundEngine
 from fedserver.integrity import COPIES, QUARANTINE, file_sha256
 from fedserver.store import Store
+from fedserver.validation import FileState
 from tests.conftest import coordinator_config
 
 LAYOUT = {"m.lora_A.weight": TensorSpec((4, 32)), "m.lora_B.weight": TensorSpec((48, 4))}
@@ -311,6 +313,53 @@ async def test_check_before_serving_restores_or_refuses_a_damaged_artefact(tmp_p
     with pytest.raises(CorruptFileError, match="damaged on the coordinator"):
         await eng.check_served(g1)                   # no intact copy: refused, never served
     assert not eng.artifacts.path(g1).exists() and counted(eng, "artifact") == 2
+    await stop(eng)
+
+
+def damage_in_place(path: Path) -> None:
+    """One flipped data byte, the file's inode and size kept; its mtime moves on as a write's does."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+async def test_the_global_is_held_as_its_file_and_restored_if_damaged_before_the_close(tmp_path):
+    eng = await started(tmp_path)
+    g1 = await commit_round(eng, {"school-1": 0.5, "school-2": 0.25})
+    assert isinstance(eng.global_state, FileState)   # not held in memory between commits
+    intact = bytes_to_tensors(eng.artifacts.get(g1))
+    assert await eng._open_next()
+    for sid in SCHOOLS:
+        await send(eng, sid, delta(0.125))
+    damage_in_place(eng.artifacts.path(g1))          # while round 2 is open on it
+    assert await eng._close(eng.current)             # read at the close: found changed, restored, read
+    for task in list(eng._eval_tasks):
+        await task
+    assert counted(eng, "artifact") == 1 and file_sha256(eng.artifacts.path(g1)) == g1
+    g2 = bytes_to_tensors(eng.artifacts.get(eng.global_sha))
+    for k, v in intact.items():   # computed from the intact adapter, not the damaged bytes
+        assert torch.equal(g2[k], (v.double() + 0.125).float()), k
+    await stop(eng)
+
+
+async def test_a_global_lost_during_a_round_fails_that_round_and_the_next_starts_from_an_intact_one(tmp_path):
+    eng = await started(tmp_path)
+    g0 = eng.global_sha
+    g1 = await commit_round(eng, {"school-1": 0.5, "school-2": 0.25})
+    assert await eng._open_next()
+    for sid in SCHOOLS:
+        await send(eng, sid, delta(0.125))
+    damage_in_place(eng.artifacts.path(g1))
+    (tmp_path / "coordinator" / COPIES / g1).unlink()   # and no intact copy
+    assert not await eng._close(eng.current)            # the round fails, with what happened; no crash
+    r2 = eng.store.get_round(2)
+    assert r2.status == "failed" and "global adapter could not be read" in r2.failures["commit"]
+    assert "no intact copy" in r2.failures["commit"] or "damaged" in r2.failures["commit"]
+    assert eng.global_sha == g0 and isinstance(eng.global_state, FileState)   # fallen back, as a restart would
+    g3 = await commit_round(eng, {"school-1": 0.1, "school-2": 0.1})        # and the federation goes on
+    assert eng.store.get_round(3).status == "committed" and eng.store.get_round(3).global_in == g0 and g3 != g1
     await stop(eng)
 
 

@@ -22,7 +22,7 @@ from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, flat_norm
-from fedserver.validation import FileDelta, read_into
+from fedserver.validation import FileDelta, FileState, read_into, shapes_of
 
 FOLD_SLICE = 1 << 17   # elements read and folded at a time from an upload's file (512 KiB of float32)
 
@@ -60,7 +60,7 @@ class FedAvg(Strategy):
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        self._global: dict[str, torch.Tensor] = {}
+        self._global: State = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._weight = 0.0
         self._count = 0
@@ -86,14 +86,16 @@ class FedAvg(Strategy):
     # --------------------------------------------------------------- the round
     def begin_round(self, round_: int, global_state: State) -> None:
         # The engine never changes a global state in place (a commit makes a new one): no copy.
-        self._global = dict(global_state)
+        # A FileState stays one: read for shapes now, for values only at the close.
+        self._global = global_state if isinstance(global_state, FileState) else dict(global_state)
         # float64 running sums: views of ~4 MiB segments (in the payload's tensor order, by name),
         # allocated by the first update (no zero pass), freed segment by segment at the close
         self._sum = {}
         self._weight, self._count, self._failures = 0.0, 0, 0
 
     def _allocate_sums(self) -> None:
-        self._sum = segmented_empty_like({k: self._global[k] for k in sorted(self._global) if self.shared(k)})
+        like = shapes_of(self._global)
+        self._sum = segmented_empty_like({k: like[k] for k in sorted(like) if self.shared(k)})
 
     def weight_of(self, update: ClientUpdate) -> float:
         if update.num_examples <= 0:
@@ -149,7 +151,7 @@ class FedAvg(Strategy):
                        examples=self._weight if self.options.weighting == "examples" else float(self._count),
                        update_norm=step_norm)
         if self.ctx is not None and self.ctx.product_metrics:
-            metrics["step_norm"] = lowrank.step_norm(self._global, state, self.ctx.scale)
+            metrics["step_norm"] = lowrank.step_norm(dict(self._global), state, self.ctx.scale)   # read once
         return AggregateResult(state, metrics)
 
 
@@ -227,18 +229,21 @@ def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: 
                     acc.add_(t, alpha=w)
 
 
-def new_state(global_state: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def new_state(global_state: State, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """global + step, in the global's dtypes, as views of new buffers (given back to the OS whole
     when the state is dropped, not left in the allocator's heap). Each step tensor is dropped
-    from `step` once used, so buffers it was the last view of are freed on the way."""
-    out = segmented_empty_like({k: global_state[k] for k in sorted(global_state)}, next(iter(global_state.values())).dtype) \
-        if len({g.dtype for g in global_state.values()}) == 1 else {k: torch.empty_like(g) for k, g in global_state.items()}
-    for k in sorted(global_state):
+    from `step` once used, so buffers it was the last view of are freed on the way; a global
+    held as its file (FileState) is read a tensor at a time."""
+    like = shapes_of(global_state)
+    dtypes = {g.dtype for g in like.values()}
+    out = segmented_empty_like({k: like[k] for k in sorted(like)}, next(iter(dtypes))) if len(dtypes) == 1 \
+        else {k: torch.empty(g.shape, dtype=g.dtype) for k, g in like.items()}
+    for k in sorted(like):
         g = global_state[k]
         d = step.pop(k, None)
         out[k].copy_(d.add(g.to(torch.float64)) if d is not None else g)
-        del d
-    return {k: out[k] for k in global_state}
+        del d, g
+    return {k: out[k] for k in like}
 
 
 # ------------------------------------------------------------------ server momentum
