@@ -7,7 +7,6 @@ size times the schools downloading)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import capture_handlers
 from fedserver.transfers import decode_upload_message
+from fedserver.validation import read_into
 
 
 def _varint(n: int) -> bytes:
@@ -30,17 +30,29 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def read_chunk(fh: Any, offset: int, total: int, chunk: int = MAX_CHUNK_BYTES) -> bytes:
+def read_chunk(fh: Any, offset: int, total: int, chunk: int = MAX_CHUNK_BYTES, scratch: bytearray | None = None) -> bytes:
     """The serialised `Chunk` (offset = 1, data = 2, total_size = 3, in field order, as protobuf
-    writes it) of the file's bytes from `offset`, at most `chunk` of them. Blocking: the
-    servicer calls it on the event loop, since the round's adapter, just written, is read from
-    the page cache (~0.1 ms a chunk; a worker-thread hop per chunk cost more than the read)."""
-    data = os.pread(fh.fileno(), min(chunk, total - offset), offset)
-    if not data and offset < total:
-        raise OSError(f"{getattr(fh, 'name', 'artefact')}: ended at {offset} of {total} bytes; it changed on disk")
-    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
+    writes it) of the file's bytes from `offset`, at most `chunk` of them. The bytes are read
+    into `scratch` (a buffer the caller keeps between chunks) around the frame's head and tail,
+    and leave as one `bytes`: one copy out of the page cache, one into the message gRPC is
+    handed. Blocking: the servicer calls it on the event loop, since the round's adapter, just
+    written, is read from the page cache (~0.1 ms a chunk; a worker-thread hop per chunk cost
+    more than the read). OSError if the file is shorter than `total` (it changed on disk)."""
+    n = max(0, min(chunk, total - offset))
+    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(n) if n else b"")
     tail = b"\x18" + _varint(total) if total else b""
-    return b"".join((head, data, tail))
+    size = len(head) + n + len(tail)
+    buf = scratch if scratch is not None and len(scratch) >= size else bytearray(size)
+    view = memoryview(buf)
+    view[:len(head)] = head
+    read_into(fh, offset, view[len(head):len(head) + n])
+    view[len(head) + n:size] = tail
+    return bytes(view[:size])
+
+
+def frame_scratch(chunk: int = MAX_CHUNK_BYTES) -> bytearray:
+    """A buffer `read_chunk` can frame any chunk of up to `chunk` bytes in."""
+    return bytearray(chunk + 32)   # + the three fields' tags and varints
 
 
 def _serialise_chunk(msg: Any) -> bytes:

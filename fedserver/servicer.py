@@ -30,7 +30,7 @@ from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
 from fedserver.artifacts import ArtifactStore
 from fedserver.auth import Authenticator
-from fedserver.downloads import read_chunk
+from fedserver.downloads import frame_scratch, read_chunk
 from fedserver import inputs
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
@@ -281,9 +281,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         if request.offset > size:
             raise ProtocolError(f"offset {request.offset} is past the end of the artefact ({size} bytes)")
         offset = request.offset
+        scratch = frame_scratch()
         with open(self.artifacts.path(request.sha256), "rb") as fh:
             while offset < size:   # each chunk framed around the bytes read, handed to gRPC as is
-                encoded = read_chunk(fh, offset, size)
+                encoded = read_chunk(fh, offset, size, scratch=scratch)
                 n = min(MAX_CHUNK_BYTES, size - offset)
                 yield encoded   # type: ignore[misc]  # Download's serialiser passes bytes through
                 offset += n

@@ -225,6 +225,8 @@ def test_framed_chunks_are_protobufs_own_encoding(tmp_path):
     (tmp_path / "a").write_bytes(data)
     with open(tmp_path / "a", "rb") as fh:
         chunks = [read_chunk(fh, off, len(data), chunk=1000) for off in range(0, len(data), 1000)]
+        scratch = bytearray(1032)   # one buffer for every chunk, as the servicer frames them: the same bytes
+        assert [read_chunk(fh, off, len(data), 1000, scratch) for off in range(0, len(data), 1000)] == chunks
         assert read_chunk(fh, 0, 0) == pb.Chunk().SerializeToString()   # an empty artefact
         (tmp_path / "a").write_bytes(data[:500])   # shorter than announced: it changed on disk
         with pytest.raises(OSError, match="changed on disk"):

@@ -24,7 +24,12 @@ from fedserver.strategy import lowrank
 from fedserver.strategy.base import AggregateResult, ClientFailure, ClientUpdate, State, Strategy, flat_norm
 from fedserver.validation import FileDelta, FileState, read_into, shapes_of
 
-FOLD_SLICE = 1 << 17   # elements read and folded at a time from an upload's file (512 KiB of float32)
+# Elements read and folded at a time from an upload's file (128 KiB of float32). Not more than
+# torch's grain size (at::internal::GRAIN_SIZE, 32768): each step then runs on the calling
+# thread, without OpenMP's team. On a coordinator whose cores are busy with gRPC's threads, the
+# team's barriers cost more than the split saves (a fold under load: 8.2-8.7 ms in 128K-element
+# slices, 5.8-5.9 ms in 32K ones; benchmarks/README.md).
+FOLD_SLICE = 1 << 15
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
