@@ -46,6 +46,7 @@ import grpc
 import numpy as np
 
 from common import PROTOCOL_VERSION, __version__
+from common.framing import TransferStub
 from common.backoff import Backoff
 from common.logs import get_logger
 from common.messages import (
@@ -163,7 +164,7 @@ class NoopSchool:
 
     async def _connect_once(self, stop: asyncio.Event, backoff: Backoff) -> None:
         async with grpc.aio.insecure_channel(self.coordinator, options=channel_options()) as channel:
-            stub = pb_grpc.FederationStub(channel)
+            stub = TransferStub(channel)   # as the school daemon: chunks framed by hand
             caps = Capabilities("", 0, self.num_examples, f"no-op school, cpu x{os.cpu_count()}", __version__)
             try:
                 resp = await stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=capabilities_to_pb(caps)),

@@ -45,6 +45,7 @@ import torch
 
 from benchmarks import print_results
 from common import PROTOCOL_VERSION, __version__
+from common.framing import TransferStub
 from common.lora import LoraSettings, TensorSpec, expected_layout
 from common.messages import Capabilities, TrainCommand, UploadHeader
 from common.models import load_config
@@ -159,7 +160,7 @@ class ProjectPath:
         await self.coord.server.start()
         self.run_task = asyncio.create_task(self.coord.engine.run())
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.coord.port}", options=grpc_options())
-        self.stub = pb_grpc.FederationStub(self.channel)
+        self.stub = TransferStub(self.channel)   # as the school daemon does
         caps = capabilities_to_pb(Capabilities(self.model_spec, 16, 100, "benchmark", __version__))
         for s in self.schools:
             resp = await self.stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=caps),

@@ -51,13 +51,19 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 
 def iter_chunks(data: bytes, offset: int = 0, chunk_size: int = MAX_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) pieces of `data` from `offset` on, each at most `chunk_size` bytes."""
+    for start, view in iter_views(data, offset, chunk_size):
+        yield start, bytes(view)
+
+
+def iter_views(data: bytes, offset: int = 0, chunk_size: int = MAX_CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
+    """As iter_chunks, the pieces as views of `data` (no copy)."""
     if not 0 < chunk_size <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_BYTES}, got {chunk_size}")
     if not 0 <= offset <= len(data):
         raise ValueError(f"offset {offset} outside payload of {len(data)} bytes")
     view = memoryview(data)
     for start in range(offset, len(data), chunk_size):
-        yield start, bytes(view[start : start + chunk_size])
+        yield start, view[start : start + chunk_size]
 
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:

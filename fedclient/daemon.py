@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from common import PROTOCOL_VERSION, __version__
+from common.framing import TransferStub
 from common.backoff import Backoff
 from common.compression import CompressionSpec, ErrorFeedback
 from common.files import atomic_write_bytes
@@ -184,7 +185,7 @@ class SchoolDaemon:
     async def _connect_once(self, stop: asyncio.Event, backoff: Backoff) -> None:
         address = self.cfg.school.coordinator
         async with self._channel(address) as channel:
-            stub = pb_grpc.FederationStub(channel)
+            stub = TransferStub(channel)   # chunks framed by hand, both ways (common/framing.py)
             caps = Capabilities(self.cfg.model.base, 0, len(self.model.train_questions),
                                 self.cfg.school.hardware or f"cpu x{os.cpu_count()}", __version__)
             try:

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 
 from common.errors import RETRY_AFTER_KEY, ChecksumError
+from common.framing import frame_upload_chunk
 from common.messages import UploadHeader
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import header_to_pb
-from common.wire import MAX_CHUNK_BYTES, iter_chunks
+from common.wire import MAX_CHUNK_BYTES, iter_chunks, iter_views
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -47,7 +48,7 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
             raise StalledError(f"no download progress for {stall_s:g} s at byte {len(buffer)}") from None
         if chunk.offset != len(buffer):
             raise ChecksumError(f"download chunk at {chunk.offset}, expected {len(buffer)}")
-        data = chunk.data   # each access to a protobuf bytes field copies it: read it once
+        data = chunk.data   # a view of the received bytes (TransferStub); a copy per access from protobuf's Chunk
         buffer.extend(data)
         hasher.update(data)
         if progress is not None:
@@ -70,11 +71,19 @@ async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: by
         return None
     offset = min(status.received_bytes, len(payload))
 
-    async def messages() -> AsyncIterator[pb.UploadMessage]:
+    raw = getattr(stub, "raw_frames", False)   # a TransferStub takes chunks framed by hand: one copy each
+
+    async def messages() -> AsyncIterator[pb.UploadMessage | bytes]:
         h = header_to_pb(header)
         h.offset = offset
         yield pb.UploadMessage(header=h)
         total = len(payload)
+        if raw:
+            for start, view in iter_views(payload, offset, chunk_size):
+                yield frame_upload_chunk(start, view, total)
+                if on_sent is not None:
+                    on_sent(len(view))
+            return
         for start, data in iter_chunks(payload, offset, chunk_size):
             # Fill the chunk in place: UploadMessage(chunk=pb.Chunk(...)) copies the finished
             # Chunk, i.e. every 1 MiB of data once more. Same bytes on the wire.

@@ -11,23 +11,12 @@ from typing import Any
 
 import grpc
 
+from common.framing import chunk_head_tail
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import capture_handlers
 from fedserver.transfers import decode_upload_message
 from fedserver.validation import read_into
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def read_chunk(fh: Any, offset: int, total: int, chunk: int = MAX_CHUNK_BYTES, scratch: bytearray | None = None) -> bytes:
@@ -39,8 +28,7 @@ def read_chunk(fh: Any, offset: int, total: int, chunk: int = MAX_CHUNK_BYTES, s
     written, is read from the page cache (~0.1 ms a chunk; a worker-thread hop per chunk cost
     more than the read). OSError if the file is shorter than `total` (it changed on disk)."""
     n = max(0, min(chunk, total - offset))
-    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(n) if n else b"")
-    tail = b"\x18" + _varint(total) if total else b""
+    head, tail = chunk_head_tail(offset, n, total)
     size = len(head) + n + len(tail)
     buf = scratch if scratch is not None and len(scratch) >= size else bytearray(size)
     view = memoryview(buf)

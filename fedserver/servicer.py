@@ -35,7 +35,8 @@ from fedserver import inputs
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
 from fedserver.tls import Peer, PeerGuard
-from fedserver.transfers import RawChunk, UploadReceiver
+from common.framing import RawChunk
+from fedserver.transfers import UploadReceiver
 
 log = get_logger("servicer")
 

@@ -8,10 +8,10 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.framing import RawChunk, parse_chunk, read_varint
 from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
 from common.logs import get_logger
 from common.messages import UploadHeader
@@ -45,65 +45,15 @@ def _read_and_hash(path: Path, check: StreamCheck | None) -> Any:
     return hasher
 
 
-@dataclass(frozen=True)
-class RawChunk:
-    """An `UploadMessage` holding a chunk, with its data a view of the received message's bytes
-    (protobuf's decoder would copy the 1 MiB twice: into the message, then out of the field)."""
-
-    offset: int
-    data: memoryview
-    total_size: int
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if shift > 63:
-            raise ValueError("varint too long")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _chunk_view(raw: bytes) -> RawChunk | None:
     """The chunk in `raw` when it is exactly an UploadMessage whose oneof holds a Chunk (field 2;
     Chunk: offset = 1, data = 2, total_size = 3, unknown fields skipped); None for anything else."""
     if not raw or raw[0] != 0x12:
         return None
-    n, pos = _varint(raw, 1)
-    end = len(raw)
-    if pos + n != end:
+    n, pos = read_varint(raw, 1)
+    if pos + n != len(raw):
         return None
-    offset = total = 0
-    data = memoryview(b"")
-    while pos < end:
-        tag, pos = _varint(raw, pos)
-        field, wire = tag >> 3, tag & 7
-        if field == 0 or (field in (1, 3) and wire != 0) or (field == 2 and wire != 2):
-            return None
-        if wire == 0:
-            value, pos = _varint(raw, pos)
-            if field == 1:
-                offset = value
-            elif field == 3:
-                total = value
-        elif wire == 2:
-            length, pos = _varint(raw, pos)
-            if pos + length > end:
-                return None
-            if field == 2:
-                data = memoryview(raw)[pos:pos + length]
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            return None
-    if pos != end or offset >= 1 << 64 or total >= 1 << 64:
-        return None
-    return RawChunk(offset, data, total)
+    return parse_chunk(raw, pos, len(raw))
 
 
 def decode_upload_message(raw: bytes) -> RawChunk | pb.UploadMessage:

@@ -284,6 +284,35 @@ def test_anything_but_a_plain_chunk_is_left_to_protobuf():
             assert (got.offset, bytes(got.data), got.total_size) == (ref.chunk.offset, ref.chunk.data, ref.chunk.total_size)
 
 
+def test_a_school_frames_and_decodes_chunks_byte_for_byte_as_protobuf():
+    """The school's side (common/framing.py): upload chunks framed by hand are protobuf's own
+    bytes; download chunks decode as views that agree with protobuf, odd ones by protobuf."""
+    from google.protobuf.message import DecodeError
+
+    from common.framing import RawChunk, decode_chunk, frame_upload_chunk
+    from common.pb import federation_pb2 as pb
+
+    rng = random.Random(2)
+    for _ in range(300):
+        data = rng.randbytes(rng.choice([0, 1, 127, 128, 300, 70000]))
+        offset, total = rng.choice([0, 1, 2**40, 2**64 - 1]), rng.choice([0, 5, 2**63])
+        msg = pb.UploadMessage()
+        msg.chunk.SetInParent()
+        msg.chunk.offset, msg.chunk.data, msg.chunk.total_size = offset, data, total
+        assert frame_upload_chunk(offset, memoryview(data), total) == msg.SerializeToString()
+        raw = pb.Chunk(offset=offset, data=data, total_size=total).SerializeToString()
+        got = decode_chunk(raw)
+        assert isinstance(got, RawChunk) and (got.offset, bytes(got.data), got.total_size) == (offset, data, total)
+    for _ in range(2000):   # random bytes: a view only where protobuf reads the same chunk
+        blob = rng.randbytes(rng.randint(0, 12))
+        try:
+            got = decode_chunk(blob)
+        except DecodeError:
+            continue
+        ref = pb.Chunk.FromString(blob)
+        assert (got.offset, bytes(got.data), got.total_size) == (ref.offset, ref.data, ref.total_size)
+
+
 def test_a_file_delta_loads_whole_for_rules_that_hold_updates(tmp_path):
     d = delta(7)
     payload = tensors_to_bytes(d)
