@@ -266,22 +266,52 @@ class FileState(Mapping[str, torch.Tensor]):
         if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:
             raise _Changed
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self._where[name]
-        buf = bytearray(end - begin)
+    def _read(self, fn: Any) -> Any:
+        """fn(open file) once the file is found to be what was hashed (else judged again first)."""
         for attempt in (0, 1):
             try:
                 with open(self.path, "rb") as fh:
                     self._current(fh)
-                    read_into(fh, begin, buf)
-                break
+                    return fn(fh)
             except _Changed:
                 if attempt or self.recheck is None:
                     raise OSError(f"{self.path}: the adapter changed on disk while the coordinator used it") from None
                 self.recheck()   # intact after all, or restored, or CorruptFileError
                 self._open()
-                dtype, shape, begin, end = self._where[name]
-        return torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+        raise AssertionError("unreachable")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        def read(fh: Any) -> torch.Tensor:
+            dtype, shape, begin, end = self._where[name]
+            buf = bytearray(end - begin)
+            read_into(fh, begin, buf)
+            return torch.frombuffer(buf, dtype=dtype).view(shape) if buf else torch.empty(shape, dtype=dtype)
+        result: torch.Tensor = self._read(read)
+        return result
+
+    def read_into(self, out: Mapping[str, torch.Tensor]) -> None:
+        """Every tensor's values read straight into `out`'s tensors of the same names, shapes
+        and dtypes (contiguous), in one read per run where the file's order and `out`'s memory
+        agree (a state in segments, in name order, as the file is: a few reads, not hundreds)."""
+        def read(fh: Any) -> None:
+            runs: list[list[Any]] = []   # [file offset, storage pointer, bytes of the storage, first byte, length]
+            for name, (dtype, shape, begin, end) in sorted(self._where.items(), key=lambda kv: kv[1][2]):
+                t = out[name]
+                if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+                    raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)} cannot take the file's {dtype} {shape}")
+                if end == begin:
+                    continue
+                storage = t.untyped_storage()
+                first = t.storage_offset() * t.element_size()
+                last = runs[-1] if runs else None
+                if last is not None and last[1] == storage.data_ptr() and last[0] + last[4] == begin \
+                        and last[3] + last[4] == first:
+                    last[4] += end - begin
+                else:
+                    runs.append([begin, storage.data_ptr(), torch.empty(0, dtype=torch.uint8).set_(storage), first, end - begin])
+            for begin, _, whole, first, n in runs:
+                read_into(fh, begin, whole[first:first + n].numpy().data)
+        self._read(read)
 
     def meta(self) -> dict[str, torch.Tensor]:
         """Shapes and dtypes only (tensors on the meta device: no memory)."""

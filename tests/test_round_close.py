@@ -38,6 +38,27 @@ def test_streamed_safetensors_are_byte_identical_to_safetensors_own(tmp_path):
     assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
+def test_a_state_in_segments_is_written_in_runs_with_the_same_bytes(tmp_path):
+    """Views of shared buffers (the new adapter's segments) are written a run at a time; runs
+    break where views are not consecutive (out of order, a gap, another buffer, a transposed
+    view): the bytes are still safetensors' own."""
+    from fedserver.strategy.fedavg import segmented_empty_like
+
+    like = {f"m.{i:02d}.w": torch.empty(3, 50 + i) for i in range(30)}
+    state = segmented_empty_like(like, torch.float32)
+    for v in state.values():
+        v.copy_(torch.randn(v.shape))
+    buf = torch.randn(1000)
+    state.update({"m.05.w": buf[200:200 + 3 * 55].view(3, 55),   # another buffer in the middle
+                  "z.gap.a": buf[0:4], "z.gap.b": buf[6:10],            # a gap between two views
+                  "z.t": torch.randn(6, 4).t(),                         # not contiguous
+                  "a.rev.1": buf[50:60], "a.rev.0": buf[60:70]})        # consecutive, but out of name order
+    sha, size = write_safetensors(tmp_path / "s", state)
+    data = (tmp_path / "s").read_bytes()
+    assert data == tensors_to_bytes({k: v.contiguous() for k, v in state.items()})
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
 def test_streamed_safetensors_of_mixed_dtypes_load_back(tmp_path):
     state = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.arange(7, dtype=torch.int32),
              "c": torch.randn(2, 2).to(torch.bfloat16), "d": torch.zeros(0), "e": torch.tensor(True)}

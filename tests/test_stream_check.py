@@ -181,6 +181,33 @@ def test_a_global_held_as_its_file_gives_the_same_bits(tmp_path, strategy):
     assert a.metrics == b.metrics
 
 
+@pytest.mark.parametrize("held", ["memory", "file"])
+def test_the_new_state_is_the_global_plus_the_step_in_float64_bit_for_bit(tmp_path, held):
+    """new_state adds in long runs over segments: the same bits as float32(float64(g) + d) per
+    tensor, for steps in segments, steps that are separate tensors or float32, and tensors the
+    step leaves out (frozen: the global's values as they are)."""
+    from fedserver.strategy.fedavg import new_state, segmented_empty_like
+
+    layout = {f"m.{i:02d}.lora_{'AB'[i % 2]}.weight": TensorSpec((3 + i, 70 + 3 * i)) for i in range(24)}
+    g = {k: torch.randn(v.shape) for k, v in layout.items()}
+    write_safetensors(tmp_path / "g", g)
+    glob = FileState(tmp_path / "g") if held == "file" else g
+    step = segmented_empty_like({k: g[k] for k in sorted(g)})
+    for v in step.values():
+        v.copy_(torch.randn(v.shape, dtype=torch.float64) * 1e-3)
+    keys = sorted(g)
+    step[keys[3]] = torch.randn(g[keys[3]].shape, dtype=torch.float64)    # a tensor of its own
+    step[keys[7]] = torch.randn(g[keys[7]].shape)                          # float32
+    del step[keys[10]], step[keys[11]]                                     # frozen: left out
+    want = {k: (g[k].double() + step[k].double()).float() if k in step else g[k] for k in g}
+    got = new_state(glob, dict(step))
+    assert got.keys() == g.keys()
+    for k in g:
+        assert torch.equal(got[k], want[k]) and got[k].dtype == torch.float32, k
+    with pytest.raises(ValueError, match="shape"):
+        new_state(glob, {keys[0]: torch.zeros(2, 2, dtype=torch.float64)})
+
+
 def test_a_file_state_reads_what_was_written_and_names_shapes_without_reading(tmp_path):
     state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.zeros(0, 4)}
     write_safetensors(tmp_path / "s", state)
