@@ -66,3 +66,17 @@ def test_exchange_bench_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher: str
     b = result["bytes"]
     assert 0 < b["answer_set"] < b["labelled_pack"] and b["lora_delta"] > 1_000_000
     assert "| score options" in proc.stdout
+
+
+def test_close_bench_times_every_stage_of_the_close(tmp_path: Path) -> None:
+    """benchmarks/close_bench.py on the tiny layout: every stage timed, every round committed."""
+    from benchmarks import close_bench
+
+    out = tmp_path / "close.json"
+    assert close_bench.main(["--rounds", "3", "--schools", "2", "--model", _tiny_config_dir(tmp_path),
+                             "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rounds"] == 3 and r["schools"] == 2 and r["tensors"] == 2 * 7 * 2
+    assert set(r["median_ms"]) == {"close", "finalize", "write", "files", "hold", "open"}
+    assert all(v > 0 for v in r["median_ms"].values())
+    assert r["median_ms"]["close"] >= r["median_ms"]["finalize"]
