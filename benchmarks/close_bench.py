@@ -17,6 +17,11 @@ after the first two):
   hold        reading the new adapter's header to hold it as its file (FileState)
   open        the next round's open (RoundEngine._open_next)
 
+With `--eval-storm N`, it then also measures what follows a commit at scale: N connected
+schools answering the round's EvaluateCommand at once (RoundEngine.report_eval for each, all
+concurrently, as N Session streams would deliver them): wall and CPU seconds of this process
+until every report is stored, and the store's transactions.
+
 Compare two commits by running this in a worktree of each, alternating.
 """
 
@@ -57,7 +62,7 @@ def _timed(obj: Any, name: str, label: str, times: dict[str, list[float]]) -> No
     setattr(obj, name, wrapper)
 
 
-async def run(rounds: int, schools: int, model: str, cache_dir: Path) -> dict[str, Any]:
+async def run(rounds: int, schools: int, model: str, cache_dir: Path, eval_storm: int = 0) -> dict[str, Any]:
     import torch
 
     from common.lora import LoraSettings, expected_layout
@@ -113,10 +118,28 @@ async def run(rounds: int, schools: int, model: str, cache_dir: Path) -> dict[st
                 raise RuntimeError(f"round {rnd.number} failed")
             for task in list(eng._eval_tasks):   # the close's background work (second copy) done
                 await task
+        storm: dict[str, Any] = {}
+        if eval_storm:
+            from common.messages import EvalReport
+
+            number = eng.store.committed_rounds()
+            for k in range(eval_storm):
+                eng.attach(f"storm-{k}", Capabilities())
+            eng._evals_due[number] = {f"storm-{k}" for k in range(eval_storm)}
+            writer = getattr(eng, "_eval_rows", None)
+            before = writer.batches if writer is not None else 0
+            w0, c0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(eng.report_eval(f"storm-{k}", EvalReport(number, 8, {"accuracy": 0.5, "loss": 1.0}))
+                                   for k in range(eval_storm)))
+            storm = {"reports": eval_storm, "wall_s": round(time.perf_counter() - w0, 3),
+                     "cpu_s": round(time.process_time() - c0, 3),
+                     "stored": len([e for e in eng.store.evals(number) if e["source"].startswith("storm-")]),
+                     "transactions": (writer.batches - before) if writer is not None else eval_storm}
         eng.store.close()
     skip = min(2, rounds - 1)
     return {"rounds": rounds, "schools": schools, "adapter_bytes": len(payload), "tensors": len(layout),
-            "median_ms": {k: round(statistics.median(v[skip:]) * 1000, 2) for k, v in times.items() if v[skip:]}}
+            "median_ms": {k: round(statistics.median(v[skip:]) * 1000, 2) for k, v in times.items() if v[skip:]},
+            **({"eval_storm": storm} if storm else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,14 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--eval-storm", type=int, default=0, help="then N schools report an evaluation at once")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.schools < 1:
         p.error("--rounds and --schools must be at least 1")
-    result = asyncio.run(run(args.rounds, args.schools, args.model, args.cache_dir.resolve()))
+    result = asyncio.run(run(args.rounds, args.schools, args.model, args.cache_dir.resolve(), args.eval_storm))
     print(f"{args.model}: {result['tensors']} tensors, {result['adapter_bytes']:,} bytes; {args.schools} schools, "
           f"{args.rounds} rounds (medians after the first {min(2, args.rounds - 1)})")
     for k, v in result["median_ms"].items():
         print(f"  {k:9s} {v:8.2f} ms")
+    if "eval_storm" in result:
+        e = result["eval_storm"]
+        print(f"  {e['reports']:,} evaluation reports at once: {e['wall_s']:.3f} s wall, {e['cpu_s']:.3f} s CPU, "
+              f"{e['stored']:,} stored in {e['transactions']:,} transactions")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

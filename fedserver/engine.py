@@ -33,7 +33,7 @@ from fedserver.artifacts import ArtifactStore
 from fedserver.config import CoordinatorConfig
 from fedserver.integrity import Recovery, file_sha256
 from fedserver.rounds import KINDS, OpenRound, RoundFailed
-from fedserver.store import Receipt, Store
+from fedserver.store import GroupWriter, Receipt, Store
 from fedserver.strategy import Strategy, StrategyContext
 from fedserver.strategy.base import State
 from fedserver.monitor import CoordinatorMetrics
@@ -74,6 +74,7 @@ class RoundEngine:
         self.global_sha = ""
         self.global_state: State = {}
         self._lock = asyncio.Lock()         # serialises receipts and folds into the open round, and its close
+        self._eval_rows = GroupWriter(store.add_evals)   # schools' evaluations: many per transaction in a storm
         self._accepting: set[str] = set()   # schools whose upload is being validated (one at a time per school)
         self._trimming: asyncio.Future[None] | None = None   # a malloc_trim in a worker thread
         self._trim_again = False
@@ -489,7 +490,7 @@ class RoundEngine:
                 self._changed.set()
                 return
         if r.num_examples > 0:   # 0: the school has no held-out questions
-            await asyncio.to_thread(self.store.add_eval, r.round, school_id, r.num_examples, r.metrics)
+            await self._eval_rows.add((r.round, school_id, r.num_examples, r.metrics))
         self._eval_answered(r.round, school_id)
 
     def _eval_answered(self, round_: int, school_id: str) -> None:

@@ -5,17 +5,20 @@ writes through asyncio.to_thread so an fsync never stalls the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from common.errors import DuplicateUploadError
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -338,13 +341,55 @@ class Store:
 
     # ---- evaluations ----
     def add_eval(self, round_: int, source: str, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.add_evals([(round_, source, num_examples, metrics)])
+
+    def add_evals(self, rows: Sequence[tuple[int, str, int, Mapping[str, float]]]) -> None:
+        """Several evaluations in one transaction (a later row for the same round and source wins)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO evals VALUES(?,?,?,?,?) ON CONFLICT(round,source) DO UPDATE SET "
-                       "num_examples=excluded.num_examples, metrics=excluded.metrics, at=excluded.at",
-                       (round_, source, num_examples, json.dumps(dict(metrics)), time.time()))
+            db.executemany("INSERT INTO evals VALUES(?,?,?,?,?) ON CONFLICT(round,source) DO UPDATE SET "
+                           "num_examples=excluded.num_examples, metrics=excluded.metrics, at=excluded.at",
+                           [(r, src, n, json.dumps(dict(m)), now) for r, src, n, m in rows])
 
     def evals(self, round_: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT round,source,num_examples,metrics FROM evals"
         rows = self._query(sql + (" WHERE round=? ORDER BY source" if round_ is not None else " ORDER BY round, source"),
                            (round_,) if round_ is not None else ())
         return [{"round": r[0], "source": r[1], "num_examples": r[2], "metrics": json.loads(r[3])} for r in rows]
+
+
+class GroupWriter(Generic[T]):
+    """Rows that many callers write at once go to the database in shared transactions: a
+    caller's row joins the batch being gathered while the previous one commits, and the caller
+    returns once its batch is committed (or raises what the write raised). One row at a time
+    when calls are sparse; at 10,000 schools reporting an evaluation, a few hundred
+    transactions and worker-thread hops instead of 10,000 (docs/SCALING.md)."""
+
+    def __init__(self, write_many: Callable[[list[T]], None]) -> None:
+        self._write_many = write_many
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0   # transactions written (for tests and benchmarks)
+
+    async def add(self, row: T) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # heard even if its caller left
+        self._pending.append((row, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await asyncio.shield(fut)   # a caller cancelled meanwhile does not take its row out of the batch
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._write_many, [row for row, _ in batch])
+            except Exception as exc:   # each caller hears what its write raised
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.batches += 1
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)

@@ -74,9 +74,11 @@ def test_close_bench_times_every_stage_of_the_close(tmp_path: Path) -> None:
 
     out = tmp_path / "close.json"
     assert close_bench.main(["--rounds", "3", "--schools", "2", "--model", _tiny_config_dir(tmp_path),
-                             "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+                             "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--eval-storm", "50"]) == 0
     r = json.loads(out.read_text())
     assert r["rounds"] == 3 and r["schools"] == 2 and r["tensors"] == 2 * 7 * 2
     assert set(r["median_ms"]) == {"close", "finalize", "write", "files", "hold", "open"}
     assert all(v > 0 for v in r["median_ms"].values())
     assert r["median_ms"]["close"] >= r["median_ms"]["finalize"]
+    e = r["eval_storm"]   # 50 schools' evaluations at once: all stored, in fewer transactions than reports
+    assert e["reports"] == e["stored"] == 50 and 1 <= e["transactions"] < 50 and e["wall_s"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sqlite3
 
 import pytest
 import torch
@@ -380,3 +381,44 @@ async def test_a_round_loop_wait_does_not_lose_a_cancellation():
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=2)
         assert done and task.cancelled()
+
+
+# ---------------------------------------------------------------- evaluations written in shared transactions
+
+
+async def test_evaluation_reports_share_transactions_and_each_caller_returns_after_its_commit(tmp_path):
+    import asyncio
+
+    from fedserver.store import GroupWriter
+
+    store = Store(tmp_path / "s.sqlite")
+    writer = GroupWriter(store.add_evals)
+
+    async def report(i: int) -> None:
+        await writer.add((1, f"school-{i}", 10, {"accuracy": i / 1000}))
+        # its row is committed by the time the caller goes on
+        assert any(e["source"] == f"school-{i}" for e in store.evals(1))
+
+    await asyncio.gather(*(report(i) for i in range(300)))
+    rows = store.evals(1)
+    assert len(rows) == 300 and {e["source"] for e in rows} == {f"school-{i}" for i in range(300)}
+    assert 1 <= writer.batches < 300   # many rows a transaction while they come at once
+
+    # a write that fails: every caller of that batch hears it; the writer goes on afterwards
+    real = store.add_evals
+
+    def broken(rows):
+        raise sqlite3.OperationalError("disk I/O error")
+    writer._write_many = broken
+    results = await asyncio.gather(*(writer.add((2, f"s{i}", 1, {})) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    writer._write_many = real
+    # a caller that gives up waiting does not take its row out: it is still written
+    task = asyncio.create_task(writer.add((3, "leaver", 5, {"accuracy": 0.5})))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await writer.add((3, "stayer", 5, {}))
+    assert {e["source"] for e in store.evals(3)} == {"leaver", "stayer"}
+    assert store.evals(2) == []
+    store.close()
