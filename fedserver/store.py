@@ -384,6 +384,11 @@ class GroupWriter(Generic[T]):
             batch, self._pending = self._pending, []
             try:
                 await asyncio.to_thread(self._write_many, [row for row, _ in batch])
+            except asyncio.CancelledError:   # the coordinator stopping: nobody is left waiting for an answer
+                for _, fut in batch + self._pending:
+                    fut.cancel()
+                self._pending = []
+                raise
             except Exception as exc:   # each caller hears what its write raised
                 for _, fut in batch:
                     if not fut.done():
