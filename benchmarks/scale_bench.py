@@ -54,7 +54,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PROTOCOL_VERSION = 1       # common.PROTOCOL_VERSION (the client side imports nothing that pulls in torch)
 TOKEN_SECRET = "scale-bench"
-DEFAULT_HEARTBEATS_PER_S = 125.0   # fedserver/config.py [server] heartbeats_per_s
 
 
 def token_for(i: int) -> str:
@@ -162,6 +161,7 @@ class _Client:
         self._spawn(self._heartbeats())   # beats start with the first session, not after the last join
         await asyncio.gather(*(join(k) for k in range(count)))
         self.send(event="joined", joined=self.stats["joined"], failed=self.stats["join_failed"],
+                  interval=self.interval,   # what the coordinator's Join said to beat at
                   seconds=round(time.time() - t0, 3), first_join=min(self.join_t, default=0.0),
                   last_join=max(self.join_t, default=0.0))
         await self._control()
@@ -572,16 +572,12 @@ def run_bench(schools: int, procs: int, participants: int, *, workdir: Path | No
     write_coordinator_toml(toml, state_dir=state, model=model, schools=schools, participants=participants,
                            deadline_s=deadline_s, heartbeat_s=heartbeat_s, session_timeout_s=session_timeout_s,
                            log_level=log_level, src=coordinator_src, heartbeats_per_s=heartbeats_per_s)
-    # The interval the schools are given: the coordinator's rule (fedserver/servicer.py
-    # heartbeat_interval; a budget of DEFAULT_HEARTBEATS_PER_S unless set); the floor says 5 s.
-    budget = DEFAULT_HEARTBEATS_PER_S if heartbeats_per_s is None else heartbeats_per_s
-    beat_s = 5.0 if floor else (max(heartbeat_s, schools / budget) if budget > 0 else heartbeat_s)
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]},
         "schools": schools, "procs": procs, "participants": participants, "sessions_per_channel": sessions_per_channel,
-        "heartbeat_interval_s": heartbeat_s, "heartbeats_per_s": budget, "heartbeat_interval_given_s": beat_s,
+        "heartbeat_interval_s": heartbeat_s, "heartbeats_per_s": heartbeats_per_s,   # None: the coordinator's default
         "deadline_s": deadline_s, "client_keepalive_ms": keepalive_ms,
         "config": {"toml_bytes": toml.stat().st_size, "write_s": round(time.perf_counter() - t, 2)},
     }
@@ -652,6 +648,8 @@ def run_bench(schools: int, procs: int, participants: int, *, workdir: Path | No
             time.sleep(1.0)
         joined = [g for g in got if g is not None]
         n_joined = sum(j["joined"] for j in joined)
+        # the interval the schools were given, as their JoinResponses said (the coordinator's budget)
+        beat_s = result["heartbeat_interval_given_s"] = max(j["interval"] for j in joined)
         join_errors = [e for c in clients for e in c.err[-3:]]
         # the coordinator has attached every session once its live.json says so (read from
         # disk: polling /metrics would cost the coordinator a scrape each time)
@@ -860,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=300.0, help="rounds.deadline_s")
     p.add_argument("--heartbeat", type=float, default=5.0, help="server.heartbeat_interval_s (5 s is the default)")
     p.add_argument("--heartbeats-per-s", type=float, default=None,
-                   help=f"server.heartbeats_per_s (default: the coordinator's, {DEFAULT_HEARTBEATS_PER_S:g}; 0: no budget)")
+                   help="server.heartbeats_per_s (default: the coordinator's own; 0: no budget)")
     p.add_argument("--cpu-window", type=float, default=30.0, help="seconds of steady heartbeats measured")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the last join before measuring")
     p.add_argument("--sessions-per-channel", type=int, default=1, help="1: every school its own TCP connection")

@@ -10,7 +10,7 @@ of the received bytes and written with one copy into the frame.
   Download  the coordinator frames chunks around the bytes read from the page cache
             (fedserver/downloads.py); a school decodes them with `decode_chunk`.
   Upload    a school frames `UploadMessage{chunk}` with `frame_upload_chunk`; the coordinator
-            decodes them with `chunk_of_upload_message` (fedserver/transfers.py).
+            decodes them with `decode_upload_message`.
 
 Anything these readers do not recognise as a plain chunk goes to protobuf, whose errors say
 what is wrong. No torch here: benchmark clients import it.
@@ -109,13 +109,35 @@ def decode_chunk(raw: bytes) -> RawChunk | pb.Chunk:
     return chunk if chunk is not None else pb.Chunk.FromString(raw)
 
 
+def _chunk_view(raw: bytes) -> RawChunk | None:
+    """The chunk in `raw` when it is exactly an UploadMessage whose oneof holds a Chunk (field 2;
+    Chunk: offset = 1, data = 2, total_size = 3, unknown fields skipped); None for anything else."""
+    if not raw or raw[0] != 0x12:
+        return None
+    n, pos = read_varint(raw, 1)
+    if pos + n != len(raw):
+        return None
+    return parse_chunk(raw, pos, len(raw))
+
+
+def decode_upload_message(raw: bytes) -> RawChunk | pb.UploadMessage:
+    """Upload's request decoder: chunks as views of the received bytes (no copy), anything else
+    (the header, an odd encoding) by protobuf, whose errors say what is wrong."""
+    try:
+        chunk = _chunk_view(raw)
+    except (ValueError, IndexError):
+        chunk = None
+    return chunk if chunk is not None else pb.UploadMessage.FromString(raw)
+
+
 def frame_upload_chunk(offset: int, data: bytes | memoryview, total: int) -> bytes:
     """`UploadMessage(chunk=Chunk(offset, data, total_size))` serialised, with one copy of `data`."""
     head, tail = chunk_head_tail(offset, len(data), total)
     return b"".join((b"\x12", varint(len(head) + len(data) + len(tail)), head, data, tail))
 
 
-def _serialise_upload(msg: Any) -> bytes:
+def serialise_framed(msg: Any) -> bytes:
+    """A serialiser for the messages that may come framed by hand: bytes pass through as they are."""
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
@@ -132,6 +154,6 @@ class TransferStub(pb_grpc.FederationStub):
             "/schoolfed.v1.Federation/Download", request_serializer=pb.DownloadRequest.SerializeToString,
             response_deserializer=decode_chunk)
         self.Upload = channel.stream_unary(
-            "/schoolfed.v1.Federation/Upload", request_serializer=_serialise_upload,
+            "/schoolfed.v1.Federation/Upload", request_serializer=serialise_framed,
             response_deserializer=pb.UploadReceipt.FromString)
 

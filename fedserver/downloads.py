@@ -11,11 +11,10 @@ from typing import Any
 
 import grpc
 
-from common.framing import chunk_head_tail
+from common.framing import chunk_head_tail, decode_upload_message, serialise_framed
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import capture_handlers
-from fedserver.transfers import decode_upload_message
 from fedserver.validation import read_into
 
 
@@ -43,18 +42,13 @@ def frame_scratch(chunk: int = MAX_CHUNK_BYTES) -> bytearray:
     return bytearray(chunk + 32)   # + the three fields' tags and varints
 
 
-def _serialise_chunk(msg: Any) -> bytes:
-    """Download's response serialiser: pre-encoded chunks pass through as they are."""
-    return msg if isinstance(msg, bytes) else msg.SerializeToString()
-
-
 def federation_handlers(servicer: pb_grpc.FederationServicer) -> dict[str, Any]:
     """The generated handler table (captured, not registered), with Download's serialiser also
     taking encoded chunks. fedserver/app.py registers it through fedserver/admission.py."""
     _, handlers = capture_handlers(pb_grpc.add_FederationServicer_to_server, servicer)
     dl = handlers["Download"]
     handlers["Download"] = grpc.unary_stream_rpc_method_handler(
-        dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=_serialise_chunk)
+        dl.unary_stream, request_deserializer=dl.request_deserializer, response_serializer=serialise_framed)
     up = handlers["Upload"]   # and Upload's decoder hands over chunks without copying them
     handlers["Upload"] = grpc.stream_unary_rpc_method_handler(
         up.stream_unary, request_deserializer=decode_upload_message, response_serializer=up.response_serializer)

@@ -740,9 +740,8 @@ class RoundEngine:
                               close_s=round(time.monotonic() - closing, 4), aggregate_s=round(committed_at - closing, 4))
                 if commit.state is not None:
                     copy = (sha, self.global_sha)   # a second copy of the new adapter, after the close
-                    self.global_sha, self.global_state = sha, commit.state
-                    self._after_commit(rnd.number, sha)
-                    self.global_state = await self._hold_global(sha, commit.state)
+                    self.global_sha, self.global_state = sha, await self._hold_global(sha, commit.state)
+                    self._after_commit(rnd.number, sha, commit.state)
             else:
                 seconds = time.monotonic() - rnd.started + rnd.plan_seconds
                 await asyncio.to_thread(self.store.close_round, rnd.number, "failed", None,
@@ -792,9 +791,9 @@ class RoundEngine:
                 sums[k] = sums.get(k, 0.0) + rc.num_examples * float(v)
         return {f"train_{k}": v / total for k, v in sums.items()} if total else {}
 
-    def _after_commit(self, number: int, sha: str) -> None:
+    def _after_commit(self, number: int, sha: str, state: dict[str, torch.Tensor]) -> None:
         if self._evaluate is not None:
-            self._spawn_eval(number, self.global_state)
+            self._spawn_eval(number, state)   # the new adapter as committed, in memory: not read back
         n = self.cfg.evaluation.school_max_examples
         if n > 0:
             cmd = EvaluateCommand(number, 0.0, ArtifactRef(sha, self.artifacts.size(sha)), n)
@@ -826,9 +825,9 @@ class RoundEngine:
         lazy = await asyncio.to_thread(FileState.open, self.artifacts.path(sha), lambda: self.recovery.served_ok(sha))
         return lazy if lazy is not None else state
 
-    def _spawn_eval(self, number: int, state: State | None) -> None:
+    def _spawn_eval(self, number: int, state: dict[str, torch.Tensor] | None) -> None:
         assert self._evaluate is not None
-        self._spawn(self._evaluate(number, None if state is None else dict(state)))   # a FileState read once, here
+        self._spawn(self._evaluate(number, state))
 
     def _trim_soon(self) -> None:
         """Give the heap pages an upload's transfer used (gRPC's buffers; glibc keeps freed heap

@@ -26,6 +26,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.tls import CertInfo
 from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
+from common.framing import RawChunk
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
 from fedserver.artifacts import ArtifactStore
@@ -35,7 +36,6 @@ from fedserver import inputs
 from fedserver.engine import RoundEngine
 from fedserver.store import Store
 from fedserver.tls import Peer, PeerGuard
-from common.framing import RawChunk
 from fedserver.transfers import UploadReceiver
 
 log = get_logger("servicer")

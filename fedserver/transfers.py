@@ -11,11 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from common.framing import RawChunk, parse_chunk, read_varint
 from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
 from common.logs import get_logger
 from common.messages import UploadHeader
-from common.pb import federation_pb2 as pb
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.store import Store
 from fedserver.validation import CODECS, StreamCheck, header_numbers_problem
@@ -43,27 +41,6 @@ def _read_and_hash(path: Path, check: StreamCheck | None) -> Any:
             if check is not None:
                 check.feed(data)
     return hasher
-
-
-def _chunk_view(raw: bytes) -> RawChunk | None:
-    """The chunk in `raw` when it is exactly an UploadMessage whose oneof holds a Chunk (field 2;
-    Chunk: offset = 1, data = 2, total_size = 3, unknown fields skipped); None for anything else."""
-    if not raw or raw[0] != 0x12:
-        return None
-    n, pos = read_varint(raw, 1)
-    if pos + n != len(raw):
-        return None
-    return parse_chunk(raw, pos, len(raw))
-
-
-def decode_upload_message(raw: bytes) -> RawChunk | pb.UploadMessage:
-    """Upload's request decoder: chunks as views of the received bytes (no copy), anything else
-    (the header, an odd encoding) by protobuf, whose errors say what is wrong."""
-    try:
-        chunk = _chunk_view(raw)
-    except (ValueError, IndexError):
-        chunk = None
-    return chunk if chunk is not None else pb.UploadMessage.FromString(raw)
 
 
 # Uploads one school may have begun and not finished in one round (a retry resumes its own).

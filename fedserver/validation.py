@@ -182,40 +182,6 @@ class PackedFile:
     spans: tuple[tuple[int, int, str], ...]  # (begin, end) byte offsets after data_start, payload order
 
 
-class FileDelta(Mapping[str, torch.Tensor]):
-    """An accepted update's tensors read from its file on access (a tensor at a time), so the
-    coordinator never holds a whole upload. Each access reads (from the page cache, after the
-    upload was just written) and returns a new tensor. `runs()` gives the averaging strategies
-    the bytes in long contiguous reads."""
-
-    def __init__(self, packed: PackedFile, layout: Mapping[str, TensorSpec]) -> None:
-        self.packed = packed
-        self.layout = layout
-        self._where = {name: (begin, end) for begin, end, name in packed.spans}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        begin, end = self._where[name]
-        buf = bytearray(end - begin)
-        with open(self.packed.path, "rb") as fh:
-            read_into(fh, self.packed.data_start + begin, buf)
-        return torch.frombuffer(buf, dtype=self.packed.dtype).view(self.layout[name].shape) if buf else \
-            torch.empty(self.layout[name].shape, dtype=self.packed.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layout)
-
-    def load(self) -> dict[str, torch.Tensor]:
-        """Every tensor at once: views of the file read in one go (for rules that hold updates)."""
-        data = read_whole(self.packed.path)
-        found = packed_views(data, self.layout)
-        if found is None:
-            raise OSError(f"{self.packed.path}: no longer the update that was accepted; it changed on disk")
-        return found[1]
-
-    def __len__(self) -> int:
-        return len(self.layout)
-
-
 _DTYPES_BY_NAME = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -275,7 +241,7 @@ class FileState(Mapping[str, torch.Tensor]):
                     return fn(fh)
             except _Changed:
                 if attempt or self.recheck is None:
-                    raise OSError(f"{self.path}: the adapter changed on disk while the coordinator used it") from None
+                    raise OSError(f"{self.path}: it changed on disk while the coordinator used it") from None
                 self.recheck()   # intact after all, or restored, or CorruptFileError
                 self._open()
         raise AssertionError("unreachable")
@@ -326,6 +292,32 @@ class FileState(Mapping[str, torch.Tensor]):
 
 class _Changed(Exception):
     pass
+
+
+class FileDelta(FileState):
+    """An accepted update's tensors read from its file on access (a tensor at a time), so the
+    coordinator never holds a whole upload: a FileState whose places come from the check made
+    as its bytes arrived (`packed`: nothing parsed again), in the layout's order. The averaging
+    strategies read `packed` directly, in long runs (fedserver/strategy/fedavg.py fold_file)."""
+
+    def __init__(self, packed: PackedFile, layout: Mapping[str, TensorSpec]) -> None:
+        self.path = packed.path
+        self.recheck = None
+        self.packed = packed
+        self.layout = layout
+        where = {name: (begin, end) for begin, end, name in packed.spans}
+        self._where = {name: (packed.dtype, tuple(spec.shape), packed.data_start + where[name][0],
+                              packed.data_start + where[name][1]) for name, spec in layout.items()}
+        st = os.stat(self.path)
+        self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once: views of the file read in one go (for rules that hold updates)."""
+        data = read_whole(self.packed.path)
+        found = packed_views(data, self.layout)
+        if found is None:
+            raise OSError(f"{self.packed.path}: no longer the update that was accepted; it changed on disk")
+        return found[1]
 
 
 def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

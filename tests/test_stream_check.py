@@ -265,7 +265,7 @@ def test_a_file_state_whose_file_changes_is_checked_again_before_it_is_read(tmp_
 
 def test_chunks_decode_as_views_that_agree_with_protobuf():
     from common.pb import federation_pb2 as pb
-    from fedserver.transfers import RawChunk, decode_upload_message
+    from common.framing import RawChunk, decode_upload_message
 
     rng = random.Random(0)
     for _ in range(200):
@@ -287,7 +287,7 @@ def test_anything_but_a_plain_chunk_is_left_to_protobuf():
     from google.protobuf.message import DecodeError
 
     from common.pb import federation_pb2 as pb
-    from fedserver.transfers import RawChunk, decode_upload_message
+    from common.framing import RawChunk, decode_upload_message
 
     header = pb.UploadMessage(header=pb.UploadHeader(round=3, upload_id="u"))
     assert not isinstance(decode_upload_message(header.SerializeToString()), RawChunk)
