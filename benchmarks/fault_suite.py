@@ -174,7 +174,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
 def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     """SIGTERM (by PID), then SIGKILL if it has not exited after `timeout`; its exit code."""
     if proc.poll() is None:
@@ -185,6 +184,7 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
     return proc.returncode
+
 
 class LogTail:
     """New JSON lines of a growing file, parsed (other lines kept as {'event': text})."""

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from common.buffers import memory_axis, merge_runs, storage_view
+
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -45,32 +47,9 @@ def _runs(items: list[tuple[str, torch.Tensor]]) -> list[memoryview]:
     """The tensors' bytes in order, as few buffers as possible: tensors that are consecutive
     views of one storage (a state built in segments, as the coordinator's new adapter is)
     become one buffer, so a 420-tensor adapter is written in a handful of calls, not 420."""
-    out: list[memoryview] = []
-    run: list[Any] | None = None   # [storage, its data pointer, first byte, end byte]
-    for _, t in items:
-        if not t.numel():
-            continue
-        flat = t.detach().cpu()
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        storage = flat.untyped_storage()
-        begin = flat.storage_offset() * flat.element_size()
-        end = begin + flat.numel() * flat.element_size()
-        if run is not None and run[1] == storage.data_ptr() and run[3] == begin:
-            run[3] = end
-            continue
-        if run is not None:
-            out.append(_bytes_of(run))
-        run = [storage, storage.data_ptr(), begin, end]
-    if run is not None:
-        out.append(_bytes_of(run))
-    return out
-
-
-def _bytes_of(run: list[Any]) -> memoryview:
-    storage, _, begin, end = run
-    whole = torch.empty(0, dtype=torch.uint8).set_(storage)   # the storage's bytes
-    return whole[begin:end].numpy().data
+    flats = [t.detach().cpu().contiguous() for _, t in items if t.numel()]
+    return [storage_view(t, torch.uint8)[begin:begin + n].numpy().data
+            for ((_, begin, n, t),) in merge_runs((memory_axis(t, in_bytes=True),) for t in flats)]
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, fsync: bool = True) -> tuple[str, int]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.buffers import memory_axis, merge_runs, storage_view
 from common.compression import decode
 from common.errors import ChecksumError, ValidationError
 from common.lora import TensorSpec
@@ -260,23 +261,15 @@ class FileState(Mapping[str, torch.Tensor]):
         and dtypes (contiguous), in one read per run where the file's order and `out`'s memory
         agree (a state in segments, in name order, as the file is: a few reads, not hundreds)."""
         def read(fh: Any) -> None:
-            runs: list[list[Any]] = []   # [file offset, storage pointer, bytes of the storage, first byte, length]
+            pieces = []
             for name, (dtype, shape, begin, end) in sorted(self._where.items(), key=lambda kv: kv[1][2]):
                 t = out[name]
                 if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
                     raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)} cannot take the file's {dtype} {shape}")
-                if end == begin:
-                    continue
-                storage = t.untyped_storage()
-                first = t.storage_offset() * t.element_size()
-                last = runs[-1] if runs else None
-                if last is not None and last[1] == storage.data_ptr() and last[0] + last[4] == begin \
-                        and last[3] + last[4] == first:
-                    last[4] += end - begin
-                else:
-                    runs.append([begin, storage.data_ptr(), torch.empty(0, dtype=torch.uint8).set_(storage), first, end - begin])
-            for begin, _, whole, first, n in runs:
-                read_into(fh, begin, whole[first:first + n].numpy().data)
+                if end > begin:
+                    pieces.append((("file", begin, end - begin), memory_axis(t, in_bytes=True)))
+            for (_, begin, n), (_, first, _, t) in merge_runs(pieces):
+                read_into(fh, begin, storage_view(t, torch.uint8)[first:first + n].numpy().data)
         self._read(read)
 
     def meta(self) -> dict[str, torch.Tensor]:

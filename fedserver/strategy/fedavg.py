@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from common.buffers import memory_axis, merge_runs, storage_view
 from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
@@ -198,27 +199,13 @@ def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: 
     (what schools send), one long run. Memory: one slice of the file and its float64 copy."""
     packed = delta.packed
     item = packed.dtype.itemsize
-    runs: list[list[Any]] = []   # [file byte offset, flat float64 view of the sums' buffer, start, element count]
-    flats: dict[int, torch.Tensor] = {}
-    for begin, end, name in packed.spans:
-        acc = sums.get(name)
-        if acc is None:
-            continue
-        storage = acc.untyped_storage()
-        flat = flats.get(storage.data_ptr())
-        if flat is None:
-            flat = flats[storage.data_ptr()] = torch.empty(0, dtype=acc.dtype).set_(storage)
-        start, n = acc.storage_offset(), (end - begin) // item
-        last = runs[-1] if runs else None
-        if last is not None and last[1] is flat and last[0] + last[3] * item == packed.data_start + begin \
-                and last[2] + last[3] == start:
-            last[3] += n
-        else:
-            runs.append([packed.data_start + begin, flat, start, n])
+    pieces = [(("file", packed.data_start + begin, end - begin), memory_axis(sums[name]))
+              for begin, end, name in packed.spans if name in sums]
     buf = bytearray(FOLD_SLICE * item)
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     with open(packed.path, "rb") as fh:
-        for offset, flat, start, n in runs:
+        for (_, offset, _), (_, start, n, acc0) in merge_runs(pieces):
+            flat = storage_view(acc0)
             for i in range(0, n, FOLD_SLICE):
                 c = min(FOLD_SLICE, n - i)
                 read_into(fh, offset + i * item, memoryview(buf)[:c * item])
@@ -260,7 +247,8 @@ def new_state(global_state: State, step: dict[str, torch.Tensor]) -> dict[str, t
         for k in keys:
             out[k].copy_(global_state[k])
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
-    for o_flat, o_at, s_flat, s_at, n in _aligned_runs(keys, out, step):
+    for (_, o_at, n, o0), (_, s_at, _, d0) in merge_runs(_step_pieces(keys, out, step)):
+        o_flat, s_flat = storage_view(o0), storage_view(d0)
         for i in range(0, n, FOLD_SLICE):   # slices at torch's grain size: on this thread (FOLD_SLICE)
             c = min(FOLD_SLICE, n - i)
             t = tmp[:c]
@@ -271,16 +259,9 @@ def new_state(global_state: State, step: dict[str, torch.Tensor]) -> dict[str, t
     return {k: out[k] for k in like}
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """The whole storage under `t`, as a 1-D tensor of t's dtype."""
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
-
-
-def _aligned_runs(keys: list[str], out: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> Any:
-    """(new buffer, element offset, step buffer (float64), element offset, count) for runs of
-    keys (in `keys` order) over which both the new state's and the step's tensors lie back to
-    back in one buffer each. Pops each key from `step` as it is taken."""
-    run: list[Any] | None = None   # [out flat, its pointer, out offset, step flat, its pointer, step offset, count]
+def _step_pieces(keys: list[str], out: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> Any:
+    """(new tensor, step tensor in float64) as merge_runs axes, in `keys` order, popping each
+    key from `step` as it is taken (lazily: the sums' segments are freed as the close goes)."""
     for k in keys:
         d = step.pop(k, None)
         if d is None:
@@ -288,21 +269,8 @@ def _aligned_runs(keys: list[str], out: dict[str, torch.Tensor], step: dict[str,
         o = out[k]
         if d.shape != o.shape:
             raise ValueError(f"{k}: the step's shape {tuple(d.shape)} is not the adapter's {tuple(o.shape)}")
-        if not o.numel():
-            continue
-        if d.dtype != torch.float64 or not d.is_contiguous():
-            d = d.to(torch.float64).contiguous()
-        o_ptr, d_ptr = o.untyped_storage().data_ptr(), d.untyped_storage().data_ptr()
-        if run is not None and run[1] == o_ptr and run[2] + run[6] == o.storage_offset() \
-                and run[4] == d_ptr and run[5] + run[6] == d.storage_offset():
-            run[6] += o.numel()
-            continue
-        if run is not None:
-            yield run[0], run[2], run[3], run[5], run[6]
-        run = [_flat(o), o_ptr, o.storage_offset(), _flat(d), d_ptr, d.storage_offset(), o.numel()]
-        del d
-    if run is not None:
-        yield run[0], run[2], run[3], run[5], run[6]
+        if o.numel():
+            yield memory_axis(o), memory_axis(d.to(torch.float64).contiguous())
 
 
 # ------------------------------------------------------------------ server momentum
