@@ -36,10 +36,16 @@ def _libc() -> Any:
         return None
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2, trim_threshold: int = 8 << 20) -> bool:
+def tune_allocator(mmap_threshold: int = 4 << 20, arenas: int = 2, trim_threshold: int = 8 << 20) -> bool:
     """Blocks of `mmap_threshold` bytes or more always mmapped (and unmapped when freed), at
     most `arenas` malloc arenas, heap tops above `trim_threshold` given back. Call early, before
-    worker threads start. Returns False where glibc's mallopt is not available."""
+    worker threads start. Returns False where glibc's mallopt is not available.
+
+    4 MiB, not 1 MiB: gRPC's 1 MiB transfer messages (and the buffers they are copied into)
+    then come from the heap and are reused, instead of being mapped, page-faulted in and
+    unmapped once per chunk; adapter-sized blocks are still mapped. Measured side by side
+    (benchmarks/README.md): coordinator CPU per round at K = 2 down 12-18%, peak RSS over 100
+    rounds no higher."""
     lib = _libc()
     if lib is None:
         return False
