@@ -1117,7 +1117,7 @@ class Catalogue:
     def header(self, payload: bytes, **kw: Any) -> Any:
         from common.messages import UploadHeader
 
-        f = dict(round=self.round, upload_id="u-" + sha256_hex(payload)[:16], num_examples=10, sha256=sha256_hex(payload),
+        f = dict(round=self.round, upload_id="u-" + sha256_hex(payload)[:16], num_examples=10, digest=sha256_hex(payload),
                  total_size=len(payload), offset=0, base_sha256=self.global_sha)
         f.update(kw)
         return UploadHeader(**f)
@@ -1315,7 +1315,7 @@ class Catalogue:
             good0, upload_id="s4", metrics={f"m{j}": 1.0 for j in range(10_000)})))
         await c("UploadStatus", "header: metric NaN", lambda: status("s5", self.header(good0, upload_id="s5", metrics={"loss": float("nan")})))
         await c("UploadStatus", "header: metric name of 50 KB", lambda: status("s6", self.header(good0, upload_id="s6", metrics={"l" * 50_000: 1.0})))
-        await c("UploadStatus", "header: sha256 not hex", lambda: status("s7", self.header(good0, upload_id="s7", sha256="z" * 64)))
+        await c("UploadStatus", "header: sha256 not hex", lambda: status("s7", self.header(good0, upload_id="s7", digest="z" * 64)))
         await c("UploadStatus", "header: the wrong round", lambda: status("s8", self.header(good0, upload_id="s8", round=self.round + 5)))
         await c("UploadStatus", "header: kind 'answers' in a train round", lambda: status("s9", self.header(good0, upload_id="s9", kind="answers")))
         await c("UploadStatus", "header: encoding 'bogus'", lambda: status("s10", self.header(good0, upload_id="s10", encoding="bogus")))
@@ -1347,7 +1347,7 @@ class Catalogue:
             self.hmsg(self.header(good0, offset=999)), self.cmsg(999, good0[999:], len(good0))]))
         # -- Upload: the payload
         bad_payloads: list[tuple[str, bytes, dict[str, Any]]] = [
-            ("wrong sha256 (the payload is another)", good0, {"sha256": sha256_hex(b"another payload")}),
+            ("wrong sha256 (the payload is another)", good0, {"digest": sha256_hex(b"another payload")}),
             ("NaN in the delta", with_value(float("nan")), {}),
             ("+Inf in the delta", with_value(float("inf")), {}),
             ("-Inf in the delta", with_value(float("-inf")), {}),

@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from common import PROTOCOL_VERSION, __version__
+from common import PROTOCOL_VERSION, __version__, digest
 from common.framing import TransferStub
 from common.backoff import Backoff
 from common.logs import get_logger
@@ -55,8 +55,8 @@ from common.messages import (
 )
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
-from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
-from common.wire import grpc_options, sha256_hex
+from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, receipt_digest, settings_from_pb
+from common.wire import grpc_options
 from fedclient.transfer import download, retry_after_s, status_lost, upload
 
 DEFAULT_CONSTANT = 1e-3
@@ -130,6 +130,7 @@ class NoopSchool:
         self.token = token
         self.name = name or "noop-school"
         self.school_id = ""            # as the coordinator names it (JoinResponse)
+        self.upload_algorithm = digest.SHA256   # what the coordinator lets uploads be named by (JoinResponse)
         self.constant = constant
         self.scale = scale   # the upload is scale x global + constant
         self.num_examples = num_examples
@@ -176,6 +177,7 @@ class NoopSchool:
             settings = settings_from_pb(resp)
             backoff.reset()
             self.school_id = settings.school_id
+            self.upload_algorithm = digest.upload_algorithm(settings.upload_digests)   # as the daemon: BLAKE3 if offered
             md = [("x-session-token", settings.session_token)]
             await self._session(stub, md, settings.heartbeat_interval_s, stop)
 
@@ -235,13 +237,13 @@ class NoopSchool:
         try:
             await self.hooks.before_work(self, cmd)
             t0 = time.monotonic()
-            data = await download(stub, cmd.adapter.sha256, md, bytearray())   # raises ChecksumError on a bad hash
+            data = await download(stub, cmd.adapter.sha256, md, bytearray(), blake3=cmd.adapter.blake3)   # ChecksumError on a bad hash
             t1 = time.monotonic()
             payload = await asyncio.to_thread(add_constant, data, self.constant, self.scale)
             del data
-            digest = await asyncio.to_thread(sha256_hex, payload)
+            named = await asyncio.to_thread(digest.of, payload, self.upload_algorithm)
             t2 = time.monotonic()
-            header = UploadHeader(cmd.round, f"r{cmd.round}-{digest[:24]}", self.num_examples, digest, len(payload), 0,
+            header = UploadHeader(cmd.round, f"r{cmd.round}-{digest.split(named)[1][:24]}", self.num_examples, named, len(payload), 0,
                                   cmd.adapter.sha256, {})
             lost = 0
             while True:
@@ -256,7 +258,7 @@ class NoopSchool:
                         raise
                     await asyncio.sleep(wait_s)
             t3 = time.monotonic()
-            if receipt is not None and (receipt.sha256 != digest or receipt.received_bytes != len(payload)):
+            if receipt is not None and (receipt_digest(receipt) != named or receipt.received_bytes != len(payload)):
                 raise RuntimeError(f"receipt does not match the upload: {receipt}")
         except asyncio.CancelledError:
             raise

@@ -44,15 +44,15 @@ import grpc
 import torch
 
 from benchmarks import print_results
-from common import PROTOCOL_VERSION, __version__
+from common import PROTOCOL_VERSION, __version__, digest
 from common.framing import TransferStub
 from common.lora import LoraSettings, TensorSpec, expected_layout
 from common.messages import Capabilities, TrainCommand, UploadHeader
 from common.models import load_config
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
-from common.serde import capabilities_to_pb, command_from_pb
-from common.wire import MAX_CHUNK_BYTES, grpc_options, sha256_hex, tensors_to_bytes
+from common.serde import capabilities_to_pb, command_from_pb, receipt_digest
+from common.wire import MAX_CHUNK_BYTES, grpc_options, tensors_to_bytes
 from fedclient.transfer import download, upload
 from fedserver.auth import hash_token
 from fedserver.config import (
@@ -132,6 +132,8 @@ class ProjectPath:
         self.run_task: asyncio.Task[None] | None = None
         self.round = 0
         self.global_sha = ""
+        self.global_blake3 = ""
+        self.upload_algorithm = digest.SHA256
         self.global_size = 0
         self.cfg: CoordinatorConfig | None = None
 
@@ -172,6 +174,8 @@ class ProjectPath:
             if not isinstance(cmd, TrainCommand):
                 raise RuntimeError(f"{s.school_id} expected a train command, got {type(cmd).__name__}")
             self.round, self.global_sha, self.global_size = cmd.round, cmd.adapter.sha256, cmd.adapter.size
+            self.global_blake3 = cmd.adapter.blake3   # the school checks its download by it, as the daemon does
+        self.upload_algorithm = digest.upload_algorithm(resp.upload_digests)
 
     async def _quiet_events(self) -> AsyncIterator[pb.ClientEvent]:
         await self._hold.wait()   # keep the client side of the Session open, send nothing
@@ -186,23 +190,24 @@ class ProjectPath:
         md = self.schools[0].metadata
         buf = bytearray()
         with _Clock() as clock:
-            data = await download(self.stub, self.global_sha, md, buf)
+            data = await download(self.stub, self.global_sha, md, buf, blake3=self.global_blake3)
         if len(data) != self.global_size:
             raise RuntimeError(f"downloaded {len(data)} of {self.global_size} bytes")
         return clock.sample
 
-    async def upload(self, payload: bytes, payload_sha: str) -> Sample:
-        """One accepted upload, as the next school that has not uploaded yet."""
+    async def upload(self, payload: bytes, named: str) -> Sample:
+        """One accepted upload, as the next school that has not uploaded yet. `named`: the
+        payload's tagged digest in `upload_algorithm` (common/digest.py)."""
         assert self.stub is not None
         if self._next_uploader >= len(self.schools) - 1:
             raise RuntimeError("no school left that may upload in the open round")
         s = self.schools[self._next_uploader]
         self._next_uploader += 1
-        header = UploadHeader(self.round, f"bench-{s.school_id}-{payload_sha[:16]}", 100, payload_sha,
+        header = UploadHeader(self.round, f"bench-{s.school_id}-{digest.split(named)[1][:16]}", 100, named,
                               len(payload), 0, self.global_sha, {"loss": 1.0})
         with _Clock() as clock:
             receipt = await upload(self.stub, header, payload, s.metadata)
-        if receipt is None or receipt.received_bytes != len(payload) or receipt.sha256 != payload_sha:
+        if receipt is None or receipt.received_bytes != len(payload) or receipt_digest(receipt) != named:
             raise RuntimeError(f"upload by {s.school_id} not accepted as expected: {receipt}")
         return clock.sample
 
@@ -322,7 +327,6 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
     settings = LoraSettings()
     layout = await asyncio.to_thread(load_layout, model_spec, cache_dir, settings)
     payload = await asyncio.to_thread(make_delta, layout)
-    payload_sha = sha256_hex(payload)
     say(f"adapter: {len(layout)} tensors, {num_params(layout):,} parameters, upload payload {len(payload):,} bytes")
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="transfer-bench-") if workdir is None else None
@@ -335,6 +339,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
         await project.start()
         assert project.cfg is not None
         max_norm = project.cfg.rounds.max_norm
+        named = digest.of(payload, project.upload_algorithm)   # as a school names it: BLAKE3 if offered
         plain = PlainPath(project.artefact_bytes())
         await plain.start()
         say(f"coordinator on port {project.coord.port}, round {project.round} open with {len(project.schools)} schools; "
@@ -342,10 +347,10 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
         for i in range(warmup + repeats):
             flip = i % 2 == 1
             dl_a, dl_b = await _interleave(project.download, plain.download, flip)
-            up_a, up_b = await _interleave(lambda: project.upload(payload, payload_sha), lambda: plain.upload(payload), flip)
+            up_a, up_b = await _interleave(lambda: project.upload(payload, named), lambda: plain.upload(payload), flip)
             held = bytearray(payload)   # as the coordinator holds an upload: a writable buffer it views
             with _Clock() as clock:   # what the coordinator runs on every upload, on the same bytes
-                validate_update(held, payload_sha, layout, max_norm, payload_sha)
+                validate_update(held, named, layout, max_norm, named)
             val = clock.sample
             tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
             say(f"{tag}: download A {dl_a.wall:.3f}s B {dl_b.wall:.3f}s | upload A {up_a.wall:.3f}s B {up_b.wall:.3f}s"

@@ -40,6 +40,7 @@ class SessionSettings:
     max_chunk_bytes: int
     coordinator_version: str
     adapter_config_json: str
+    upload_digests: tuple[str, ...] = ()   # accepted besides sha256 (common/digest.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ArtifactRef:
     sha256: str
     size: int
     kind: str = "adapter"
+    blake3: str = ""   # of the same bytes, when the coordinator offers it (a faster download check)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class UploadHeader:
     round: int
     upload_id: str
     num_examples: int
-    sha256: str
+    digest: str            # of the payload, tagged (common/digest.py): sha256 hex, or "blake3:<hex>"
     total_size: int
     offset: int = 0
     base_sha256: str = ""

@@ -52,12 +52,16 @@ def _runs(items: list[tuple[str, torch.Tensor]]) -> list[memoryview]:
             for ((_, begin, n, t),) in merge_runs((memory_axis(t, in_bytes=True),) for t in flats)]
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, fsync: bool = True) -> tuple[str, int]:
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, fsync: bool = True,
+                      also: Any = None) -> tuple[str, int]:
     """Write `tensors` to `path` (created or truncated); returns (sha256 hex, size in bytes).
-    Each buffer is hashed in a worker thread while the previous one is written (hashlib and
-    file writes release the GIL)."""
+    Each buffer is hashed in a worker thread while it is written (hashlib and file writes
+    release the GIL). `also`: a second hasher (`update`), fed the same bytes on this thread
+    after each write."""
     items, head = _header(tensors)
     hasher = hashlib.sha256(head)
+    if also is not None:
+        also.update(head)
     size = len(head)
     runs = _runs(items)
     with open(path, "wb") as fh, ThreadPoolExecutor(1) as pool:
@@ -65,6 +69,8 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, fsync:
         for view in runs:
             hashed = pool.submit(hasher.update, view)
             fh.write(view)
+            if also is not None:
+                also.update(view)
             size += len(view)
             hashed.result()
         if fsync:

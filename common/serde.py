@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from common import digest
 from common.errors import ProtocolError
 from common.messages import (
     ArtifactRef, Capabilities, Command, DistillCommand, EvalReport, EvaluateCommand, Event, Failure, Heartbeat,
@@ -25,12 +26,13 @@ def capabilities_from_pb(m: pb.Capabilities) -> Capabilities:
 def settings_to_pb(s: SessionSettings) -> pb.JoinResponse:
     return pb.JoinResponse(school_id=s.school_id, session_token=s.session_token,
                            heartbeat_interval_s=s.heartbeat_interval_s, max_chunk_bytes=s.max_chunk_bytes,
-                           coordinator_version=s.coordinator_version, adapter_config_json=s.adapter_config_json)
+                           coordinator_version=s.coordinator_version, adapter_config_json=s.adapter_config_json,
+                           upload_digests=list(s.upload_digests))
 
 
 def settings_from_pb(m: pb.JoinResponse) -> SessionSettings:
     return SessionSettings(m.school_id, m.session_token, m.heartbeat_interval_s, m.max_chunk_bytes,
-                           m.coordinator_version, m.adapter_config_json)
+                           m.coordinator_version, m.adapter_config_json, tuple(m.upload_digests))
 
 
 def _params_to_pb(p: TrainParams) -> pb.TrainParams:
@@ -45,11 +47,11 @@ def _params_from_pb(m: pb.TrainParams) -> TrainParams:
 
 
 def _artifact_to_pb(a: ArtifactRef | None) -> pb.Artifact | None:
-    return None if a is None else pb.Artifact(sha256=a.sha256, size=a.size, kind=a.kind)
+    return None if a is None else pb.Artifact(sha256=a.sha256, size=a.size, kind=a.kind, blake3=a.blake3)
 
 
 def _artifact_from_pb(m: pb.Artifact) -> ArtifactRef:
-    return ArtifactRef(m.sha256, m.size, m.kind)
+    return ArtifactRef(m.sha256, m.size, m.kind, m.blake3)
 
 
 def command_to_pb(c: Command) -> pb.ServerCommand:
@@ -146,9 +148,26 @@ def event_from_pb(m: pb.ClientEvent) -> Event:
 
 def header_to_pb(h: UploadHeader) -> pb.UploadHeader:
     return pb.UploadHeader(round=h.round, upload_id=h.upload_id, num_examples=h.num_examples, metrics=dict(h.metrics),
-                           sha256=h.sha256, total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256,
-                           encoding=h.encoding, kind=h.kind)
+                           total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256,
+                           encoding=h.encoding, kind=h.kind, **receipt_fields(h.digest))
 
 
 def header_from_pb(m: pb.UploadHeader) -> UploadHeader:
-    return UploadHeader(m.round, m.upload_id, m.num_examples, m.sha256, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding, m.kind)
+    if m.sha256 and m.blake3:
+        raise ProtocolError("the upload header names the payload by both sha256 and blake3; set exactly one")
+    if ":" in m.sha256:   # "blake3:<hex>" is the coordinator's own tagged form, never a sha256 field's value
+        raise ProtocolError("sha256: holds characters that are not allowed; allowed: a sha256 hex digest (64 lower-case hex digits)")
+    tagged = digest.tag(digest.BLAKE3, m.blake3) if m.blake3 else m.sha256
+    return UploadHeader(m.round, m.upload_id, m.num_examples, tagged, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding, m.kind)
+
+
+def receipt_digest(m: pb.UploadReceipt) -> str:
+    """The tagged digest an UploadReceipt names (common/digest.py)."""
+    return digest.tag(digest.BLAKE3, m.blake3) if m.blake3 else m.sha256
+
+
+def receipt_fields(tagged: str) -> dict[str, str]:
+    """The digest field of an UploadHeader or UploadReceipt for a tagged digest: {"sha256": hex}
+    or {"blake3": hex}."""
+    algorithm, hex_digest = digest.split(tagged)
+    return {"blake3": hex_digest} if algorithm == digest.BLAKE3 else {"sha256": hex_digest}

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from common import PROTOCOL_VERSION, __version__
+from common import PROTOCOL_VERSION, __version__, digest
 from common.framing import TransferStub
 from common.backoff import Backoff
 from common.compression import CompressionSpec, ErrorFeedback
@@ -32,7 +32,7 @@ from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, settings_from_pb
 from common.training import TrainParams
-from common.wire import bytes_to_tensors_with_metadata, grpc_options, sha256_hex, tensors_to_bytes
+from common.wire import bytes_to_tensors_with_metadata, grpc_options, tensors_to_bytes
 from fedclient.config import SchoolConfig, load_school_identity
 from fedclient.monitor import STATUS_EVERY_S, DaemonMetrics, DaemonStatus
 from fedclient.transfer import DOWNLOAD_STALL_S, StalledError, download, retry_after_s, status_lost, upload
@@ -66,6 +66,7 @@ class SchoolDaemon:
         self._link: tuple[pb_grpc.FederationStub, list[tuple[str, str]]] | None = None
         self._link_ready = asyncio.Event()
         self._adapter_settings: LoraSettings | None = None
+        self._upload_algorithm = digest.SHA256   # what the coordinator's JoinResponse lets uploads be named by
         self._last_params: TrainParams | None = None   # personal tensors / rank apply to evaluation too
         self._active_round = 0
         self._finished_rounds: set[int] = set()
@@ -200,6 +201,7 @@ class SchoolDaemon:
             settings = settings_from_pb(resp)
             backoff.reset()
             self._adapter_settings = LoraSettings.from_json(settings.adapter_config_json)
+            self._upload_algorithm = digest.upload_algorithm(settings.upload_digests)
             md = [("x-session-token", settings.session_token)]
             self.log.info("joined", school=settings.school_id, coordinator=address)
             self._link = (stub, md)
@@ -366,7 +368,8 @@ class SchoolDaemon:
             return cached[1]
         buf = self._partial.setdefault(sha, bytearray())
         before = len(buf)
-        data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download"), DOWNLOAD_STALL_S), cmd.deadline_unix)
+        data = await self._rpc(lambda s, md: download(s, sha, md, buf, self._progress(cmd.round, "download"), DOWNLOAD_STALL_S,
+                                                      blake3=ref.blake3), cmd.deadline_unix)
         self.metrics.received.inc(len(data) - before)
         self.status.add("received_bytes", len(data) - before)
         self._partial.pop(sha, None)
@@ -418,7 +421,7 @@ class SchoolDaemon:
             if withheld:
                 self.log.warning("answers withheld: they repeat this school's own data", round=cmd.round, count=withheld)
             payload = answers_to_bytes(probs, texts if pack.prompts else None)
-            return payload, UploadHeader(cmd.round, "", len(pack.questions), sha256_hex(payload), len(payload), 0,
+            return payload, UploadHeader(cmd.round, "", len(pack.questions), digest.of(payload, self._upload_algorithm), len(payload), 0,
                                          cmd.adapter.sha256, {}, "", "answers")
 
         await self._deliver(cmd, compute)
@@ -431,8 +434,8 @@ class SchoolDaemon:
             tensors, metrics = await compute()
             tensors = self.cfg.simulation.apply(tensors)   # research only: a simulated Byzantine school
             delta, encoding = await asyncio.to_thread(self._encode, tensors, params.compression, cmd.round)
-            digest = await asyncio.to_thread(sha256_hex, delta)
-            return delta, UploadHeader(cmd.round, "", len(self.model.train_questions), digest, len(delta), 0,
+            named = await asyncio.to_thread(digest.of, delta, self._upload_algorithm)
+            return delta, UploadHeader(cmd.round, "", len(self.model.train_questions), named, len(delta), 0,
                                        cmd.adapter.sha256, metrics, encoding)
 
         await self._deliver(cmd, payload)
@@ -455,9 +458,14 @@ class SchoolDaemon:
         try:
             log = self.log.bind(round=cmd.round, kind=command_name(cmd))
             pending = await asyncio.to_thread(self._load_pending, cmd.round, cmd.adapter.sha256)
+            if pending is not None and digest.split(pending[0].digest)[0] not in (digest.SHA256, self._upload_algorithm):
+                # kept for a coordinator that took BLAKE3 names; this one does not: named again by sha256
+                named = await asyncio.to_thread(digest.of, pending[1], digest.SHA256)
+                pending = self._named(pending[0], named), pending[1]
+                await asyncio.to_thread(self._save_pending, *pending)
             if pending is None:
                 payload, header = await compute()
-                header = UploadHeader(**{**header.__dict__, "upload_id": f"r{cmd.round}-{header.sha256[:24]}"})
+                header = self._named(header, header.digest)
                 await asyncio.to_thread(self._save_pending, header, payload)
                 log.info("result ready", bytes=len(payload), **{k: round(v, 4) for k, v in header.metrics.items() if k in ("loss", "seconds")})
             else:
@@ -549,6 +557,11 @@ class SchoolDaemon:
     def _pending_paths(self, round_: int) -> tuple[Path, Path]:
         return self.pending_dir / f"round-{round_}.json", self.pending_dir / f"round-{round_}.safetensors"
 
+    @staticmethod
+    def _named(h: UploadHeader, tagged: str) -> UploadHeader:
+        """`h` with digest `tagged` and the upload id made from it (stable across resumes)."""
+        return UploadHeader(**{**h.__dict__, "digest": tagged, "upload_id": f"r{h.round}-{digest.split(tagged)[1][:24]}"})
+
     def _save_pending(self, h: UploadHeader, payload: bytes) -> None:
         meta, data = self._pending_paths(h.round)
         tmp = data.with_suffix(".tmp")
@@ -560,9 +573,12 @@ class SchoolDaemon:
         meta, data = self._pending_paths(round_)
         if not (meta.exists() and data.exists()):
             return None
-        h = UploadHeader(**json.loads(meta.read_text()))
+        fields = json.loads(meta.read_text())
+        if "sha256" in fields:   # kept by a daemon from before BLAKE3 names: the digest was sha256's
+            fields["digest"] = fields.pop("sha256")
+        h = UploadHeader(**fields)
         payload = data.read_bytes()
-        if h.base_sha256 != base_sha or sha256_hex(payload) != h.sha256:
+        if h.base_sha256 != base_sha or digest.same_algorithm(payload, h.digest) != h.digest:
             self._drop_pending(round_)
             return None
         return h, payload

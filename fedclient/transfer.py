@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
+from common import digest
 from common.errors import RETRY_AFTER_KEY, ChecksumError
 from common.framing import frame_upload_chunk
 from common.messages import UploadHeader
@@ -30,11 +30,16 @@ class StalledError(Exception):
 
 
 async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata, buffer: bytearray,
-                   progress: Callable[[int, int], None] | None = None, stall_s: float | None = None) -> bytes:
+                   progress: Callable[[int, int], None] | None = None, stall_s: float | None = None,
+                   blake3: str = "") -> bytes:
     """Fetch an artefact into `buffer`, resuming from len(buffer) (bytes kept from an
-    interrupted attempt), and verify its sha256. `stall_s`: no chunk for that long ends the
-    call with StalledError (the caller resumes; `buffer` keeps what arrived)."""
-    hasher = hashlib.sha256(buffer)   # hash as chunks arrive: no second pass at the end
+    interrupted attempt), and verify it: against `blake3` (the BLAKE3 hex the coordinator
+    announced beside the sha256) when given and this process has BLAKE3, else against its
+    sha256. `stall_s`: no chunk for that long ends the call with StalledError (the caller
+    resumes; `buffer` keeps what arrived)."""
+    algorithm = digest.BLAKE3 if blake3 and digest.BLAKE3 in digest.supported() else digest.SHA256
+    expected = blake3 if algorithm == digest.BLAKE3 else sha256
+    hasher = digest.hasher(algorithm, buffer)   # hash as chunks arrive: no second pass at the end
     stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=len(buffer)), metadata=metadata)
     chunks = aiter(stream)
     while True:
@@ -53,9 +58,9 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
         hasher.update(data)
         if progress is not None:
             progress(len(buffer), chunk.total_size)
-    if hasher.hexdigest() != sha256:
+    if hasher.hexdigest() != expected:
         buffer.clear()  # start over next time; the bytes are not what was announced
-        raise ChecksumError(f"downloaded artefact does not hash to {sha256[:12]}…")
+        raise ChecksumError(f"downloaded artefact {sha256[:12]}… does not hash to its announced {algorithm} {expected[:12]}…")
     return bytes(buffer)
 
 

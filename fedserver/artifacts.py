@@ -1,17 +1,23 @@
 """Content-addressed artefacts (global adapters, packs) on disk, named by their sha256. Every
 read checks the bytes against the name; a file found to hash to its name is remembered by
-(inode, size, mtime), so serving it again costs one stat until it changes."""
+(inode, size, mtime), so serving it again costs one stat until it changes. Where BLAKE3 is
+available, the BLAKE3 digest of each artefact's bytes is kept beside (computed as it is
+written, or read once), and announced with it: schools check downloads by it (common/digest.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from common.digest import BLAKE3, hasher, offered
 from common.errors import CorruptFileError, NotFoundError
+from common.messages import ArtifactRef
 from common.safetensors_stream import write_safetensors
 from common.wire import sha256_hex
 from fedserver.integrity import file_sha256
@@ -22,6 +28,8 @@ class ArtifactStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._good: dict[str, tuple[int, int, int]] = {}   # sha256 -> (inode, size, mtime_ns) found to hash to it
+        self._blake3: OrderedDict[str, str] = OrderedDict()   # sha256 -> BLAKE3 hex of the same bytes, newest kept
+        self._blake3_lock = threading.Lock()
 
     @staticmethod
     def _stamp(p: Path) -> tuple[int, int, int] | None:
@@ -71,9 +79,53 @@ class ArtifactStore:
             raise NotFoundError(f"{sha256!r} is not a sha256 hex digest")
         return self.root / sha256
 
+    # ---- BLAKE3 beside the sha256 (what downloads are checked by, where both ends have it) ----
+    BLAKE3_KEPT = 64   # artefacts whose BLAKE3 is remembered (a round announces a few)
+
+    def blake3(self, sha256: str) -> str:
+        """The BLAKE3 hex of artefact `sha256`'s bytes if known here, else ''."""
+        return self._blake3.get(sha256, "")
+
+    def _note_blake3(self, sha256: str, hex_digest: str) -> None:
+        with self._blake3_lock:
+            self._blake3[sha256] = hex_digest
+            self._blake3.move_to_end(sha256)
+            while len(self._blake3) > self.BLAKE3_KEPT:
+                self._blake3.popitem(last=False)
+
+    def learn_blake3(self, sha256: str) -> str:
+        """Blocking: the BLAKE3 of an artefact this process did not write (one read of the file;
+        its sha256 is checked in the same pass unless it is known good). '' where BLAKE3 is not
+        offered; CorruptFileError / NotFoundError as verify()."""
+        if BLAKE3 not in offered() or self.blake3(sha256):
+            return self.blake3(sha256)
+        p = self.path(sha256)
+        stamp = self._stamp(p)
+        if stamp is None or not p.is_file():
+            raise NotFoundError(f"no artefact {sha256[:12]}…")
+        b3 = hasher(BLAKE3)
+        sha = None if self._good.get(sha256) == stamp else hashlib.sha256()
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                b3.update(block)
+                if sha is not None:
+                    sha.update(block)
+        if sha is not None:
+            self._judge(sha256, sha.hexdigest(), stamp[1], stamp)
+        if self._stamp(p) != stamp:   # changed while being read: not vouched for
+            return ""
+        self._note_blake3(sha256, b3.hexdigest())
+        return self.blake3(sha256)
+
+    def ref(self, sha256: str, kind: str = "adapter") -> ArtifactRef:
+        """How a command names the artefact: sha256, size, kind, and BLAKE3 when known."""
+        return ArtifactRef(sha256, self.size(sha256), kind, self.blake3(sha256))
+
     def put(self, data: bytes) -> str:
         """Store bytes; returns their sha256. Idempotent; written to a temp name then renamed."""
         digest = sha256_hex(data)
+        if BLAKE3 in offered():
+            self._note_blake3(digest, hasher(BLAKE3, data).hexdigest())
         dst = self.path(digest)
         if not self._intact(digest):   # absent, or a damaged file of that name: (re)written
             tmp = dst.with_suffix(f".tmp-{os.getpid()}")
@@ -95,7 +147,10 @@ class ArtifactStore:
         one pass (no in-memory copy of the payload), fsynced, then renamed to its digest."""
         tmp = self.root / f".put-{os.getpid()}-{threading.get_ident()}.tmp"
         try:
-            digest, _ = write_safetensors(tmp, tensors)
+            b3 = hasher(BLAKE3) if BLAKE3 in offered() else None
+            digest, _ = write_safetensors(tmp, tensors, also=b3)
+            if b3 is not None:
+                self._note_blake3(digest, b3.hexdigest())
             dst = self.path(digest)
             if self._intact(digest):
                 tmp.unlink()

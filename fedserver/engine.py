@@ -5,6 +5,7 @@ what each kind of round sends, accepts and commits lives in fedserver/rounds.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -26,7 +27,7 @@ from common.lora import MERGED_FILE, LoraSettings, TensorSpec, initial_state, sp
 from common.logs import LineBudget, get_logger, school_text
 from common.memory import release_memory
 from common.messages import (
-    ArtifactRef, Capabilities, Command, EvalReport, EvaluateCommand, Failure, ShutdownCommand, UploadHeader,
+    Capabilities, Command, EvalReport, EvaluateCommand, Failure, ShutdownCommand, UploadHeader,
 )
 from common.wire import sha256_hex, tensors_to_bytes
 from fedserver.artifacts import ArtifactStore
@@ -536,7 +537,7 @@ class RoundEngine:
             return None
         return KINDS[rnd.kind].stream_check(self, rnd, school_id, h)
 
-    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_sha256: str | None = None,
+    async def accept_upload(self, school_id: str, h: UploadHeader, payload_path: Path, received_digest: str | None = None,
                             check: StreamCheck | None = None) -> Receipt:
         """Validate a complete upload (the round kind's checks) and fold it in. Validation runs
         concurrently across schools, unlocked; only the receipt and the fold are serialised.
@@ -552,7 +553,7 @@ class RoundEngine:
         self._accepting.add(school_id)
         try:
             t0 = time.monotonic()
-            final, result, kept_sha = await kind.accept(self, rnd, school_id, h, payload_path, received_sha256 or "", check)
+            final, result, kept = await kind.accept(self, rnd, school_id, h, payload_path, received_digest or "", check)
             async with self._lock:
                 try:
                     if self.current is not rnd:
@@ -561,8 +562,8 @@ class RoundEngine:
                 except Exception:
                     final.unlink(missing_ok=True)   # validated but never receipted: not kept
                     raise
-                rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.sha256, h.num_examples, dict(h.metrics),
-                             str(final), kept_sha)
+                rc = Receipt(rnd.number, school_id, upload_key(school_id, h.upload_id), h.digest, h.num_examples, dict(h.metrics),
+                             str(final), kept)
                 await asyncio.to_thread(self.store.add_receipt, rc)
                 t1 = time.monotonic()
                 await asyncio.to_thread(kind.fold, self, rnd, school_id, h.num_examples, h.metrics, final, result)
@@ -796,7 +797,7 @@ class RoundEngine:
             self._spawn_eval(number, state)   # the new adapter as committed, in memory: not read back
         n = self.cfg.evaluation.school_max_examples
         if n > 0:
-            cmd = EvaluateCommand(number, 0.0, ArtifactRef(sha, self.artifacts.size(sha)), n)
+            cmd = EvaluateCommand(number, 0.0, self.artifacts.ref(sha), n)
             # who was asked, per round (a late answer to an older round is still taken); the
             # final shutdown waits only for the newest round's
             self._evals_due = {n: due for n, due in self._evals_due.items() if n > number - 10 and due}
@@ -822,6 +823,9 @@ class RoundEngine:
         uploads are folded from their files); the tensors in memory only when the file cannot
         be read that way. A file that changes on disk meanwhile is checked again, and restored
         from its kept copy if damaged, before it is read (fedserver/integrity.py)."""
+        if not self.artifacts.blake3(sha):   # announced with the adapter: schools check downloads by it
+            with contextlib.suppress(CorruptFileError, NotFoundError, OSError):   # then sha256 is checked instead
+                await asyncio.to_thread(self.artifacts.learn_blake3, sha)
         lazy = await asyncio.to_thread(FileState.open, self.artifacts.path(sha), lambda: self.recovery.served_ok(sha))
         return lazy if lazy is not None else state
 

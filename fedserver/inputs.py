@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from common import digest
 from common.errors import ProtocolError
 from common.messages import Capabilities, Event, Failure, Progress, UploadHeader
 from common.models import parse_spec
@@ -42,6 +43,7 @@ RULES: dict[str, Rule] = {
     "failure.message": Rule(1000, "text without control characters other than line breaks and tabs", multiline=True),
     "upload_id": Rule(128, "letters, digits, '-' or '_'", re.compile(r"[A-Za-z0-9_-]+\Z"), min_len=1),
     "sha256": Rule(64, "a sha256 hex digest (64 lower-case hex digits)", re.compile(r"[0-9a-f]{64}\Z"), min_len=64),
+    "blake3": Rule(64, "a BLAKE3 hex digest (64 lower-case hex digits)", re.compile(r"[0-9a-f]{64}\Z"), min_len=64),
     "base_sha256": Rule(64, "empty or a sha256 hex digest (64 lower-case hex digits)", re.compile(r"(?:[0-9a-f]{64})?\Z")),
     "encoding": Rule(16, "empty or a codec name such as int8 or topk", re.compile(r"(?:[a-z][a-z0-9_-]*)?\Z")),
     "kind": Rule(16, "empty or an upload kind such as delta or answers", re.compile(r"(?:[a-z][a-z0-9_-]*)?\Z")),
@@ -86,7 +88,11 @@ def capabilities(c: Capabilities) -> Capabilities:
 def header(h: UploadHeader) -> UploadHeader:
     """The strings of an upload header (its numbers: transfers.py and validation.py)."""
     text("upload_id", h.upload_id)
-    text("sha256", h.sha256)
+    algorithm, hex_digest = digest.split(h.digest)
+    if algorithm != digest.SHA256 and algorithm not in digest.offered():
+        raise ProtocolError(f"{algorithm}: this coordinator does not take uploads named by {algorithm} (its JoinResponse "
+                            "lists the digests it takes besides sha256); name the payload by sha256")
+    text(algorithm, hex_digest)
     text("base_sha256", h.base_sha256)
     text("encoding", h.encoding)
     text("kind", h.kind)

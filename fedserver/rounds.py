@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common import digest
 from common.distill import ANSWERS_TENSOR, Pack, answer_texts, pool_slice, validate_answer_set, vote_texts
 from common.errors import ChecksumError, CorruptFileError, NotFoundError, WrongRoundError
 from common.files import atomic_write_bytes
@@ -32,7 +33,7 @@ from common.messages import (
     ArtifactRef, Command, DistillCommand, EvaluateCommand, TeachCommand, TrainCommand, UploadHeader,
 )
 from common.training import TrainParams
-from common.wire import bytes_to_tensors, sha256_hex, tensors_to_bytes
+from common.wire import bytes_to_tensors, tensors_to_bytes
 from fedserver.ensemble import ensemble
 from fedserver.strategy import ClientFailure, ClientUpdate
 from fedserver.validation import FileDelta, PackedFile, StreamCheck, read_whole, validate_update
@@ -99,22 +100,23 @@ class RoundKind:
         return None
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
+                     payload: Path, received: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
         """Validate a complete upload (what `check` found while the bytes arrived, or the file
-        read back); keep it where a restart finds it. Returns (kept file, result, the kept
-        file's sha256: the receipt records it). Runs concurrently for several schools, outside
+        read back); keep it where a restart finds it. `received`: the payload's digest, as computed
+        while it arrived (tagged, common/digest.py). Returns (kept file, result, the kept file's
+        tagged digest: the receipt records it). Runs concurrently for several schools, outside
         the engine's lock: touch no shared state."""
         raise NotImplementedError
 
     def restore(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt) -> Any:
         """A receipted result read back at a restart, as `fold` takes it: the kept file's bytes
-        checked against the sha256 its receipt recorded, then validated again as an upload is
+        checked against the digest its receipt recorded, then validated again as an upload is
         (ChecksumError, ValidationError, OSError: the engine voids the receipt)."""
         data = read_whole(Path(rc.path))   # a bytearray: validated as views, not copied
-        digest = sha256_hex(data)
-        if digest != rc.kept_sha256:
-            raise ChecksumError(f"the file of {rc.school_id}'s receipted result ({len(data)} bytes) hashes to {digest[:12]}…, "
-                                f"not to the {rc.kept_sha256[:12]}… its receipt recorded: it changed on disk")
+        found = digest.same_algorithm(data, rc.kept_digest)
+        if found != rc.kept_digest:
+            raise ChecksumError(f"the file of {rc.school_id}'s receipted result ({len(data)} bytes) hashes to {digest.short(found)}, "
+                                f"not to the {digest.short(rc.kept_digest)} its receipt recorded: it changed on disk")
         return self.revalidate(eng, rnd, rc, data)
 
     def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
@@ -136,7 +138,14 @@ class RoundKind:
 
 
 def _ref(eng: RoundEngine, sha: str, kind: str = "adapter") -> ArtifactRef:
-    return ArtifactRef(sha, eng.artifacts.size(sha), kind)
+    return eng.artifacts.ref(sha, kind)
+
+
+def _check_digest(received: str, h: UploadHeader) -> None:
+    """The payload's digest as computed while it arrived against the one its header named."""
+    if received != h.digest:
+        raise ChecksumError(f"payload digest {digest.short(received)} does not match the announced {digest.short(h.digest)}; "
+                            "re-send the upload")
 
 
 # ---------------------------------------------------------------- train
@@ -179,19 +188,17 @@ class TrainKind(RoundKind):
         return StreamCheck(eng.layout, h.total_size, eng.cfg.rounds.max_norm)
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
+                     payload: Path, received: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
         final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.safetensors"
         frozen = self.params(eng, rnd, school).freeze   # the school may leave these (zero) deltas out
         if check is not None:   # stream_check gave one: a dense upload with nothing left out
-            if digest != h.sha256:
-                raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; "
-                                    "re-send the upload")
+            _check_digest(received, h)
             packed = await asyncio.to_thread(_keep_checked, check, payload, final)
             if packed is not None:   # checked as the bytes arrived: nothing was read back
-                return final, FileDelta(packed, eng.layout), h.sha256
+                return final, FileDelta(packed, eng.layout), h.digest
         data = await asyncio.to_thread(read_whole, payload)
-        tensors = await asyncio.to_thread(validate_update, data, h.sha256, eng.layout, eng.cfg.rounds.max_norm,
-                                          digest, h.encoding, frozen)
+        tensors = await asyncio.to_thread(validate_update, data, h.digest, eng.layout, eng.cfg.rounds.max_norm,
+                                          received, h.encoding, frozen)
         del data
         final.parent.mkdir(parents=True, exist_ok=True)
         if h.encoding or frozen:   # keep the decoded, complete update: restarts and spilling buffers read it back
@@ -199,15 +206,15 @@ class TrainKind(RoundKind):
             await asyncio.to_thread(atomic_write_bytes, final, dense, fsync=False)
             payload.unlink(missing_ok=True)
             eng.count_dense(rnd.number, h.total_size, len(dense))
-            kept = await asyncio.to_thread(sha256_hex, dense)
+            kept = await asyncio.to_thread(digest.of, dense, digest.supported()[0])
         else:
             await asyncio.to_thread(payload.replace, final)
-            kept = h.sha256   # validate_update checked the payload hashes to it
+            kept = h.digest   # validate_update checked the payload hashes to it
         return final, tensors, kept
 
     def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
         # the kept file is the complete, dense update (decoded, frozen parts filled in)
-        return validate_update(data, rc.kept_sha256, eng.layout, eng.cfg.rounds.max_norm, payload_sha256=rc.kept_sha256)
+        return validate_update(data, rc.kept_digest, eng.layout, eng.cfg.rounds.max_norm, payload_digest=rc.kept_digest)
 
     def fold(self, eng: RoundEngine, rnd: OpenRound, school: str, num_examples: int,
              metrics: Mapping[str, float], path: Path, result: Any = None) -> None:
@@ -311,16 +318,15 @@ class TeachKind(RoundKind):
                             eng.cfg.distill.temperature)
 
     async def accept(self, eng: RoundEngine, rnd: OpenRound, school: str, h: UploadHeader,
-                     payload: Path, digest: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
-        if digest != h.sha256:
-            raise ChecksumError(f"payload sha256 {digest[:12]}… does not match the announced {h.sha256[:12]}…; re-send the upload")
+                     payload: Path, received: str, check: StreamCheck | None = None) -> tuple[Path, Any, str]:
+        _check_digest(received, h)
         data = await asyncio.to_thread(payload.read_bytes)
         pack = self._pack(eng, rnd)
         answers = await asyncio.to_thread(validate_answer_set, bytes(data), pack.questions, pack.prompts)
         final = eng.updates_dir / f"round-{rnd.number}" / f"{school}.answers.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(payload.replace, final)
-        return final, answers, h.sha256
+        return final, answers, h.digest
 
     def revalidate(self, eng: RoundEngine, rnd: OpenRound, rc: Receipt, data: bytearray) -> Any:
         pack = self._pack(eng, rnd)

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from common import PROTOCOL_VERSION, __version__
+from common import PROTOCOL_VERSION, __version__, digest
 from common.errors import (
     AuthenticationError, FederationError, IncompatibleSchoolError, ProtocolError, UnavailableError,
 )
@@ -25,7 +25,7 @@ from common.messages import (
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.tls import CertInfo
-from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, settings_to_pb
+from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, receipt_fields, settings_to_pb
 from common.framing import RawChunk
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
@@ -174,7 +174,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.engine.note_session("school joined", school, log, model=school_text(caps.model), examples=caps.num_examples)
         self._intervals[school] = interval = self.heartbeat_interval(len(self.engine.sessions) + 1)
         return settings_to_pb(SessionSettings(school, info.token, interval, MAX_CHUNK_BYTES,
-                                              __version__, self.engine.settings.to_json()))
+                                              __version__, self.engine.settings.to_json(), digest.offered()))
 
     def heartbeat_interval(self, connected: int) -> float:
         """The interval a joining school is asked to beat at: heartbeat_interval_s, lengthened so
@@ -336,4 +336,4 @@ class FederationServicer(pb_grpc.FederationServicer):
             except FederationError:
                 await self.uploads.discard(school, h.upload_id)
                 raise
-        return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, sha256=rc.sha256, received_bytes=h.total_size)
+        return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, received_bytes=h.total_size, **receipt_fields(rc.digest))

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS rounds (
   bytes_up INTEGER NOT NULL DEFAULT 0, bytes_down INTEGER NOT NULL DEFAULT 0,
   metrics TEXT NOT NULL DEFAULT '{}', failures TEXT NOT NULL DEFAULT '{}',
   kind TEXT NOT NULL DEFAULT 'train', plan TEXT NOT NULL DEFAULT '{}');
+-- uploads.sha256, receipts.sha256 and receipts.file_sha256 hold tagged digests (common/digest.py):
+-- a sha256 hex digest as always, or "blake3:<hex>" for an upload its school named by BLAKE3.
 CREATE TABLE IF NOT EXISTS uploads (
   upload_id TEXT PRIMARY KEY, school_id TEXT NOT NULL, round INTEGER NOT NULL,
   sha256 TEXT NOT NULL, total_size INTEGER NOT NULL, received INTEGER NOT NULL DEFAULT 0,
@@ -103,15 +105,15 @@ class Receipt:
     round: int
     school_id: str
     upload_id: str
-    sha256: str
+    digest: str             # of the payload as sent, tagged (common/digest.py); column `sha256`
     num_examples: int
     metrics: dict[str, float]
     path: str
-    file_sha256: str = ""   # of the file at `path` ('' before schema 3: then `sha256`, the payload as sent)
+    file_digest: str = ""   # of the file at `path` ('' before schema 3: then `digest`, the payload as sent); column `file_sha256`
 
     @property
-    def kept_sha256(self) -> str:
-        return self.file_sha256 or self.sha256
+    def kept_digest(self) -> str:
+        return self.file_digest or self.digest
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class UploadRow:
     upload_id: str
     school_id: str
     round: int
-    sha256: str
+    digest: str   # tagged (common/digest.py); column `sha256`
     total_size: int
     received: int
     header: dict[str, Any]
@@ -250,15 +252,15 @@ class Store:
             db.execute("UPDATE rounds SET bytes_up=bytes_up+?, bytes_down=bytes_down+? WHERE round=?", (up, down, round_))
 
     # ---- uploads in progress ----
-    def begin_upload(self, upload_id: str, school_id: str, round_: int, sha256: str, total: int, header: Mapping[str, Any]) -> UploadRow:
+    def begin_upload(self, upload_id: str, school_id: str, round_: int, digest: str, total: int, header: Mapping[str, Any]) -> UploadRow:
         """Register (or find) an upload. The same id from another school or with another
         payload is refused: ids are how resumes find their bytes."""
         with self._tx() as db:
             rows = db.execute("SELECT upload_id,school_id,round,sha256,total_size,received,header FROM uploads WHERE upload_id=?", (upload_id,)).fetchall()
             if not rows:
                 db.execute("INSERT INTO uploads VALUES(?,?,?,?,?,0,?,?)",
-                           (upload_id, school_id, round_, sha256, total, json.dumps(dict(header)), time.time()))
-                return UploadRow(upload_id, school_id, round_, sha256, total, 0, dict(header))
+                           (upload_id, school_id, round_, digest, total, json.dumps(dict(header)), time.time()))
+                return UploadRow(upload_id, school_id, round_, digest, total, 0, dict(header))
         r = rows[0]
         return UploadRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
 
@@ -298,8 +300,8 @@ class Store:
             with self._tx() as db:
                 db.execute("INSERT INTO receipts(round,school_id,upload_id,sha256,num_examples,metrics,path,received_at,"
                            "file_sha256) VALUES(?,?,?,?,?,?,?,?,?)",
-                           (rc.round, rc.school_id, rc.upload_id, rc.sha256, rc.num_examples, json.dumps(dict(rc.metrics)),
-                            rc.path, time.time(), rc.file_sha256))
+                           (rc.round, rc.school_id, rc.upload_id, rc.digest, rc.num_examples, json.dumps(dict(rc.metrics)),
+                            rc.path, time.time(), rc.file_digest))
         except sqlite3.IntegrityError:
             raise DuplicateUploadError(
                 f"school {rc.school_id!r} already has an accepted update for round {rc.round}; replays are refused"

@@ -5,12 +5,12 @@ What the bytes mean is the round kind's business (fedserver/rounds.py), not this
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from common import digest
 from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
 from common.logs import get_logger
 from common.messages import UploadHeader
@@ -31,10 +31,10 @@ def _sync(fh: Any) -> None:
     os.fsync(fh.fileno())
 
 
-def _read_and_hash(path: Path, check: StreamCheck | None) -> Any:
-    """A resumed upload's bytes already held, read a chunk at a time: their running hash, and
-    the stream check fed with them."""
-    hasher = hashlib.sha256()
+def _read_and_hash(path: Path, algorithm: str, check: StreamCheck | None) -> Any:
+    """A resumed upload's bytes already held, read a chunk at a time: their running hash (in
+    the header's algorithm), and the stream check fed with them."""
+    hasher = digest.hasher(algorithm)
     with open(path, "rb") as fh:
         while data := fh.read(MAX_CHUNK_BYTES):
             hasher.update(data)
@@ -78,8 +78,8 @@ class UploadReceiver:
         """Checks that need neither the payload nor the round: size, form, replay."""
         if h.total_size > self.max_upload_bytes:
             raise TooLargeError(f"upload of {h.total_size} bytes exceeds the coordinator's limit of {self.max_upload_bytes}")
-        if h.total_size == 0 or len(h.sha256) != 64:
-            raise ProtocolError("header needs total_size > 0 and a sha256 hex digest")
+        if h.total_size == 0 or not digest.well_formed(h.digest):
+            raise ProtocolError("header needs total_size > 0 and a sha256 (or, if offered, blake3) hex digest")
         if h.encoding and h.encoding not in CODECS:   # before a byte of payload is sent, not after
             raise ValidationError(f"unknown upload encoding {h.encoding!r}; this coordinator decodes {sorted(CODECS)}. "
                                   "Upgrade the school")
@@ -102,7 +102,8 @@ class UploadReceiver:
     async def receive(self, school: str, h: UploadHeader, chunks: AsyncIterator[tuple[int, bytes | memoryview]],
                       check: StreamCheck | None = None) -> tuple[Path, str]:
         """Append the chunks (offset, bytes) after what is already held; returns the complete
-        payload's path and its sha256, computed while the bytes arrived. `check` (the round
+        payload's path and its digest (tagged, in the header's algorithm), computed while the
+        bytes arrived. `check` (the round
         kind's validation as bytes arrive) is fed every byte, in order, beside the hash. No
         payload is held: a chunk at a time is written. Runs concurrently for many schools:
         nothing here takes the engine's lock."""
@@ -123,16 +124,17 @@ class UploadReceiver:
         if len(others) >= MAX_UNFINISHED_PER_SCHOOL:
             raise TooLargeError(f"this school already has {len(others)} unfinished uploads in round {h.round}; resume "
                                 "one (UploadStatus says where) instead of starting another")
-        row = await asyncio.to_thread(self.store.begin_upload, key, school, h.round, h.sha256, h.total_size,
+        row = await asyncio.to_thread(self.store.begin_upload, key, school, h.round, h.digest, h.total_size,
                                       {"round": h.round, "num_examples": h.num_examples, "kind": h.kind})
-        if (row.school_id, row.round, row.sha256, row.total_size) != (school, h.round, h.sha256, h.total_size):
+        if (row.school_id, row.round, row.digest, row.total_size) != (school, h.round, h.digest, h.total_size):
             raise ProtocolError(f"upload id {h.upload_id} is already used for a different payload; choose a new upload_id")
         have = part.stat().st_size if part.exists() else 0
         if h.offset != have:
             raise ProtocolError(f"upload {h.upload_id}: coordinator holds {have} bytes but the header resumes at {h.offset}; ask UploadStatus")
         received = have
         # A resumed upload first reads, hashes and checks the bytes it already holds.
-        hasher = await asyncio.to_thread(_read_and_hash, part, check) if have else hashlib.sha256()
+        algorithm = digest.split(h.digest)[0]
+        hasher = await asyncio.to_thread(_read_and_hash, part, algorithm, check) if have else digest.hasher(algorithm)
         loop = asyncio.get_running_loop()
         writing: asyncio.Future[None] | None = None   # one chunk's write + hash in flight while the next arrives
         with open(part, "ab") as fh:
@@ -158,7 +160,7 @@ class UploadReceiver:
             await asyncio.to_thread(_sync, fh)
         if received != h.total_size:
             raise ProtocolError(f"stream ended at {received} of {h.total_size} bytes; resume from UploadStatus")
-        return part, hasher.hexdigest()
+        return part, digest.tag(algorithm, hasher.hexdigest())
 
     def sweep(self, open_round: int | None) -> int:
         """Remove what no stream will finish (start-up, and after rounds): rows and `.part`

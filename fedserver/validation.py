@@ -14,27 +14,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import digest
 from common.buffers import memory_axis, merge_runs, storage_view
 from common.compression import decode
 from common.errors import ChecksumError, ValidationError
 from common.lora import TensorSpec
-from common.wire import bytes_to_tensors, sha256_hex
+from common.wire import bytes_to_tensors
 
 CODECS = ("int8", "topk")
 
 
-def validate_update(payload: bytes | bytearray, announced_sha256: str, layout: Mapping[str, TensorSpec],
-                    max_norm: float = 0.0, payload_sha256: str | None = None, encoding: str = "",
+def validate_update(payload: bytes | bytearray, announced: str, layout: Mapping[str, TensorSpec],
+                    max_norm: float = 0.0, payload_digest: str | None = None, encoding: str = "",
                     frozen: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Parse and check an update; returns its tensors. Raises with a message that says what
     was wrong and what the school should do, so a bad upload changes nothing.
-    `payload_sha256`: the digest already computed while the bytes arrived (saves a pass).
+    `announced`: the digest the upload's header named (tagged, common/digest.py: sha256 hex or
+    "blake3:<hex>"). `payload_digest`: the same computed while the bytes arrived (saves a pass).
     `encoding`: a compressed upload is decoded (with its own checks) before the dense checks.
     `frozen`: name patterns the school trained frozen this round (FFA-LoRA: "lora_A"); their
     deltas are zero by construction, so the school may leave them out and they are filled in."""
-    actual = payload_sha256 or sha256_hex(payload)
-    if actual != announced_sha256:
-        raise ChecksumError(f"payload sha256 {actual[:12]}… does not match the announced {announced_sha256[:12]}…; re-send the upload")
+    actual = payload_digest or digest.same_algorithm(payload, announced)
+    if actual != announced:
+        raise ChecksumError(f"payload digest {digest.short(actual)} does not match the announced {digest.short(announced)}; "
+                            "re-send the upload")
     if not encoding and not frozen:
         packed = packed_views(payload, layout)
         if packed is not None:   # what schools send: checked in one pass over the data, no copy

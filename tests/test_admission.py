@@ -195,7 +195,7 @@ async def test_byte_budget_cancelled_waiter_gives_its_place_back():
 async def test_one_writer_per_upload_id(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     rx = UploadReceiver(store, tmp_path / "uploads", 1 << 20)
-    h = UploadHeader(round=1, upload_id="u1", num_examples=1, sha256="0" * 64, total_size=8, base_sha256="")
+    h = UploadHeader(round=1, upload_id="u1", num_examples=1, digest="0" * 64, total_size=8, base_sha256="")
     release = asyncio.Event()
 
     async def slow():

@@ -150,6 +150,9 @@ async def test_upload_strings_checked_before_anything_is_stored(open_round):
         (dict(upload_id="u" * 129), "upload_id: 129 characters"),
         (dict(sha256="z" * 64), "sha256: holds characters"),
         (dict(sha256="AB" * 32), "sha256: holds characters"),
+        (dict(sha256="", blake3="z" * 64), "blake3: holds characters"),
+        (dict(blake3="ab" * 32), "set exactly one"),   # named by both
+        (dict(sha256="blake3:" + "ab" * 32), "sha256: holds characters"),   # a tag is not a digest field's value
         (dict(base_sha256="../" * 3), "base_sha256"),
         (dict(encoding="int8\n"), "encoding"),
         (dict(kind="k" * 40), "kind: 40 characters"),

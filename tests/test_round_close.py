@@ -174,7 +174,7 @@ async def test_second_upload_while_the_first_is_validated_is_refused(open_round,
     release.set()
     assert await task is not None
     (receipt,) = rc.store.receipts(1)
-    assert receipt.sha256 == sha256_hex(first)
+    assert receipt.digest == sha256_hex(first)
     assert bytes_to_tensors(open(receipt.path, "rb").read()).keys() == rc.engine.layout.keys()
 
 

@@ -57,7 +57,7 @@ def good_delta(rc) -> dict[str, torch.Tensor]:
 
 def header_for(rc, payload: bytes, **kw) -> UploadHeader:
     fields = dict(round=rc.engine.current.number, upload_id="u-" + sha256_hex(payload)[:16], num_examples=10,
-                  sha256=sha256_hex(payload), total_size=len(payload), base_sha256=rc.engine.current.global_sha)
+                  digest=sha256_hex(payload), total_size=len(payload), base_sha256=rc.engine.current.global_sha)
     fields.update(kw)
     return UploadHeader(**fields)
 
@@ -131,7 +131,7 @@ async def test_bad_upload_rejected_and_state_intact(open_round, case, code, text
         delta[name] = delta[name].half()
     payload = b"garbage, not safetensors" * 10 if case == "not_safetensors" else tensors_to_bytes(delta)
     if case == "bad_checksum":
-        kw["sha256"] = hashlib.sha256(b"something else").hexdigest()
+        kw["digest"] = hashlib.sha256(b"something else").hexdigest()
     elif case == "wrong_round":
         kw["round"] = 7
     elif case == "stale_base":

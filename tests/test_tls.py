@@ -147,7 +147,7 @@ async def test_join_session_download_upload_over_mutual_tls(tmp_path, tiny_model
         data = await download(stub, cmd.adapter.sha256, md, bytearray())
         assert sha256_hex(data) == cmd.adapter.sha256
         delta = tensors_to_bytes({k: torch.full(v.shape, 0.01) for k, v in rc.engine.layout.items()})
-        h = UploadHeader(round=1, upload_id="u-" + sha256_hex(delta)[:16], num_examples=10, sha256=sha256_hex(delta),
+        h = UploadHeader(round=1, upload_id="u-" + sha256_hex(delta)[:16], num_examples=10, digest=sha256_hex(delta),
                          total_size=len(delta), base_sha256=cmd.adapter.sha256)
         assert await upload(stub, h, delta, md) is not None
         await asyncio.wait_for(rc.run_task, 60)

@@ -16,7 +16,7 @@ from tests.conftest import coordinator_config, wait_for
 
 
 def header(upload_id: str, round_: int = 1, size: int = 8) -> UploadHeader:
-    return UploadHeader(round=round_, upload_id=upload_id, num_examples=1, sha256="0" * 64, total_size=size,
+    return UploadHeader(round=round_, upload_id=upload_id, num_examples=1, digest="0" * 64, total_size=size,
                         base_sha256="")
 
 
