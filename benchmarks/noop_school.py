@@ -4,11 +4,13 @@ It speaks the real protocol with the project's own code (the common.pb stubs, co
 common.messages, fedclient.transfer.download/upload): Join with an enrolment token, hold the
 Session stream and send heartbeats, and for every TrainCommand
 
-  1. download the global adapter (Download RPC; `download()` checks its sha256),
+  1. download the global adapter (Download RPC; `download()` checks it by BLAKE3 when the
+     coordinator announces one and by sha256 otherwise, as the daemon does),
   2. add a constant to every tensor (numpy over the safetensors' float32 data; the header is
      kept as it is, so names, shapes and dtypes stay the federation's layout),
   3. upload the result as the round's delta through UploadStatus + Upload, with an
-     UploadHeader naming the round, the adapter it was computed on and the payload's sha256.
+     UploadHeader naming the round, the adapter it was computed on and the payload's digest
+     (BLAKE3 if the coordinator's JoinResponse offers it, else sha256: common/digest.py).
 
 An EvaluateCommand is answered at once with an empty report (0 questions, as a school with
 nothing held out does); Idle is ignored; distill, teach and unknown commands are reported back

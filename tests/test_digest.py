@@ -200,3 +200,19 @@ async def test_blake3_receipt_survives_a_restart_and_a_damaged_file_is_voided(tm
     eng = await started(tmp_path)
     assert eng.current.accepted == set() and eng.store.receipts(1) == [] and counted(eng, "update") == 1
     await stop(eng)
+
+
+def test_second_copy_checked_by_blake3(tmp_path):
+    """The second copy of a new global adapter is checked by the BLAKE3 known from its write;
+    bytes that changed on disk before the copy are not copied, whichever digest checks them."""
+    from fedserver.integrity import copy_verified
+
+    src = tmp_path / "artefact"
+    src.write_bytes(b"adapter bytes" * 1000)
+    sha, b3 = sha256_hex(src.read_bytes()), blake3.blake3(src.read_bytes()).hexdigest()
+    assert copy_verified(src, tmp_path / "copies" / "one", sha, b3)
+    assert (tmp_path / "copies" / "one").read_bytes() == src.read_bytes()
+    src.write_bytes(b"damaged bytes" * 1000)
+    assert not copy_verified(src, tmp_path / "copies" / "two", sha, b3)
+    assert not copy_verified(src, tmp_path / "copies" / "three", sha)
+    assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == ["one"]
