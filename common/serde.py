@@ -149,7 +149,7 @@ def event_from_pb(m: pb.ClientEvent) -> Event:
 def header_to_pb(h: UploadHeader) -> pb.UploadHeader:
     return pb.UploadHeader(round=h.round, upload_id=h.upload_id, num_examples=h.num_examples, metrics=dict(h.metrics),
                            total_size=h.total_size, offset=h.offset, base_sha256=h.base_sha256,
-                           encoding=h.encoding, kind=h.kind, **receipt_fields(h.digest))
+                           encoding=h.encoding, kind=h.kind, **digest_fields(h.digest))
 
 
 def header_from_pb(m: pb.UploadHeader) -> UploadHeader:
@@ -166,7 +166,7 @@ def receipt_digest(m: pb.UploadReceipt) -> str:
     return digest.tag(digest.BLAKE3, m.blake3) if m.blake3 else m.sha256
 
 
-def receipt_fields(tagged: str) -> dict[str, str]:
+def digest_fields(tagged: str) -> dict[str, str]:
     """The digest field of an UploadHeader or UploadReceipt for a tagged digest: {"sha256": hex}
     or {"blake3": hex}."""
     algorithm, hex_digest = digest.split(tagged)

@@ -25,7 +25,7 @@ from common.messages import (
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
 from common.tls import CertInfo
-from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, receipt_fields, settings_to_pb
+from common.serde import capabilities_from_pb, command_to_pb, event_from_pb, header_from_pb, digest_fields, settings_to_pb
 from common.framing import RawChunk
 from common.wire import MAX_CHUNK_BYTES
 from fedserver.admission import CALLER, LOCAL, ByteBudget, retry_metadata
@@ -336,4 +336,4 @@ class FederationServicer(pb_grpc.FederationServicer):
             except FederationError:
                 await self.uploads.discard(school, h.upload_id)
                 raise
-        return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, received_bytes=h.total_size, **receipt_fields(rc.digest))
+        return pb.UploadReceipt(round=rc.round, upload_id=h.upload_id, received_bytes=h.total_size, **digest_fields(rc.digest))
