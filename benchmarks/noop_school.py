@@ -57,7 +57,7 @@ from common.messages import (
 )
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
-from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, receipt_digest, settings_from_pb
+from common.serde import capabilities_to_pb, command_from_pb, event_to_pb, named_digest, settings_from_pb
 from common.wire import grpc_options
 from fedclient.transfer import download, retry_after_s, status_lost, upload
 
@@ -260,7 +260,7 @@ class NoopSchool:
                         raise
                     await asyncio.sleep(wait_s)
             t3 = time.monotonic()
-            if receipt is not None and (receipt_digest(receipt) != named or receipt.received_bytes != len(payload)):
+            if receipt is not None and (named_digest(receipt) != named or receipt.received_bytes != len(payload)):
                 raise RuntimeError(f"receipt does not match the upload: {receipt}")
         except asyncio.CancelledError:
             raise

@@ -51,7 +51,7 @@ from common.messages import Capabilities, TrainCommand, UploadHeader
 from common.models import load_config
 from common.pb import federation_pb2 as pb
 from common.pb import federation_pb2_grpc as pb_grpc
-from common.serde import capabilities_to_pb, command_from_pb, receipt_digest
+from common.serde import capabilities_to_pb, command_from_pb, named_digest
 from common.wire import MAX_CHUNK_BYTES, grpc_options, tensors_to_bytes
 from fedclient.transfer import download, upload
 from fedserver.auth import hash_token
@@ -207,7 +207,7 @@ class ProjectPath:
                               len(payload), 0, self.global_sha, {"loss": 1.0})
         with _Clock() as clock:
             receipt = await upload(self.stub, header, payload, s.metadata)
-        if receipt is None or receipt.received_bytes != len(payload) or receipt_digest(receipt) != named:
+        if receipt is None or receipt.received_bytes != len(payload) or named_digest(receipt) != named:
             raise RuntimeError(f"upload by {s.school_id} not accepted as expected: {receipt}")
         return clock.sample
 

@@ -5,7 +5,7 @@ the transfers check can be BLAKE3 instead, negotiated: the coordinator offers it
 JoinResponse (`upload_digests`) and in the `blake3` field of every artefact it announces; a
 school that has the `blake3` package checks downloads against that and names its uploads with
 it, one that has not (or a coordinator that does not offer it) uses sha256 as before. BLAKE3
-took 2.7 ms against sha256's 10.7 ms for the 19.6 MB SmolLM2 adapter on the 2-core machine the
+took 2.5-2.7 ms against sha256's 10.3-10.7 ms for the 19.6 MB SmolLM2 adapter on the 2-core machine the
 benchmarks run on, and a transfer is hashed at both ends (benchmarks/README.md).
 
 Inside the coordinator a digest is one string, "tagged": a sha256 digest is its bare 64 hex
@@ -57,6 +57,12 @@ def upload_algorithm(offered_by_coordinator: Iterable[str]) -> str:
     """The algorithm a school names its uploads by: BLAKE3 if the coordinator offers it and
     this process has it, else sha256."""
     return BLAKE3 if BLAKE3 in set(offered_by_coordinator) and BLAKE3 in supported() else SHA256
+
+
+def check_by(sha256: str, blake3: str = "") -> tuple[str, str]:
+    """(algorithm, expected hex) to check bytes announced with `sha256` and, perhaps, their
+    `blake3`: BLAKE3 when it is given and this process has it, else sha256."""
+    return (BLAKE3, blake3) if blake3 and BLAKE3 in supported() else (SHA256, sha256)
 
 
 def hasher(algorithm: str, data: Any = b"") -> Hasher:

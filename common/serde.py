@@ -157,12 +157,11 @@ def header_from_pb(m: pb.UploadHeader) -> UploadHeader:
         raise ProtocolError("the upload header names the payload by both sha256 and blake3; set exactly one")
     if ":" in m.sha256:   # "blake3:<hex>" is the coordinator's own tagged form, never a sha256 field's value
         raise ProtocolError("sha256: holds characters that are not allowed; allowed: a sha256 hex digest (64 lower-case hex digits)")
-    tagged = digest.tag(digest.BLAKE3, m.blake3) if m.blake3 else m.sha256
-    return UploadHeader(m.round, m.upload_id, m.num_examples, tagged, m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding, m.kind)
+    return UploadHeader(m.round, m.upload_id, m.num_examples, named_digest(m), m.total_size, m.offset, m.base_sha256, dict(m.metrics), m.encoding, m.kind)
 
 
-def receipt_digest(m: pb.UploadReceipt) -> str:
-    """The tagged digest an UploadReceipt names (common/digest.py)."""
+def named_digest(m: pb.UploadHeader | pb.UploadReceipt) -> str:
+    """The tagged digest (common/digest.py) an UploadHeader or UploadReceipt names."""
     return digest.tag(digest.BLAKE3, m.blake3) if m.blake3 else m.sha256
 
 

@@ -37,8 +37,7 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
     announced beside the sha256) when given and this process has BLAKE3, else against its
     sha256. `stall_s`: no chunk for that long ends the call with StalledError (the caller
     resumes; `buffer` keeps what arrived)."""
-    algorithm = digest.BLAKE3 if blake3 and digest.BLAKE3 in digest.supported() else digest.SHA256
-    expected = blake3 if algorithm == digest.BLAKE3 else sha256
+    algorithm, expected = digest.check_by(sha256, blake3)
     hasher = digest.hasher(algorithm, buffer)   # hash as chunks arrive: no second pass at the end
     stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=len(buffer)), metadata=metadata)
     chunks = aiter(stream)

@@ -64,7 +64,7 @@ def copy_verified(src: Path, dst: Path, sha256: str, blake3: str = "") -> bool:
     written: a quarter of sha256's CPU); False (and nothing written) otherwise."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    algorithm, expected = (digest.BLAKE3, blake3) if blake3 and digest.BLAKE3 in digest.supported() else (digest.SHA256, sha256)
+    algorithm, expected = digest.check_by(sha256, blake3)
     h = digest.hasher(algorithm)
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:

@@ -16,7 +16,7 @@ from common import PROTOCOL_VERSION, digest
 from common.errors import ChecksumError, ProtocolError
 from common.messages import UploadHeader
 from common.pb import federation_pb2 as pb
-from common.serde import header_from_pb, header_to_pb, receipt_digest
+from common.serde import header_from_pb, header_to_pb, named_digest
 from common.wire import sha256_hex, tensors_to_bytes
 from fedclient.daemon import SchoolDaemon
 from fedclient.transfer import download, upload
@@ -93,7 +93,7 @@ async def test_upload_named_by_blake3(open_round):
     assert snapshot(rc) == before
     receipt = await upload(stub, header_for(rc, payload, digest=named), payload, sessions["school-1"])
     assert receipt is not None and (receipt.sha256, receipt.blake3) == ("", named.removeprefix("blake3:"))
-    assert receipt_digest(receipt) == named
+    assert named_digest(receipt) == named
     (rc_row,) = rc.store.receipts(1)
     assert rc_row.digest == named and rc_row.kept_digest == named
     # a school that names by sha256 (older daemons) is still taken
