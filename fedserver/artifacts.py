@@ -7,20 +7,88 @@ written, or read once), and announced with it: schools check downloads by it (co
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from common.digest import BLAKE3, hasher, offered
 from common.errors import CorruptFileError, NotFoundError
 from common.messages import ArtifactRef
-from common.safetensors_stream import write_safetensors
+from common.safetensors_stream import SafetensorsWriter, write_safetensors
 from common.wire import sha256_hex
 from fedserver.integrity import file_sha256
+
+
+_SEQ = itertools.count()
+
+
+class StreamedTensors:
+    """A state written to the store while a strategy makes it (ArtifactStore.begin_tensors;
+    the close of a FedAvg round): the header at once, then each finished buffer `add`ed as the
+    next bytes in safetensors order, written and hashed on worker threads meanwhile. `holds`
+    says whether the state finally returned is exactly those bytes (its tensors are views of
+    the buffers added, in the file's order); then `commit` (fsync, rename) stores it. `discard`
+    removes what was written (after a commit it does nothing). `add` never raises: a failed
+    write makes `holds` False, and the state is then stored whole, which reports the error."""
+
+    def __init__(self, store: ArtifactStore, like: Mapping[str, torch.Tensor]) -> None:
+        self.store = store
+        self.tmp = store._tmp().with_suffix(".stream")
+        self.b3 = hasher(BLAKE3) if BLAKE3 in offered() else None
+        self.writer = SafetensorsWriter(self.tmp, like, also=self.b3, workers=1)   # the strategy computes meanwhile
+        self.spans: list[tuple[int, int]] = []   # (address, bytes) of each buffer added
+        self.failed: BaseException | None = None
+        self.done = False
+
+    def add(self, buffer: torch.Tensor) -> None:
+        if self.failed is not None:
+            return
+        try:
+            flat = buffer.reshape(-1)
+            if not flat.is_contiguous():
+                raise ValueError("a buffer to write must be contiguous")
+            self.writer.add(flat.view(torch.uint8).numpy().data)
+            self.spans.append((flat.data_ptr(), flat.numel() * flat.element_size()))
+        except BaseException as exc:   # noqa: BLE001 (kept; the state is then written whole)
+            self.failed = exc
+
+    def holds(self, state: Mapping[str, torch.Tensor]) -> bool:
+        if self.failed is not None or not self.writer.complete() or set(state) != set(self.writer.names):
+            return False
+        got = [(t.data_ptr(), t.numel() * t.element_size()) for t in (state[n] for n in self.writer.names)
+               if t.numel() and t.is_contiguous()]
+        if sum(n for _, n in got) != sum(n for _, n in self.spans):
+            return False
+        return _joined(got) == _joined(self.spans)
+
+    def commit(self) -> str:
+        digest, _ = self.writer.finish()
+        sha = self.store._keep(self.tmp, digest, self.b3)
+        self.done = True
+        return sha
+
+    def discard(self) -> None:
+        if not self.done:
+            self.writer.close()
+            self.tmp.unlink(missing_ok=True)
+            self.done = True
+
+
+def _joined(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Memory spans with each one that starts where the previous ends merged into it."""
+    out: list[tuple[int, int]] = []
+    for at, n in spans:
+        if out and out[-1][0] + out[-1][1] == at:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((at, n))
+    return out
 
 
 class ArtifactStore:
@@ -145,21 +213,36 @@ class ArtifactStore:
     def put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str:
         """Store a state as safetensors; returns its sha256. Serialised, hashed and written in
         one pass (no in-memory copy of the payload), fsynced, then renamed to its digest."""
-        tmp = self.root / f".put-{os.getpid()}-{threading.get_ident()}.tmp"
+        tmp = self._tmp()
         try:
             b3 = hasher(BLAKE3) if BLAKE3 in offered() else None
             digest, _ = write_safetensors(tmp, tensors, also=b3)
-            if b3 is not None:
-                self._note_blake3(digest, b3.hexdigest())
-            dst = self.path(digest)
-            if self._intact(digest):
-                tmp.unlink()
-            else:   # absent, or a damaged file of that name: replaced
-                os.replace(tmp, dst)
-                self._remember(digest)
+            return self._keep(tmp, digest, b3)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def begin_tensors(self, like: Mapping[str, torch.Tensor]) -> StreamedTensors | None:
+        """A state with `like`'s names, shapes and dtypes, to be stored while it is being made
+        (StreamedTensors); None if its file cannot be opened (the state is then stored whole
+        with put_tensors, which reports why)."""
+        try:
+            return StreamedTensors(self, like)
+        except OSError:
+            return None
+
+    def _tmp(self) -> Path:
+        return self.root / f".put-{os.getpid()}-{threading.get_ident()}-{next(_SEQ)}.tmp"
+
+    def _keep(self, tmp: Path, digest: str, b3: Any) -> str:
+        """The written, fsynced `tmp` stored as artefact `digest` (an intact one kept instead)."""
+        if b3 is not None:
+            self._note_blake3(digest, b3.hexdigest())
+        if self._intact(digest):
+            tmp.unlink()
+        else:   # absent, or a damaged file of that name: replaced
+            os.replace(tmp, self.path(digest))
+            self._remember(digest)
         return digest
 
     def get(self, sha256: str) -> bytes:

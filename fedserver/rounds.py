@@ -36,7 +36,7 @@ from common.training import TrainParams
 from common.wire import bytes_to_tensors, tensors_to_bytes
 from fedserver.ensemble import ensemble
 from fedserver.strategy import ClientFailure, ClientUpdate
-from fedserver.validation import FileDelta, PackedFile, StreamCheck, read_whole, validate_update
+from fedserver.validation import FileDelta, PackedFile, StreamCheck, read_whole, shapes_of, validate_update
 
 if TYPE_CHECKING:
     from fedserver.engine import RoundEngine
@@ -227,13 +227,30 @@ class TrainKind(RoundKind):
         eng.strategy.record_failure(ClientFailure(school, rnd.number, reason))
 
     async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
+        # The new adapter is written and hashed while the strategy makes it, where the strategy
+        # can hand its buffers over (the FedAvg family); otherwise, or if the state it returns
+        # is not exactly those bytes, it is written whole once finalize returns.
+        streamed = await asyncio.to_thread(lambda: eng.artifacts.begin_tensors(shapes_of(eng.global_state)))
         try:
-            result = await asyncio.to_thread(eng.strategy.finalize)
-        except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
-            raise RoundFailed(f"{eng.strategy.name}: {exc}") from exc
-        except (CorruptFileError, NotFoundError, OSError) as exc:   # the global adapter, read from its file, is lost
-            raise RoundFailed(f"the global adapter could not be read: {exc}") from exc
-        sha = await asyncio.to_thread(eng.artifacts.put_tensors, result.state)
+            if streamed is not None and not eng.strategy.stream_state(streamed.add):
+                await asyncio.to_thread(streamed.discard)
+                streamed = None
+            try:
+                result = await asyncio.to_thread(eng.strategy.finalize)
+            except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
+                raise RoundFailed(f"{eng.strategy.name}: {exc}") from exc
+            except (CorruptFileError, NotFoundError, OSError) as exc:   # the global adapter, read from its file, is lost
+                raise RoundFailed(f"the global adapter could not be read: {exc}") from exc
+            finally:
+                if streamed is not None:
+                    eng.strategy.stream_state(None)
+            if streamed is not None and streamed.holds(result.state):
+                sha = await asyncio.to_thread(streamed.commit)
+            else:
+                sha = await asyncio.to_thread(eng.artifacts.put_tensors, result.state)
+        finally:
+            if streamed is not None:
+                await asyncio.to_thread(streamed.discard)
         return Commit(sha, result.state, dict(result.metrics))
 
 

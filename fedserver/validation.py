@@ -260,12 +260,19 @@ class FileState(Mapping[str, torch.Tensor]):
         return result
 
     def read_into(self, out: Mapping[str, torch.Tensor]) -> None:
-        """Every tensor's values read straight into `out`'s tensors of the same names, shapes
-        and dtypes (contiguous), in one read per run where the file's order and `out`'s memory
-        agree (a state in segments, in name order, as the file is: a few reads, not hundreds)."""
+        """The values of `out`'s tensors (all of the file's, or some) read straight into them,
+        by name; shapes and dtypes as in the file, contiguous. One read per run where the file's
+        order and `out`'s memory agree (a state in segments, in name order, as the file is: a
+        few reads, not hundreds)."""
+        unknown = sorted(set(out) - set(self._where))
+        if unknown:
+            raise KeyError(f"{self.path.name} has no tensor {unknown[0]!r}")
+
         def read(fh: Any) -> None:
             pieces = []
             for name, (dtype, shape, begin, end) in sorted(self._where.items(), key=lambda kv: kv[1][2]):
+                if name not in out:
+                    continue
                 t = out[name]
                 if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
                     raise ValueError(f"{name}: {t.dtype} {tuple(t.shape)} cannot take the file's {dtype} {shape}")

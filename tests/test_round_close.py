@@ -336,3 +336,173 @@ def test_packed_payload_norm_bound_and_odd_layouts_fall_back():
     assert packed_views(forged, LAYOUT) is None
     with pytest.raises(ValidationError):
         validate_update(forged, sha256_hex(bytes(forged)), LAYOUT)
+
+
+# ---------------------------------------------------------------- the new adapter written while it is made
+
+
+def _streaming_round(tmp_path, monkeypatch, **kw):
+    """A FedAvg round over a 6-tensor layout whose new state comes in several buffers (the
+    segment size made small), with the global held as its file, as the engine holds it."""
+    from fedserver import validation
+    from fedserver.strategy import fedavg
+
+    monkeypatch.setattr(fedavg, "SEGMENT_BYTES", 512)
+    layout = {}
+    for j in range(3):
+        layout |= {f"m.{j}.lora_A.weight": TensorSpec((4, 16 + j)), f"m.{j}.lora_B.weight": TensorSpec((16 + j, 4))}
+    store = ArtifactStore(tmp_path / "art")
+    glob = {k: torch.randn(v.shape) for k, v in layout.items()}
+    held = validation.FileState.open(store.path(store.put_tensors(glob)))
+    s = FedAvg()
+    s.setup(StrategyContext(LoraSettings(rank=4, alpha=8.0), layout, ("a", "b"), **kw))
+    s.begin_round(1, held)
+    deltas = [{k: torch.randn(v.shape) for k, v in layout.items()} for _ in range(2)]
+    for sid, d in zip("ab", deltas):
+        s.accumulate(ClientUpdate(sid, 1, 2, d, {}, None))
+    return store, held, s, glob, deltas
+
+
+def test_fedavg_new_state_is_stored_while_it_is_made(tmp_path, monkeypatch):
+    from common.digest import BLAKE3, hasher
+
+    store, held, s, glob, deltas = _streaming_round(tmp_path, monkeypatch)
+    streamed = store.begin_tensors(held.meta())
+    given = []
+    assert s.stream_state(lambda buf: (given.append(buf.numel()), streamed.add(buf)))
+    res = s.finalize()
+    s.stream_state(None)
+    assert len(given) > 2                                     # buffer by buffer, not whole
+    for k in glob:
+        torch.testing.assert_close(res.state[k], glob[k] + (deltas[0][k] + deltas[1][k]) / 2)
+    assert streamed.holds(res.state)
+    sha = streamed.commit()
+    data = store.path(sha).read_bytes()
+    assert data == tensors_to_bytes(res.state) and sha == sha256_hex(data)
+    assert store.blake3(sha) == hasher(BLAKE3, data).hexdigest()
+    assert sorted(p.name for p in store.root.iterdir()) == sorted({sha, held.path.name})   # no temp file
+    streamed.discard()                                        # after a commit: nothing to do
+    assert store.path(sha).read_bytes() == data
+
+
+def test_a_state_that_is_not_the_bytes_streamed_is_not_taken(tmp_path, monkeypatch):
+    """A wrapper that returns other tensors than the buffers it streamed (here: copies, one
+    changed) is caught; the bytes written are thrown away, and the state is stored whole."""
+    store, held, s, _, _ = _streaming_round(tmp_path, monkeypatch)
+    streamed = store.begin_tensors(held.meta())
+    s.stream_state(streamed.add)
+    res = s.finalize()
+    other = {k: v.clone() for k, v in res.state.items()}
+    next(iter(other.values()))[0, 0] += 1.0
+    assert not streamed.holds(other)
+    assert not streamed.holds({k: v for k, v in list(res.state.items())[1:]})   # a tensor missing
+    assert streamed.holds(res.state)
+    streamed.discard()
+    assert sorted(p.name for p in store.root.iterdir()) == [held.path.name]
+    assert store.put_tensors(other) == sha256_hex(tensors_to_bytes(other))
+
+
+def test_a_failed_write_while_streaming_falls_back_and_loses_nothing(tmp_path, monkeypatch):
+    from common import safetensors_stream
+
+    store, held, s, _, _ = _streaming_round(tmp_path, monkeypatch)
+    streamed = store.begin_tensors(held.meta())
+
+    def full(self, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_stream.SafetensorsWriter, "_write", full)
+    s.stream_state(streamed.add)
+    res = s.finalize()                                        # the strategy is not disturbed
+    assert not streamed.holds(res.state) and isinstance(streamed.failed, OSError)
+    streamed.discard()
+    assert sorted(p.name for p in store.root.iterdir()) == [held.path.name]
+    monkeypatch.undo()
+    assert sha256_hex(store.path(store.put_tensors(res.state)).read_bytes()) == sha256_hex(tensors_to_bytes(res.state))
+
+
+def test_a_finalize_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
+    store, held, s, _, _ = _streaming_round(tmp_path, monkeypatch)
+    streamed = store.begin_tensors(held.meta())
+    s.stream_state(streamed.add)
+    key = sorted(s._sum)[-1]
+    s._sum[key] = torch.zeros(3, dtype=torch.float64)          # the last tensor's step has a wrong shape
+    with pytest.raises(ValueError, match="shape"):
+        s.finalize()
+    assert streamed.spans and not streamed.holds({})         # some buffers went out before the error
+    streamed.discard()
+    assert sorted(p.name for p in store.root.iterdir()) == [held.path.name]
+
+
+def test_safetensors_writer_refuses_too_few_or_too_many_bytes(tmp_path):
+    from common.safetensors_stream import SafetensorsWriter
+
+    like = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    w = SafetensorsWriter(tmp_path / "short", like)
+    w.add(memoryview(bytes(16)))
+    with pytest.raises(ValueError, match="16 bytes more than|announces"):
+        w.finish()
+    w = SafetensorsWriter(tmp_path / "long", like)
+    with pytest.raises(ValueError, match="more than"):
+        w.add(memoryview(bytes(25)))
+    w.add(memoryview(bytes(24)))
+    sha, size = w.finish()
+    assert (tmp_path / "long").read_bytes() == tensors_to_bytes(like) and size == len(tensors_to_bytes(like))
+
+
+def test_file_state_reads_some_tensors_and_refuses_unknown_ones(tmp_path):
+    from fedserver import validation
+
+    state = {k: torch.randn(v.shape) for k, v in LAYOUT.items()}
+    store = ArtifactStore(tmp_path / "art")
+    held = validation.FileState.open(store.path(store.put_tensors(state)))
+    part = {"m.lora_B.weight": torch.empty(48, 4)}
+    held.read_into(part)
+    assert torch.equal(part["m.lora_B.weight"], state["m.lora_B.weight"])
+    with pytest.raises(KeyError, match="no tensor 'x'"):
+        held.read_into({"x": torch.empty(1)})
+
+
+async def _round_1_closed(rc, stub, sessions):
+    """Both schools upload (0.01 and 0.02 everywhere); round 1's row once it is closed."""
+    for i, sid in enumerate(("school-1", "school-2")):
+        p = tensors_to_bytes({k: v * (i + 1) for k, v in good_delta(rc).items()})
+        assert await upload(stub, header_for(rc, p), p, sessions[sid]) is not None
+    for _ in range(200):
+        rows = [r for r in rc.store.rounds() if r.round == 1]
+        if rows and rows[0].status != "open":
+            break
+        await asyncio.sleep(0.05)
+    (row,) = rows
+    return row
+
+
+async def test_the_engine_stores_a_fedavg_adapter_while_it_is_made(open_round, monkeypatch):
+    """The round's commit takes the streamed bytes (put_tensors is never called); a strategy
+    that does not stream gets the same adapter written whole."""
+    rc, stub, sessions = open_round
+
+    def whole(*a, **k):
+        raise AssertionError("the new adapter was written whole")
+
+    monkeypatch.setattr(ArtifactStore, "put_tensors", whole)
+    row = await _round_1_closed(rc, stub, sessions)
+    assert row.status == "committed", row
+    data = rc.engine.artifacts.path(row.global_out).read_bytes()
+    assert sha256_hex(data) == row.global_out
+    before = bytes_to_tensors(rc.engine.artifacts.get(row.global_in))
+    for k, v in bytes_to_tensors(data).items():   # the mean of 0.01 and 0.02 added (equal weights)
+        torch.testing.assert_close(v, before[k] + 0.015)
+    assert not list(rc.engine.artifacts.root.glob(".put-*"))
+
+
+async def test_a_strategy_that_does_not_stream_gets_its_adapter_written_whole(open_round, monkeypatch):
+    rc, stub, sessions = open_round
+    monkeypatch.setattr(rc.engine.strategy, "stream_state", lambda sink: False)
+    wrote = []
+    real = ArtifactStore.put_tensors
+    monkeypatch.setattr(ArtifactStore, "put_tensors", lambda self, t: wrote.append(1) or real(self, t))
+    row = await _round_1_closed(rc, stub, sessions)
+    assert row.status == "committed" and wrote == [1]
+    assert sha256_hex(rc.engine.artifacts.path(row.global_out).read_bytes()) == row.global_out
+    assert not list(rc.engine.artifacts.root.glob(".put-*"))

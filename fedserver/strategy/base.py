@@ -8,6 +8,7 @@ and per round:
     begin_round(round, global)
     accumulate(update)*           as each upload is accepted (may be out of order, any time)
     record_failure(failure)*      stragglers, drop-outs and rejected uploads
+    stream_state(sink)            optional: the next finalize() hands its new state's buffers to the engine
     finalize() -> AggregateResult once the round closes with at least a quorum
     state() -> (tensors, meta)    saved with the commit, so a restart resumes server moments
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -130,6 +131,15 @@ class Strategy(ABC):
     def finalize(self) -> AggregateResult:
         """Called once the round closes with at least a quorum of accepted updates."""
 
+    def stream_state(self, sink: Callable[[torch.Tensor], None] | None) -> bool:
+        """Offer the next finalize()'s new state to `sink` while it is being made, each
+        finished buffer in turn (its bytes the next of the state's safetensors file), so the
+        engine writes and hashes it meanwhile; None withdraws the offer. True if this strategy
+        may do so (the engine checks that the state finalize returns is exactly the buffers it
+        was given, and otherwise writes it whole). A strategy or wrapper that changes a state
+        in place after making it must return False. The default: False."""
+        return False
+
     # ------------------------------------------------------------ persistence
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Server-side memory carried between rounds (momentum, accountant): tensors + JSON."""
@@ -183,6 +193,9 @@ class Wrapper(Strategy):
 
     def finalize(self) -> AggregateResult:
         return self.inner.finalize()
+
+    def stream_state(self, sink: Callable[[torch.Tensor], None] | None) -> bool:
+        return self.inner.stream_state(sink)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self.inner.state()

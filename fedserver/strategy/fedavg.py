@@ -34,6 +34,8 @@ FOLD_SLICE = 1 << 15
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
+Sink = Callable[[torch.Tensor], None]   # takes a finished buffer of the new state (FedAvg.stream_state)
+
 
 @dataclass(frozen=True)
 class AvgOptions:
@@ -73,6 +75,7 @@ class FedAvg(Strategy):
         self._weight = 0.0
         self._count = 0
         self._failures = 0
+        self._sink: Sink | None = None   # stream_state's: where finalize's new buffers go
         # Hooks a wrapper (DP noise) applies to the mean delta before the server step.
         self.mean_hooks: list[Callable[[dict[str, torch.Tensor], int], dict[str, float]]] = []
 
@@ -155,6 +158,10 @@ class FedAvg(Strategy):
             return mean
         return {k: v.mul_(self.options.server_lr) for k, v in mean.items()}   # `mean` is ours to change
 
+    def stream_state(self, sink: Sink | None) -> bool:
+        self._sink = sink
+        return True
+
     def finalize(self) -> AggregateResult:
         mean = self.mean_delta()
         metrics: dict[str, float] = {}
@@ -164,7 +171,7 @@ class FedAvg(Strategy):
         step_norm = flat_norm(step)
         self._sum = {}   # the buffers stay in self._kept for the next round
         del mean
-        state = new_state(self._global, step)
+        state = new_state(self._global, step, self._sink)
         metrics.update(updates=float(self._count), failures=float(self._failures),
                        examples=self._weight if self.options.weighting == "examples" else float(self._count),
                        update_norm=step_norm)
@@ -176,10 +183,12 @@ class FedAvg(Strategy):
 SEGMENT_BYTES = 4 << 20   # the float64 sums are allocated in segments of about this size
 
 
-def segmented_empty_like(like: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+def segmented_empty_like(like: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
+                         segments: list[tuple[torch.Tensor, list[str]]] | None = None) -> dict[str, torch.Tensor]:
     """Uninitialised tensors shaped like `like`'s, as views of consecutive buffers of about
     SEGMENT_BYTES each (in `like`'s order): each buffer is its own mapping, given back to the OS
-    as soon as the last view of it is dropped."""
+    as soon as the last view of it is dropped. `segments`, if given, gets each buffer with the
+    names of the tensors it holds, in order."""
     out: dict[str, torch.Tensor] = {}
     group: list[str] = []
     size = torch.empty((), dtype=dtype).element_size()
@@ -191,6 +200,8 @@ def segmented_empty_like(like: dict[str, torch.Tensor], dtype: torch.dtype = tor
             n = like[k].numel()
             out[k] = flat[pos:pos + n].view(like[k].shape)
             pos += n
+        if segments is not None:
+            segments.append((flat, list(group)))
         group.clear()
 
     filled = 0
@@ -233,18 +244,20 @@ def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: 
                     acc.add_(t, alpha=w)
 
 
-def new_state(global_state: State, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | None = None) -> dict[str, torch.Tensor]:
     """global + step (added in float64), in the global's dtypes, as views of new buffers (given
     back to the OS whole when the state is dropped, not left in the allocator's heap). Each step
     tensor is dropped from `step` once used, so buffers it was the last view of are freed on the
-    way. A single-dtype global is copied into the new buffers first (a FileState: read straight
-    into them, a few reads) and the step added in long runs where the step's and the new
-    buffers' memory both run on, a slice at a time: a few hundred operations, not a few per
-    tensor (a 420-tensor adapter: 34.5 ms -> see benchmarks/README.md)."""
+    way. A single-dtype global is made a buffer (~4 MiB) at a time: the global's part copied in
+    first (a FileState: read straight into it) and the step added in long runs where the step's
+    and the buffer's memory both run on, a slice at a time (a few hundred operations, not a few
+    per tensor: a 420-tensor adapter, 34.5 ms -> see benchmarks/README.md). Each finished buffer
+    goes to `sink` (its bytes are the next of the state's safetensors file, whose order is the
+    names' for one dtype), so the file can be written and hashed while the next one is made."""
     like = shapes_of(global_state)
     dtypes = {g.dtype for g in like.values()}
     keys = sorted(like)
-    if len(dtypes) != 1:
+    if len(dtypes) != 1:   # (never streamed: the writer sees too few bytes and the state is written whole)
         mixed = {k: torch.empty(g.shape, dtype=g.dtype) for k, g in like.items()}
         for k in keys:
             g = global_state[k]
@@ -252,22 +265,26 @@ def new_state(global_state: State, step: dict[str, torch.Tensor]) -> dict[str, t
             mixed[k].copy_(d.add(g.to(torch.float64)) if d is not None else g)
             del d, g
         return {k: mixed[k] for k in like}
-    out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)))
-    if isinstance(global_state, FileState):
-        global_state.read_into(out)
-    else:
-        for k in keys:
-            out[k].copy_(global_state[k])
+    segments: list[tuple[torch.Tensor, list[str]]] = []
+    out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)), segments)
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
-    for (_, o_at, n, o0), (_, s_at, _, d0) in merge_runs(_step_pieces(keys, out, step)):
-        o_flat, s_flat = storage_view(o0), storage_view(d0)
-        for i in range(0, n, FOLD_SLICE):   # slices at torch's grain size: on this thread (FOLD_SLICE)
-            c = min(FOLD_SLICE, n - i)
-            t = tmp[:c]
-            o = o_flat[o_at + i:o_at + i + c]
-            t.copy_(o)
-            t.add_(s_flat[s_at + i:s_at + i + c])   # float64(g) + d: the same bits as d + float64(g)
-            o.copy_(t)
+    for flat, names in segments:
+        if isinstance(global_state, FileState):
+            global_state.read_into({k: out[k] for k in names})
+        else:
+            for k in names:
+                out[k].copy_(global_state[k])
+        for (_, o_at, n, o0), (_, s_at, _, d0) in merge_runs(_step_pieces(names, out, step)):
+            o_flat, s_flat = storage_view(o0), storage_view(d0)
+            for i in range(0, n, FOLD_SLICE):   # slices at torch's grain size: on this thread (FOLD_SLICE)
+                c = min(FOLD_SLICE, n - i)
+                t = tmp[:c]
+                o = o_flat[o_at + i:o_at + i + c]
+                t.copy_(o)
+                t.add_(s_flat[s_at + i:s_at + i + c])   # float64(g) + d: the same bits as d + float64(g)
+                o.copy_(t)
+        if sink is not None and flat.numel():
+            sink(flat)
     return {k: out[k] for k in like}
 
 
