@@ -39,7 +39,7 @@ class StreamedTensors:
 
     def __init__(self, store: ArtifactStore, like: Mapping[str, torch.Tensor]) -> None:
         self.store = store
-        self.tmp = store._tmp().with_suffix(".stream")
+        self.tmp = store._tmp()   # a name the start-up sweep of a killed run's debris knows
         self.b3 = hasher(BLAKE3) if BLAKE3 in offered() else None
         self.writer = SafetensorsWriter(self.tmp, like, also=self.b3, workers=1)   # the strategy computes meanwhile
         self.spans: list[tuple[int, int]] = []   # (address, bytes) of each buffer added

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 
 import grpc
 import pytest
@@ -506,3 +507,18 @@ async def test_a_strategy_that_does_not_stream_gets_its_adapter_written_whole(op
     assert row.status == "committed" and wrote == [1]
     assert sha256_hex(rc.engine.artifacts.path(row.global_out).read_bytes()) == row.global_out
     assert not list(rc.engine.artifacts.root.glob(".put-*"))
+
+
+def test_a_half_streamed_adapter_of_a_killed_coordinator_is_swept_at_start(tmp_path, monkeypatch):
+    """A coordinator killed while its new adapter was being streamed leaves the temporary file;
+    the next start removes it with the rest of a killed run's debris."""
+    from fedserver.transfers import sweep_crash_debris
+
+    store, held, s, _, _ = _streaming_round(tmp_path, monkeypatch)
+    streamed = store.begin_tensors(held.meta())
+    s.stream_state(streamed.add)
+    s.finalize()
+    streamed.writer.close()                                   # killed before the commit: the file stays
+    assert streamed.tmp.exists()
+    assert sweep_crash_debris(tmp_path, tmp_path / "updates", None, time.time() + 1) == 1
+    assert sorted(p.name for p in store.root.iterdir()) == [held.path.name]
