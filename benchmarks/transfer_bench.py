@@ -62,7 +62,9 @@ from fedserver.validation import validate_update
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
-TARGET_RATIO = 0.80   # the target: the project's path at >= 80% of plain streaming
+# the targets: the project's path at >= 90% of plain streaming for downloads, >= 80% for
+# uploads to a receipt (throughput at the medians)
+TARGET_RATIO = {"download": 0.90, "upload": 0.80}
 
 PLAIN_SERVICE = "bench.Plain"
 PLAIN_DOWNLOAD = f"/{PLAIN_SERVICE}/Download"
@@ -418,8 +420,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines.append("CPU ms = process CPU time (client + server + gRPC threads) per transfer, median.")
     for direction in ("download", "upload"):
         ratio = s[direction]["ratio_median"]
-        verdict = "meets" if ratio >= TARGET_RATIO else "misses"
-        lines.append(f"{direction}: project path at {ratio:.0%} of plain streaming - {verdict} the {TARGET_RATIO:.0%} target")
+        verdict = "meets" if ratio >= TARGET_RATIO[direction] else "misses"
+        lines.append(f"{direction}: project path at {ratio:.0%} of plain streaming - {verdict} the {TARGET_RATIO[direction]:.0%} target")
     return "\n".join(lines)
 
 
