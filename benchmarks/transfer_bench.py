@@ -116,6 +116,9 @@ class _School:
     call: Any = None   # the Session stream
 
 
+SESSIONS_PER_CONNECTION = 16   # below the coordinator's streams_per_connection (32 by default)
+
+
 class ProjectPath:
     """A real coordinator with round 1 open for `uploads + 1` schools that joined over gRPC
     and hold Session streams; each upload comes from a school that has not uploaded yet, and
@@ -131,6 +134,7 @@ class ProjectPath:
         self.coord: Any = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.FederationStub | None = None
+        self.session_channels: list[grpc.aio.Channel] = []
         self.run_task: asyncio.Task[None] | None = None
         self.round = 0
         self.global_sha = ""
@@ -166,11 +170,17 @@ class ProjectPath:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.coord.port}", options=grpc_options())
         self.stub = TransferStub(self.channel)   # as the school daemon does
         caps = capabilities_to_pb(Capabilities(self.model_spec, 16, 100, "benchmark", __version__))
-        for s in self.schools:
+        for i, s in enumerate(self.schools):
             resp = await self.stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, capabilities=caps),
                                         metadata=[("authorization", f"Bearer {s.token}")], timeout=30)
             s.metadata = [("x-session-token", resp.session_token)]
-            s.call = self.stub.Session(self._quiet_events(), metadata=s.metadata)
+            # The idle Session streams go over connections of their own, SESSIONS_PER_CONNECTION
+            # each (the coordinator caps the streams open on one connection); the transfers
+            # measured run on self.channel, which carries nothing else.
+            if i % SESSIONS_PER_CONNECTION == 0:
+                self.session_channels.append(grpc.aio.insecure_channel(
+                    f"127.0.0.1:{self.coord.port}", options=[*grpc_options(), ("grpc.use_local_subchannel_pool", 1)]))
+            s.call = TransferStub(self.session_channels[-1]).Session(self._quiet_events(), metadata=s.metadata)
         for s in self.schools:   # the round opens once all have attached; each gets a train command
             cmd = command_from_pb(await asyncio.wait_for(s.call.read(), timeout=60))
             if not isinstance(cmd, TrainCommand):
@@ -221,6 +231,8 @@ class ProjectPath:
         if self.run_task is not None:
             self.run_task.cancel()
             await asyncio.gather(self.run_task, return_exceptions=True)
+        for ch in self.session_channels:
+            await ch.close()
         if self.channel is not None:
             await self.channel.close()
         if self.coord is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -82,3 +83,12 @@ def test_close_bench_times_every_stage_of_the_close(tmp_path: Path) -> None:
     assert r["median_ms"]["close"] >= r["median_ms"]["finalize"]
     e = r["eval_storm"]   # 50 schools' evaluations at once: all stored, in fewer transactions than reports
     assert e["reports"] == e["stored"] == 50 and 1 <= e["transactions"] < 50 and e["wall_s"] > 0
+
+
+async def test_transfer_bench_holds_more_schools_than_one_connection_takes(tmp_path: Path) -> None:
+    """One school per upload: 34 repeats need 35 Session streams, more than the coordinator
+    lets one connection hold (32); the benchmark spreads them (it hung here before)."""
+    spec = _tiny_config_dir(tmp_path)
+    result = await asyncio.wait_for(tb.run_benchmark(spec, cache_dir=None, repeats=34, warmup=0,
+                                                     workdir=tmp_path / "work", progress=lambda _: None), 240)
+    assert result["accepted_uploads"] == 34
