@@ -230,11 +230,12 @@ class TrainKind(RoundKind):
         # The new adapter is written and hashed while the strategy makes it, where the strategy
         # can hand its buffers over (the FedAvg family); otherwise, or if the state it returns
         # is not exactly those bytes, it is written whole once finalize returns.
-        streamed = await asyncio.to_thread(lambda: eng.artifacts.begin_tensors(shapes_of(eng.global_state)))
+        streamed = None
+        if eng.strategy.stream_state(None):   # (None: can it? nothing is offered yet)
+            streamed = await asyncio.to_thread(lambda: eng.artifacts.begin_tensors(shapes_of(eng.global_state)))
         try:
-            if streamed is not None and not eng.strategy.stream_state(streamed.add):
-                await asyncio.to_thread(streamed.discard)
-                streamed = None
+            if streamed is not None:
+                eng.strategy.stream_state(streamed.add)
             try:
                 result = await asyncio.to_thread(eng.strategy.finalize)
             except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round

@@ -134,8 +134,8 @@ class Strategy(ABC):
     def stream_state(self, sink: Callable[[torch.Tensor], None] | None) -> bool:
         """Offer the next finalize()'s new state to `sink` while it is being made, each
         finished buffer in turn (its bytes the next of the state's safetensors file), so the
-        engine writes and hashes it meanwhile; None withdraws the offer. True if this strategy
-        may do so (the engine checks that the state finalize returns is exactly the buffers it
+        engine writes and hashes it meanwhile; None withdraws the offer (and asks, offering
+        nothing). True if this strategy may do so (the engine checks that the state finalize returns is exactly the buffers it
         was given, and otherwise writes it whole). A strategy or wrapper that changes a state
         in place after making it must return False. The default: False."""
         return False
