@@ -101,48 +101,50 @@ async def run(rounds: int, schools: int, model: str, cache_dir: Path, eval_storm
         _timed(eng.artifacts, "put_tensors", "write", times)
         streamed_commit = StreamedTensors.commit   # a class attribute: put back afterwards
         _timed(StreamedTensors, "commit", "write", times)
-        _timed(eng, "_commit_files", "files", times)
-        _timed(eng, "_hold_global", "hold", times)
-        _timed(eng, "_open_next", "open", times)
-        payload = tensors_to_bytes({k: torch.full(v.shape, 1e-3) for k, v in layout.items()})
-        digest = sha256_hex(payload)
-        (state / "uploads").mkdir(exist_ok=True)
-        for n in range(rounds):
-            if eng.current is None and not await eng._open_next():
-                raise RuntimeError("the round did not open")
-            rnd = eng.current
-            assert rnd is not None
-            for sid in ids:
-                part = state / "uploads" / f"{sid}.{n}.part"
-                part.write_bytes(payload)
-                h = UploadHeader(rnd.number, f"r{rnd.number}-{sid}", 100, digest, len(payload), 0, rnd.global_sha)
-                check = eng.stream_check(sid, h)
-                if check is not None:
-                    check.feed(payload)
-                await eng.accept_upload(sid, h, part, digest, check)
-            if not await eng._close(rnd):
-                raise RuntimeError(f"round {rnd.number} failed")
-            for task in list(eng._eval_tasks):   # the close's background work (second copy) done
-                await task
-        storm: dict[str, Any] = {}
-        if eval_storm:
-            from common.messages import EvalReport
+        try:
+            _timed(eng, "_commit_files", "files", times)
+            _timed(eng, "_hold_global", "hold", times)
+            _timed(eng, "_open_next", "open", times)
+            payload = tensors_to_bytes({k: torch.full(v.shape, 1e-3) for k, v in layout.items()})
+            digest = sha256_hex(payload)
+            (state / "uploads").mkdir(exist_ok=True)
+            for n in range(rounds):
+                if eng.current is None and not await eng._open_next():
+                    raise RuntimeError("the round did not open")
+                rnd = eng.current
+                assert rnd is not None
+                for sid in ids:
+                    part = state / "uploads" / f"{sid}.{n}.part"
+                    part.write_bytes(payload)
+                    h = UploadHeader(rnd.number, f"r{rnd.number}-{sid}", 100, digest, len(payload), 0, rnd.global_sha)
+                    check = eng.stream_check(sid, h)
+                    if check is not None:
+                        check.feed(payload)
+                    await eng.accept_upload(sid, h, part, digest, check)
+                if not await eng._close(rnd):
+                    raise RuntimeError(f"round {rnd.number} failed")
+                for task in list(eng._eval_tasks):   # the close's background work (second copy) done
+                    await task
+            storm: dict[str, Any] = {}
+            if eval_storm:
+                from common.messages import EvalReport
 
-            number = eng.store.committed_rounds()
-            for k in range(eval_storm):
-                eng.attach(f"storm-{k}", Capabilities())
-            eng._evals_due[number] = {f"storm-{k}" for k in range(eval_storm)}
-            writer = getattr(eng, "_eval_rows", None)
-            before = writer.batches if writer is not None else 0
-            w0, c0 = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(eng.report_eval(f"storm-{k}", EvalReport(number, 8, {"accuracy": 0.5, "loss": 1.0}))
-                                   for k in range(eval_storm)))
-            storm = {"reports": eval_storm, "wall_s": round(time.perf_counter() - w0, 3),
-                     "cpu_s": round(time.process_time() - c0, 3),
-                     "stored": len([e for e in eng.store.evals(number) if e["source"].startswith("storm-")]),
-                     "transactions": (writer.batches - before) if writer is not None else eval_storm}
-        eng.store.close()
-        StreamedTensors.commit = streamed_commit   # type: ignore[method-assign]
+                number = eng.store.committed_rounds()
+                for k in range(eval_storm):
+                    eng.attach(f"storm-{k}", Capabilities())
+                eng._evals_due[number] = {f"storm-{k}" for k in range(eval_storm)}
+                writer = getattr(eng, "_eval_rows", None)
+                before = writer.batches if writer is not None else 0
+                w0, c0 = time.perf_counter(), time.process_time()
+                await asyncio.gather(*(eng.report_eval(f"storm-{k}", EvalReport(number, 8, {"accuracy": 0.5, "loss": 1.0}))
+                                       for k in range(eval_storm)))
+                storm = {"reports": eval_storm, "wall_s": round(time.perf_counter() - w0, 3),
+                         "cpu_s": round(time.process_time() - c0, 3),
+                         "stored": len([e for e in eng.store.evals(number) if e["source"].startswith("storm-")]),
+                         "transactions": (writer.batches - before) if writer is not None else eval_storm}
+            eng.store.close()
+        finally:
+            StreamedTensors.commit = streamed_commit   # type: ignore[method-assign]
     skip = min(2, rounds - 1)
     return {"rounds": rounds, "schools": schools, "adapter_bytes": len(payload), "tensors": len(layout),
             "median_ms": {k: round(statistics.median(v[skip:]) * 1000, 2) for k, v in times.items() if v[skip:]},

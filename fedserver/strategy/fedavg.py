@@ -290,7 +290,8 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
 
 def _step_pieces(keys: list[str], out: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> Any:
     """(new tensor, step tensor in float64) as merge_runs axes, in `keys` order, popping each
-    key from `step` as it is taken (lazily: the sums' segments are freed as the close goes)."""
+    key from `step` as it is taken (lazily: a step made of new tensors, as the server
+    optimisers' is, is freed as the close goes; FedAvg's own sums are kept for the next round)."""
     for k in keys:
         d = step.pop(k, None)
         if d is None:
