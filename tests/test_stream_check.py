@@ -87,6 +87,30 @@ def test_a_non_finite_update_goes_to_the_general_path_which_names_the_tensor(tmp
         validate_update(bytearray(payload), sha(payload), LAYOUT)
 
 
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_chunks_that_are_views_at_odd_addresses_give_the_norm_of_aligned_ones(tmp_path, bad):
+    """gRPC hands chunks over as views a few bytes into its messages, so their elements are
+    seldom aligned (StreamCheck then copies them into aligned scratch, which it reuses and
+    grows): the sum of squares, and a non-finite value, are found as from aligned bytes."""
+    d = {k: v * 100 for k, v in delta(6).items()}
+    if bad is not None:
+        d["m.1.lora_A.weight"][3, 30] = bad
+    payload = tensors_to_bytes(d)
+    held = bytearray(b"\x00" + payload)   # every view below starts one byte past an aligned address
+    check = StreamCheck(LAYOUT, len(payload))
+    pos = 0
+    for n in (9, 301, 1500, 20, 2048, 10**6):   # growing pieces: the scratch is reused, then grown
+        check.feed(memoryview(held)[1 + pos:1 + min(pos + n, len(payload))])
+        pos = min(pos + n, len(payload))
+    assert pos == len(payload)
+    if bad is not None:
+        assert check.packed is False and check.result(tmp_path / "u") is None
+        return
+    assert check.result(tmp_path / "u") is not None
+    want = float(sum((v.double() ** 2).sum() for v in d.values()))
+    assert check._sumsq == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize("what", ["missing", "extra", "shape", "dtype", "metadata-only-ok", "short", "garbage"])
 def test_anything_but_a_packed_update_of_the_layout_is_left_to_the_general_path(tmp_path, what):
     d = delta(5)
@@ -206,6 +230,59 @@ def test_the_new_state_is_the_global_plus_the_step_in_float64_bit_for_bit(tmp_pa
         assert torch.equal(got[k], want[k]) and got[k].dtype == torch.float32, k
     with pytest.raises(ValueError, match="shape"):
         new_state(glob, {keys[0]: torch.zeros(2, 2, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("held", ["memory", "file", "float64"])   # float64: no rounding hides a bit
+@pytest.mark.parametrize("options", [{}, {"server_lr": 0.7}, {"weighting": "uniform"}, {"lora_a": "frozen"}])
+def test_fedavgs_one_pass_close_gives_the_bits_of_mean_then_step_then_add(tmp_path, held, options):
+    """FedAvg without mean hooks makes mean, step, norm and new state in one pass (MeanStep):
+    the state is bit for bit that of the separate passes (which a mean hook still takes),
+    the update norm the same to rounding, and the kept sums are left for the next round."""
+    glob = {k: v + 0.25 for k, v in initial_state(LAYOUT, 0).items()}
+    if held == "float64":
+        glob = {k: v.double() for k, v in glob.items()}
+    write_safetensors(tmp_path / "g", glob)
+    results, sums = [], []
+    for fused in (True, False):
+        s = FedAvg(FedAvg.Options(**options))
+        s.setup(ctx())
+        if not fused:
+            s.mean_hooks.append(lambda mean, count: {})   # a hook sees the mean: the separate passes
+        for rnd in (1, 2):   # the second round folds into the first's kept sums
+            s.begin_round(rnd, FileState(tmp_path / "g") if held == "file" else glob)
+            for i, n in enumerate((3, 11, 7)):
+                s.accumulate(ClientUpdate(f"s{i}", rnd, n, delta(30 + 3 * rnd + i)))
+            if fused and rnd == 2:
+                sums.append({k: v.clone() for k, v in s._sum.items()})
+            results.append(s.finalize())
+        if fused:
+            assert all(torch.equal(s._kept[k], v) for k, v in sums[0].items())   # not divided in place
+    for a, b in ((results[0], results[2]), (results[1], results[3])):
+        assert a.state.keys() == b.state.keys() == glob.keys()
+        for k in glob:
+            assert torch.equal(a.state[k], b.state[k]) and a.state[k].dtype == b.state[k].dtype, k
+        assert a.metrics["update_norm"] == pytest.approx(b.metrics["update_norm"], rel=1e-12)
+        assert {k: v for k, v in a.metrics.items() if k != "update_norm"} == \
+            {k: v for k, v in b.metrics.items() if k != "update_norm"}
+
+
+def test_a_half_precision_global_takes_the_separate_passes():
+    """numpy rounds float64 to float16 once, torch through float32: MeanStep is not offered
+    for such a global, and new_state refuses one."""
+    from fedserver.strategy.fedavg import MeanStep, fusable, new_state
+
+    glob = {k: v.half() for k, v in initial_state(LAYOUT, 0).items()}
+    assert not fusable(glob) and fusable(initial_state(LAYOUT, 0))
+    s = FedAvg()
+    s.setup(ctx())
+    s.begin_round(1, glob)
+    s.accumulate(ClientUpdate("a", 1, 2, delta(1)))
+    out = s.finalize()
+    for k, v in glob.items():
+        want = (v.double() + delta(1)[k].double()).to(torch.float16)
+        assert out.state[k].dtype == torch.float16 and torch.equal(out.state[k], want), k
+    with pytest.raises(ValueError, match="MeanStep"):
+        new_state(glob, {}, None, MeanStep(1.0))
 
 
 def test_a_file_state_reads_what_was_written_and_names_shapes_without_reading(tmp_path):

@@ -16,6 +16,7 @@ and per round:
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from common.lora import LoraSettings, TensorSpec
 from common.training import TrainParams
+from fedserver.validation import sum_of_squares
 
 State = Mapping[str, torch.Tensor]
 
@@ -220,7 +222,7 @@ class Wrapper(Strategy):
 
 def flat_norm(state: State) -> float:
     """L2 norm over every tensor of a state dict, accumulated in float64."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0
     for v in state.values():
-        total += torch.linalg.vector_norm(v.to(torch.float64)) ** 2
-    return float(total.sqrt())
+        total += sum_of_squares(v.detach().reshape(-1).to(torch.float64).numpy())
+    return math.sqrt(total)
