@@ -3,9 +3,38 @@ secrets (tokens, private keys) created 0600, never through a planted symbolic li
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None   # libc's, once looked up; False where there is none
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these bytes of the file to disk now, without waiting for
+    it (Linux's sync_file_range, SYNC_FILE_RANGE_WRITE). Not a durability promise: the fsync
+    that makes the file durable is still needed, but has little left to wait for. Called after
+    each chunk of a file written over tens of milliseconds (uploads, the new adapter), it took
+    the closing fsync of a 19.6 MB file from 8-10 ms to 0.1 ms for 1 ms more of writing
+    (benchmarks/README.md). A no-op where the call does not exist; its errors are ignored."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+            except (OSError, AttributeError):
+                pass
+    if _sync_file_range and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:

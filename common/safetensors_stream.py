@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from common.buffers import memory_axis, merge_runs, storage_view
+from common.files import start_writeback
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -78,11 +79,14 @@ class SafetensorsWriter:
         self._hashing = ThreadPoolExecutor(1) if workers > 1 else None
         self._pending: list[Any] = []
         self._fh.write(head)
+        self._written = len(head)   # bytes handed to the file (the writer thread's count)
 
     def _write(self, view: memoryview, hash_too: bool = False) -> None:
         if hash_too:
             self._hasher.update(view)
         self._fh.write(view)
+        start_writeback(self._fh.fileno(), self._written, len(view))   # (finish's fsync waits for little)
+        self._written += len(view)
         if self._also is not None:
             self._also.update(view)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from common import digest
 from common.errors import DuplicateUploadError, ProtocolError, TooLargeError, ValidationError, WrongRoundError
+from common.files import start_writeback
 from common.logs import get_logger
 from common.messages import UploadHeader
 from common.wire import MAX_CHUNK_BYTES
@@ -19,8 +20,9 @@ from fedserver.store import Store
 from fedserver.validation import CODECS, StreamCheck, header_numbers_problem
 
 
-def _write_and_hash(fh: Any, hasher: Any, check: StreamCheck | None, data: bytes | memoryview) -> None:
+def _write_and_hash(fh: Any, hasher: Any, check: StreamCheck | None, data: bytes | memoryview, offset: int) -> None:
     fh.write(data)
+    start_writeback(fh.fileno(), offset, len(data))   # the closing fsync then waits for little
     hasher.update(data)
     if check is not None:
         check.feed(data)
@@ -151,7 +153,7 @@ class UploadReceiver:
                                               "result is no longer needed")
                     if writing is not None:
                         await writing
-                    writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, check, data)
+                    writing = loop.run_in_executor(None, _write_and_hash, fh, hasher, check, data, received)
                     received += len(data)
                     self.count_up(len(data))
             finally:   # what arrived is on disk before the file closes (a resume starts after it)

@@ -422,3 +422,30 @@ async def test_evaluation_reports_share_transactions_and_each_caller_returns_aft
     assert {e["source"] for e in store.evals(3)} == {"leaver", "stayer"}
     assert store.evals(2) == []
     store.close()
+
+
+def test_writeback_started_per_chunk_leaves_the_bytes_as_written(tmp_path, monkeypatch):
+    """start_writeback (sync_file_range where Linux has it) only starts the disk write early:
+    the file holds exactly what was written, a bad descriptor or range is ignored, and where the
+    call does not exist it does nothing."""
+    import os
+
+    from common import files
+
+    payload = random.Random(1).randbytes(3 * 65536 + 17)
+    path = tmp_path / "f"
+    with open(path, "wb") as fh:
+        for off in range(0, len(payload), 65536):
+            fh.write(payload[off:off + 65536])
+            files.start_writeback(fh.fileno(), off, len(payload[off:off + 65536]))
+        os.fsync(fh.fileno())
+    assert path.read_bytes() == payload
+    files.start_writeback(-1, 0, 10)            # EBADF: ignored
+    with open(path, "rb") as fh:
+        files.start_writeback(fh.fileno(), 0, 0)   # nothing to start
+    import sys
+
+    monkeypatch.setattr(files, "_sync_file_range", None)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    files.start_writeback(-1, 0, 10)
+    assert files._sync_file_range is False
