@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +31,28 @@ def print_results(table: str, result: dict[str, Any], json_path: Path | None) ->
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {json_path}")
+
+
+def timed(obj: Any, name: str, label: str, times: dict[str, list[float]]) -> Any:
+    """Wrap `obj.name` (a function or coroutine function) so that each call's wall time is
+    appended to times[label]; returns the original, for the caller to put back."""
+    fn = getattr(obj, name)
+    wrapper: Any
+    if asyncio.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **k)
+            finally:
+                times.setdefault(label, []).append(time.perf_counter() - t)
+    else:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times.setdefault(label, []).append(time.perf_counter() - t)
+    setattr(obj, name, wrapper)
+    return fn

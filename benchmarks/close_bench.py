@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import statistics
 import tempfile
@@ -41,29 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import timed
+
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
-
-
-def _timed(obj: Any, name: str, label: str, times: dict[str, list[float]]) -> None:
-    fn = getattr(obj, name)
-    if asyncio.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def wrapper(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return await fn(*a, **k)
-            finally:
-                times.setdefault(label, []).append(time.perf_counter() - t)
-    else:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                times.setdefault(label, []).append(time.perf_counter() - t)
-    setattr(obj, name, wrapper)
 
 
 async def run(rounds: int, schools: int, model: str, cache_dir: Path, eval_storm: int = 0) -> dict[str, Any]:
@@ -96,15 +76,15 @@ async def run(rounds: int, schools: int, model: str, cache_dir: Path, eval_storm
         for sid in ids:
             eng.attach(sid, Capabilities())
         times: dict[str, list[float]] = {}
-        _timed(eng, "_close", "close", times)
-        _timed(eng.strategy, "finalize", "finalize", times)
-        _timed(eng.artifacts, "put_tensors", "write", times)
+        timed(eng, "_close", "close", times)
+        timed(eng.strategy, "finalize", "finalize", times)
+        timed(eng.artifacts, "put_tensors", "write", times)
         streamed_commit = StreamedTensors.commit   # a class attribute: put back afterwards
-        _timed(StreamedTensors, "commit", "write", times)
+        timed(StreamedTensors, "commit", "write", times)
         try:
-            _timed(eng, "_commit_files", "files", times)
-            _timed(eng, "_hold_global", "hold", times)
-            _timed(eng, "_open_next", "open", times)
+            timed(eng, "_commit_files", "files", times)
+            timed(eng, "_hold_global", "hold", times)
+            timed(eng, "_open_next", "open", times)
             payload = tensors_to_bytes({k: torch.full(v.shape, 1e-3) for k, v in layout.items()})
             digest = sha256_hex(payload)
             (state / "uploads").mkdir(exist_ok=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -35,7 +36,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import grpc
 import torch
 
-from benchmarks import print_results
+from benchmarks import print_results, timed
 from common import PROTOCOL_VERSION, __version__, digest
 from common.framing import TransferStub
 from common.lora import LoraSettings, TensorSpec, expected_layout
@@ -307,6 +308,31 @@ class PlainPath:
             await self.server.stop(0.5)
 
 
+# ------------------------------------------------------------------ an upload's stages
+STAGES = (("receive", "bytes in, written, hashed and checked as they arrive (UploadReceiver.receive)"),
+          ("fsync", "the received file made durable (part of receive)"),
+          ("accept", "validation, receipt and fold (RoundEngine.accept_upload)"),
+          ("fold", "the fold into the strategy's sums (part of accept)"))
+
+
+@contextlib.contextmanager
+def stage_timers(times: dict[str, list[float]]) -> Iterator[None]:
+    """Wall time of each of an upload's stages on the coordinator (STAGES), appended to
+    `times` while the block runs: the coordinator's own functions wrapped, in this process,
+    and put back after. For --stages: where the project's upload time goes."""
+    from fedserver import rounds, transfers
+    from fedserver.engine import RoundEngine
+
+    saved = [(owner, name, timed(owner, name, key, times))
+             for owner, name, key in ((transfers.UploadReceiver, "receive", "receive"), (transfers, "_sync", "fsync"),
+                                      (RoundEngine, "accept_upload", "accept"), (rounds.TrainKind, "fold", "fold"))]
+    try:
+        yield
+    finally:
+        for owner, name, orig in reversed(saved):
+            setattr(owner, name, orig)
+
+
 # ------------------------------------------------------------------ the run
 SERIES = ("download_project", "download_plain", "upload_project", "upload_plain", "validate_update")
 
@@ -333,8 +359,9 @@ async def _interleave(first: Callable[[], Awaitable[Sample]], second: Callable[[
 
 async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None = DEFAULT_CACHE, repeats: int = 7,
                         warmup: int = 1, workdir: Path | None = None,
-                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure both paths in this event loop; returns a JSON-able dict of raw times and summaries."""
+                        progress: Callable[[str], None] | None = None, stages: bool = False) -> dict[str, Any]:
+    """Measure both paths in this event loop; returns a JSON-able dict of raw times and summaries.
+    `stages`: also time the coordinator's stages of each measured upload (stage_timers)."""
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     say = progress or (lambda _msg: None)
@@ -349,6 +376,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
     project = ProjectPath(root, model_spec, cache_dir, uploads=warmup + repeats)
     plain: PlainPath | None = None
     samples: dict[str, list[Sample]] = {k: [] for k in SERIES}
+    upload_stages: dict[str, list[float]] = {}
     try:
         await project.start()
         assert project.cfg is not None
@@ -361,7 +389,9 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
         for i in range(warmup + repeats):
             flip = i % 2 == 1
             dl_a, dl_b = await _interleave(project.download, plain.download, flip)
-            up_a, up_b = await _interleave(lambda: project.upload(payload, named), lambda: plain.upload(payload), flip)
+            stage_times: dict[str, list[float]] = {}
+            with stage_timers(stage_times) if stages else contextlib.nullcontext():
+                up_a, up_b = await _interleave(lambda: project.upload(payload, named), lambda: plain.upload(payload), flip)
             held = bytearray(payload)   # as the coordinator holds an upload: a writable buffer it views
             with _Clock() as clock:   # what the coordinator runs on every upload, on the same bytes
                 validate_update(held, named, layout, max_norm, named)
@@ -372,6 +402,8 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
             if i >= warmup:
                 for key, sample in zip(SERIES, (dl_a, dl_b, up_a, up_b, val)):
                     samples[key].append(sample)
+                for key, got in stage_times.items():
+                    upload_stages.setdefault(key, []).extend(got)
         engine = project.coord.engine
         accepted = len(engine.current.accepted) if engine.current is not None else -1
     finally:
@@ -404,6 +436,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
         "wall_s": {k: [s.wall for s in v] for k, v in samples.items()},
         "cpu_s": {k: [s.cpu for s in v] for k, v in samples.items()},
         "summary": summary,
+        "upload_stages_s": {k: {"median_s": statistics.median(v), "n": len(v)} for k, v in upload_stages.items()},
     }
 
 
@@ -427,6 +460,14 @@ def format_table(result: Mapping[str, Any]) -> str:
     v = s["validate_update"]
     lines.append(f"{'upload':<9} {'(validate_update alone)':<24} {v['median_s']:>8.3f} {v['min_s']:>7.3f} {'':>7} {'':>5} {'':>8} "
                  f"{v['cpu_median_s'] * 1000:>7.0f}   = {v['share_of_project_upload']:.0%} of A's median upload")
+    st = result.get("upload_stages_s") or {}
+    if st:
+        up = s["upload"]["project"]["median_s"]
+        lines.append("")
+        lines.append("where A's upload time goes on the coordinator (medians; the rest is the client, gRPC and the call's own checks):")
+        for key, what in STAGES:
+            if key in st:
+                lines.append(f"  {key:<8} {st[key]['median_s'] * 1000:7.1f} ms  {st[key]['median_s'] / up:4.0%}  {what}")
     lines.append("")
     lines.append("MB/s = 1e6 bytes/s at the median; A/B = throughput(A)/throughput(B) at the medians (best: at the minima);")
     lines.append("CPU ms = process CPU time (client + server + gRPC threads) per transfer, median.")
@@ -445,13 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"converted-model cache (default {DEFAULT_CACHE})")
     p.add_argument("--json", type=Path, default=None, help="also write the raw times and summary here")
     p.add_argument("--quiet", action="store_true", help="no per-repeat lines")
+    p.add_argument("--stages", action="store_true", help="also time the coordinator's stages of each upload")
     args = p.parse_args(argv)
 
     from common.logs import configure_logging
 
     configure_logging("warning", json=False)   # the coordinator's per-upload INFO lines would swamp the table
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
-    result = asyncio.run(run_benchmark(args.model, args.cache_dir, args.repeats, args.warmup, progress=say))
+    result = asyncio.run(run_benchmark(args.model, args.cache_dir, args.repeats, args.warmup, progress=say,
+                                       stages=args.stages))
     print_results(format_table(result), result, args.json)
     return 0
 

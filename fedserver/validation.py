@@ -348,11 +348,13 @@ def read_into(fh: Any, offset: int, buf: bytearray | memoryview) -> None:
 
 
 def sum_of_squares(x: np.ndarray) -> float:
-    """x·x on the calling thread. Not np.dot: OpenBLAS splits a dot of more than 10,000
-    elements over its own threads, which then spin waiting for work and took the CPU from the
-    coordinator's other threads (a round's close 66-72 ms with it, 46-59 ms without, on 2
-    cores; benchmarks/README.md). einsum's own loop is slower alone (55 against 26 us a MiB of
-    float32) and costs nobody else anything."""
+    """x·x on the calling thread. Not np.dot, for two reasons (benchmarks/README.md):
+    OpenBLAS splits a dot of more than 10,000 elements over its own threads, which then spin
+    waiting for work and took the CPU from the coordinator's other threads (a round's close
+    66-72 ms with it, 46-59 ms without, on 2 cores); and chunks arrive as views a few bytes into
+    gRPC's messages, so their elements are seldom aligned, which takes np.dot off BLAS (0.21-0.30
+    ms a MiB of float32, against 0.025 aligned). einsum's own loop: 0.11-0.12 ms unaligned, 0.05
+    aligned, and it costs nobody else anything."""
     return float(np.einsum("i,i->", x, x))
 
 
@@ -376,7 +378,6 @@ class StreamCheck:
         self._sumsq = 0.0
         self._np: Any = None
         self._item = 0
-        self._scratch: Any = None           # aligned copy of an unaligned chunk (see _elements)
         self._found: tuple[int, torch.dtype, tuple[tuple[int, int, str], ...]] | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -443,14 +444,6 @@ class StreamCheck:
         x = np.frombuffer(view, dtype=self._np)
         if x.dtype == np.float16:
             x = x.astype(np.float32)
-        elif not x.flags.aligned:
-            # Chunks arrive as views into gRPC's messages, after a few bytes of framing, so their
-            # elements are seldom aligned; numpy's dot then falls back from BLAS to a loop ~10x
-            # slower than copying them into aligned scratch first (0.3 against 0.13 ms a MiB).
-            if self._scratch is None or len(self._scratch) < len(x):
-                self._scratch = np.empty(len(x), dtype=x.dtype)
-            x = self._scratch[:len(x)]
-            x[:] = np.frombuffer(view, dtype=self._np)
         with np.errstate(all="ignore"):   # an overflow is a non-finite sum, decided below
             s = sum_of_squares(x)
         if not math.isfinite(s):   # NaN, Inf or a norm past float range: the general path words it

@@ -7,6 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from transformers import LlamaConfig
 
 from benchmarks import transfer_bench as tb
@@ -25,7 +26,7 @@ async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
     spec = _tiny_config_dir(tmp_path)
     lines: list[str] = []
     result = await tb.run_benchmark(spec, cache_dir=None, repeats=1, warmup=0, workdir=tmp_path / "work",
-                                    progress=lines.append)
+                                    progress=lines.append, stages=True)
 
     # r=16 on q,k,v,o (128->128, 128->64 twice, 128->128) and gate,up,down (128<->512), 2 layers
     per_layer = 16 * (128 + 128) + 2 * 16 * (128 + 64) + 16 * (128 + 128) + 3 * 16 * (128 + 512)
@@ -42,8 +43,17 @@ async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
         assert d["ratio_median"] > 0
     assert 0 < result["summary"]["validate_update"]["share_of_project_upload"]
 
+    stages = result["upload_stages_s"]   # --stages: the coordinator's own functions timed, then put back
+    assert set(stages) == {key for key, _ in tb.STAGES} and all(v["n"] == 1 for v in stages.values())
+    assert stages["fsync"]["median_s"] <= stages["receive"]["median_s"] and stages["fold"]["median_s"] <= stages["accept"]["median_s"]
+    from fedserver import rounds, transfers
+    from fedserver.engine import RoundEngine
+    for fn in (transfers.UploadReceiver.receive, transfers._sync, RoundEngine.accept_upload, rounds.TrainKind.fold):
+        assert not hasattr(fn, "__wrapped__"), fn   # put back
+
     table = tb.format_table(result)
     assert "A project" in table and "B plain gRPC" in table and "validate_update" in table
+    assert "where A's upload time goes" in table and "fsync" in table
     json.dumps(result)   # --json must be able to write it
     assert any(line.startswith("repeat 1/1") for line in lines)
 
@@ -92,3 +102,23 @@ async def test_transfer_bench_holds_more_schools_than_one_connection_takes(tmp_p
     result = await asyncio.wait_for(tb.run_benchmark(spec, cache_dir=None, repeats=34, warmup=0,
                                                      workdir=tmp_path / "work", progress=lambda _: None), 240)
     assert result["accepted_uploads"] == 34
+
+
+def test_stream_floor_holds_its_connections_and_reports_per_connection_memory() -> None:
+    """benchmarks/stream_floor.py with a few connections: every client connects (each with its
+    idle stream, or none), the server's RSS is read before and after, and nothing is left running."""
+    import multiprocessing
+
+    from benchmarks import stream_floor
+
+    for call in (True, False):
+        r = stream_floor.measure(12, procs=2, call=call, settle_s=0.2,
+                                 extra=[("grpc.http2.hpack_table_size.decoder", 0)], python_memory=call)
+        assert r["connections"] == 12 and r["call_per_connection"] is call
+        assert r["server_rss_kib"] > 0 and r["server_rss_start_kib"] > 0
+        assert isinstance(r["rss_kb_per_connection"], float)
+        assert (r["python_kb_per_connection"] is not None) is call
+        assert r["options"] == [["grpc.http2.hpack_table_size.decoder", 0]]
+    assert not multiprocessing.active_children()
+    with pytest.raises(SystemExit, match="hard limit"):
+        stream_floor.measure(10**9)

@@ -90,8 +90,7 @@ def test_a_non_finite_update_goes_to_the_general_path_which_names_the_tensor(tmp
 @pytest.mark.parametrize("bad", [None, float("nan")])
 def test_chunks_that_are_views_at_odd_addresses_give_the_norm_of_aligned_ones(tmp_path, bad):
     """gRPC hands chunks over as views a few bytes into its messages, so their elements are
-    seldom aligned (StreamCheck then copies them into aligned scratch, which it reuses and
-    grows): the sum of squares, and a non-finite value, are found as from aligned bytes."""
+    seldom aligned: the sum of squares, and a non-finite value, are found as from aligned bytes."""
     d = {k: v * 100 for k, v in delta(6).items()}
     if bad is not None:
         d["m.1.lora_A.weight"][3, 30] = bad
@@ -99,7 +98,7 @@ def test_chunks_that_are_views_at_odd_addresses_give_the_norm_of_aligned_ones(tm
     held = bytearray(b"\x00" + payload)   # every view below starts one byte past an aligned address
     check = StreamCheck(LAYOUT, len(payload))
     pos = 0
-    for n in (9, 301, 1500, 20, 2048, 10**6):   # growing pieces: the scratch is reused, then grown
+    for n in (9, 301, 1500, 20, 2048, 10**6):
         check.feed(memoryview(held)[1 + pos:1 + min(pos + n, len(payload))])
         pos = min(pos + n, len(payload))
     assert pos == len(payload)
