@@ -5,7 +5,7 @@ the floor under it: a bare `grpc.aio` server with the project's channel options 
 stream-stream method that echoes, and N clients in other processes that each open their own
 connection and either one call that has sent and received one message (the shape of an idle
 Session), or no call at all (`--no-call`: the connection alone). It reports the server's RSS
-growth per connection, and with `--python-memory` the part of it that is Python objects
+growth per connection (KB of 1024 bytes, as docs/SCALING.md counts), and with `--python-memory` the part of it that is Python objects
 (tracemalloc, which itself inflates RSS: take the two figures from separate runs).
 
     .venv/bin/python -m benchmarks.stream_floor [--connections 2000] [--no-call] [--python-memory]
@@ -141,8 +141,9 @@ def measure(connections: int, procs: int = 2, call: bool = True, extra: list[tup
                 p.kill()
     return {"connections": connections, "call_per_connection": call, "options": [list(o) for o in extra or []],
             "server_rss_start_kib": rss0, "server_rss_kib": rss1,
-            "rss_kb_per_connection": (rss1 - rss0) * 1024 / 1000 / connections,
-            "python_kb_per_connection": (py1 - py0) / 1000 / connections if python_memory else None,
+            # KB = 1024 bytes, as benchmarks/scale_bench.py and docs/SCALING.md count them
+            "rss_kb_per_connection": (rss1 - rss0) / connections,
+            "python_kb_per_connection": (py1 - py0) / 1024 / connections if python_memory else None,
             "grpcio": grpc.__version__, "python": sys.version.split()[0]}
 
 
