@@ -119,6 +119,11 @@ def test_stream_floor_holds_its_connections_and_reports_per_connection_memory() 
         assert isinstance(r["rss_kb_per_connection"], float)
         assert (r["python_kb_per_connection"] is not None) is call
         assert r["options"] == [["grpc.http2.hpack_table_size.decoder", 0]]
+        assert r["fanout"] is None
+    r = stream_floor.measure(12, procs=2, settle_s=0.2, fanout=True, writes=True)   # one message to every stream
+    f = r["fanout"]
+    assert f["streams"] == f["received"] == 12
+    assert 0 < f["last_write_s"] and 0 < f["last_received_s"] < 60 and r["handler"] == "context.read/write"
     assert not multiprocessing.active_children()
     with pytest.raises(SystemExit, match="hard limit"):
         stream_floor.measure(10**9)
