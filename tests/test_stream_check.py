@@ -265,6 +265,26 @@ def test_fedavgs_one_pass_close_gives_the_bits_of_mean_then_step_then_add(tmp_pa
             {k: v for k, v in b.metrics.items() if k != "update_norm"}
 
 
+def test_a_subclass_with_its_own_mean_is_not_bypassed_by_the_one_pass_close():
+    """MeanStep stands in for FedAvg's own mean_delta() and step() only: a subclass that
+    overrides mean_delta gets its own mean in the new state."""
+    class HalfMean(FedAvg):
+        def mean_delta(self) -> dict[str, torch.Tensor]:
+            return {k: v.mul_(0.5) for k, v in super().mean_delta().items()}
+
+    glob = initial_state(LAYOUT, 0)
+    out = {}
+    for cls in (FedAvg, HalfMean):
+        s = cls()
+        s.setup(ctx())
+        s.begin_round(1, glob)
+        s.accumulate(ClientUpdate("a", 1, 2, delta(1)))
+        out[cls] = s.finalize().state
+    k = "m.0.lora_B.weight"
+    assert torch.equal(out[FedAvg][k], (glob[k].double() + delta(1)[k].double()).float())
+    assert torch.equal(out[HalfMean][k], (glob[k].double() + delta(1)[k].double() * 0.5).float())
+
+
 def test_a_half_precision_global_takes_the_separate_passes():
     """numpy rounds float64 to float16 once, torch through float32: MeanStep is not offered
     for such a global, and new_state refuses one."""

@@ -170,9 +170,10 @@ class FedAvg(Strategy):
 
     def finalize(self) -> AggregateResult:
         metrics: dict[str, float] = {}
-        if self._count and not self.mean_hooks and type(self).step is FedAvg.step and fusable(self._global):
-            # FedAvg's own step, nothing to see the mean first: mean, step, norm and the new state
-            # in one pass over the sums (MeanStep), which are left as they are
+        own = type(self).step is FedAvg.step and type(self).mean_delta is FedAvg.mean_delta
+        if self._count and own and not self.mean_hooks and fusable(self._global):
+            # FedAvg's own mean and step, nothing to see the mean first: mean, step, norm and the
+            # new state in one pass over the sums (MeanStep), which are left as they are
             fused = MeanStep(self._weight, self.options.server_lr)
             sums, self._sum = self._sum, {}   # the buffers stay in self._kept for the next round
             state = new_state(self._global, dict(sums), self._sink, fused)
