@@ -79,8 +79,7 @@ async def run(rounds: int, schools: int, model: str, cache_dir: Path, eval_storm
         timed(eng, "_close", "close", times)
         timed(eng.strategy, "finalize", "finalize", times)
         timed(eng.artifacts, "put_tensors", "write", times)
-        streamed_commit = StreamedTensors.commit   # a class attribute: put back afterwards
-        timed(StreamedTensors, "commit", "write", times)
+        streamed_commit = timed(StreamedTensors, "commit", "write", times)   # a class attribute: put back afterwards
         try:
             timed(eng, "_commit_files", "files", times)
             timed(eng, "_hold_global", "hold", times)

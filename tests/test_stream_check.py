@@ -304,6 +304,28 @@ def test_a_half_precision_global_takes_the_separate_passes():
         new_state(glob, {}, None, MeanStep(1.0))
 
 
+def test_a_global_of_mixed_dtypes_takes_the_separate_passes():
+    """new_state adds a mixed global's step tensor by tensor, as it is: MeanStep is not offered
+    for it, so the sums are divided first (they once reached the new state undivided)."""
+    from fedserver.strategy.fedavg import MeanStep, fusable, new_state
+
+    glob = initial_state(LAYOUT, 0)
+    first = sorted(glob)[0]
+    glob[first] = glob[first].double()
+    assert not fusable(glob)
+    s = FedAvg()
+    s.setup(ctx())
+    s.begin_round(1, glob)
+    s.accumulate(ClientUpdate("a", 1, 3, delta(1)))
+    s.accumulate(ClientUpdate("b", 1, 5, delta(2)))
+    out = s.finalize().state
+    for k, v in glob.items():
+        mean = (3 * delta(1)[k].double() + 5 * delta(2)[k].double()) / 8
+        assert out[k].dtype == v.dtype and torch.allclose(out[k].double(), v.double() + mean, atol=1e-6), k
+    with pytest.raises(ValueError, match="MeanStep"):
+        new_state(glob, {}, None, MeanStep(1.0))
+
+
 def test_a_file_state_reads_what_was_written_and_names_shapes_without_reading(tmp_path):
     state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.zeros(0, 4)}
     write_safetensors(tmp_path / "s", state)

@@ -284,8 +284,10 @@ class MeanStep:
 
 
 def fusable(global_state: State) -> bool:
-    """Can new_state take a MeanStep for this global (one dtype numpy rounds to as torch does)?"""
-    return {g.dtype for g in shapes_of(global_state).values()} <= set(_NUMPY_CASTS)
+    """Can new_state take a MeanStep for this global: one dtype (a mixed global takes new_state's
+    per-tensor path, which adds a step as it is), and one that numpy rounds to as torch does?"""
+    dtypes = {g.dtype for g in shapes_of(global_state).values()}
+    return len(dtypes) == 1 and dtypes <= set(_NUMPY_CASTS)
 
 
 def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | None = None,
@@ -305,7 +307,7 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
     dtypes = {g.dtype for g in like.values()}
     keys = sorted(like)
     if mean is not None and not fusable(global_state):
-        raise ValueError("a MeanStep needs a float32 or float64 global; divide the sums first")
+        raise ValueError("a MeanStep needs a global of one dtype, float32 or float64; divide the sums first")
     if len(dtypes) != 1:   # (never streamed: the writer sees too few bytes and the state is written whole)
         mixed = {k: torch.empty(g.shape, dtype=g.dtype) for k, g in like.items()}
         for k in keys:
