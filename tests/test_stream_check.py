@@ -265,6 +265,108 @@ def test_fedavgs_one_pass_close_gives_the_bits_of_mean_then_step_then_add(tmp_pa
             {k: v for k, v in b.metrics.items() if k != "update_norm"}
 
 
+@pytest.mark.parametrize("held_as", ["state", "tensor", "slice", "memoryview"])
+def test_a_close_makes_its_state_in_the_last_ones_buffers_only_when_nothing_holds_them(tmp_path, held_as):
+    """FedAvg keeps the buffers of the state it made (KeptBuffers): the next close makes its
+    state in them when nothing holds the last one, or any view of it, any more; while anything
+    does, the close makes its own, and what is held keeps its values."""
+    glob = initial_state(LAYOUT, 0)
+    write_safetensors(tmp_path / "g", glob)
+    s = FedAvg()
+    s.setup(ctx())
+
+    def close(rnd: int) -> dict[str, torch.Tensor]:
+        s.begin_round(rnd, FileState(tmp_path / "g"))
+        for i, n in enumerate((3, 5)):
+            s.accumulate(ClientUpdate(f"s{i}", rnd, n, delta(10 * rnd + i)))
+        state = s.finalize().state
+        for k, v in glob.items():   # the global plus this round's mean, whatever memory it is in
+            mean = (3 * delta(10 * rnd)[k].double() + 5 * delta(10 * rnd + 1)[k].double()) / 8
+            assert torch.equal(state[k], (v.double() + mean).float()), (rnd, k)
+        return state
+
+    k = "m.0.lora_B.weight"
+    first = close(1)
+    where = {name: t.data_ptr() for name, t in first.items()}
+    want = first[k].clone()
+    holder: object = {"state": first, "tensor": first[k], "slice": first[k][1:2],
+                      "memoryview": first[k].numpy().data}[held_as]
+    del first
+    second = close(2)   # round 1's state is still held: a state of its own
+    assert all(second[name].data_ptr() != at for name, at in where.items())
+    assert torch.equal(first_k(holder, held_as, want), want)
+    del holder, second
+    third = close(3)    # nothing holds round 1's or round 2's state: the kept buffers again
+    assert {name: t.data_ptr() for name, t in third.items()} == where
+
+
+def first_k(holder: object, held_as: str, like: torch.Tensor) -> torch.Tensor:
+    """The held tensor's values, whatever form it is held in."""
+    if held_as == "state":
+        return holder["m.0.lora_B.weight"]   # type: ignore[index]
+    if held_as == "memoryview":
+        return torch.frombuffer(bytearray(holder), dtype=like.dtype).view(like.shape)   # type: ignore[arg-type]
+    if held_as == "slice":
+        return like.clone().index_copy_(0, torch.tensor([1]), holder)   # type: ignore[arg-type]
+    return holder   # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_new_state_goes_to_the_sink_in_pieces_as_it_is_made(tmp_path, monkeypatch, fused):
+    """new_state hands what it has made to the sink a piece at a time (so that the writer is
+    left one piece, not a segment, when the last element is made): the pieces follow each
+    other in memory, cover the state (frozen tensors, left as the global's, too) and none is
+    more than SINK_ELEMENTS and what was left before it; the state is the same as made without a sink."""
+    from fedserver.strategy import fedavg as fa
+
+    monkeypatch.setattr(fa, "SINK_ELEMENTS", 1 << 10)
+    layout = {f"m.{i:02d}.lora_{'AB'[i % 2]}.weight": TensorSpec((40 + i, 70 + 3 * i)) for i in range(24)}
+    g = {k: torch.randn(v.shape) for k, v in layout.items()}
+    write_safetensors(tmp_path / "g", g)
+    keys = sorted(g)
+
+    def make(sink):
+        step = fa.segmented_empty_like({k: g[k] for k in keys})
+        for i, v in enumerate(step.values()):
+            v.copy_(torch.full(v.shape, 1e-3 * (i + 1), dtype=torch.float64))
+        del step[keys[5]]   # frozen
+        mean = fa.MeanStep(3.0) if fused else None
+        return fa.new_state(FileState(tmp_path / "g"), dict(step), sink, mean)
+
+    pieces: list[tuple[int, int]] = []
+    got = make(lambda buf: pieces.append((buf.data_ptr(), buf.numel() * buf.element_size())))
+    want = make(None)
+    for k in g:
+        assert torch.equal(got[k], want[k]), k
+    # at most a piece and what was left before it (a frozen tensor, the end of a run)
+    assert len(pieces) > 24 and max(n for _, n in pieces) < 4 * (2 * 1024 + max(v.numel() for v in g.values()))
+    joined = [list(pieces[0])]
+    for at, n in pieces[1:]:
+        if joined[-1][0] + joined[-1][1] == at:
+            joined[-1][1] += n
+        else:
+            joined.append([at, n])
+    spans = sorted((t.data_ptr(), t.numel() * 4) for t in got.values())
+    assert sum(n for _, n in joined) == sum(n for _, n in spans) == sum(v.numel() * 4 for v in g.values())
+    assert all(any(a <= at and at + n <= a + m for a, m in joined) for at, n in spans)
+
+
+def test_kept_buffers_of_other_sizes_or_dtype_are_made_anew():
+    from fedserver.strategy.fedavg import KeptBuffers
+
+    kept = KeptBuffers()
+    a = kept.take([10, 20], torch.float32)
+    assert a is not None and [t.numel() for t in a] == [10, 20]
+    where = [t.data_ptr() for t in a]
+    assert kept.take([10, 20], torch.float32) is None   # `a` is alive
+    del a
+    b = kept.take([10, 20], torch.float32)
+    assert b is not None and [t.data_ptr() for t in b] == where
+    del b
+    c = kept.take([10, 21], torch.float64)
+    assert c is not None and [(t.numel(), t.dtype) for t in c] == [(10, torch.float64), (21, torch.float64)]
+
+
 def test_a_subclass_with_its_own_mean_is_not_bypassed_by_the_one_pass_close():
     """MeanStep stands in for FedAvg's own mean_delta() and step() only: a subclass that
     overrides mean_delta gets its own mean in the new state."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,7 @@ class FedAvg(Strategy):
         self._count = 0
         self._failures = 0
         self._sink: Sink | None = None   # stream_state's: where finalize's new buffers go
+        self._made = KeptBuffers()   # the new state's buffers, reused by the next close when free
         # Hooks a wrapper (DP noise) applies to the mean delta before the server step.
         self.mean_hooks: list[Callable[[dict[str, torch.Tensor], int], dict[str, float]]] = []
 
@@ -176,7 +178,7 @@ class FedAvg(Strategy):
             # new state in one pass over the sums (MeanStep), which are left as they are
             fused = MeanStep(self._weight, self.options.server_lr)
             sums, self._sum = self._sum, {}   # the buffers stay in self._kept for the next round
-            state = new_state(self._global, dict(sums), self._sink, fused)
+            state = new_state(self._global, dict(sums), self._sink, fused, self._made)
             step_norm = math.sqrt(fused.sumsq)
         else:
             mean = self.mean_delta()
@@ -186,7 +188,7 @@ class FedAvg(Strategy):
             step_norm = flat_norm(step)
             self._sum = {}   # the buffers stay in self._kept for the next round
             del mean
-            state = new_state(self._global, step, self._sink)
+            state = new_state(self._global, step, self._sink, kept=self._made)
         metrics.update(updates=float(self._count), failures=float(self._failures),
                        examples=self._weight if self.options.weighting == "examples" else float(self._count),
                        update_norm=step_norm)
@@ -196,39 +198,84 @@ class FedAvg(Strategy):
 
 
 SEGMENT_BYTES = 4 << 20   # the float64 sums are allocated in segments of about this size
+# new_state hands its buffers to the sink (the writer of the new adapter's file, which hashes and
+# writes each on its own thread) in pieces of about this many elements as they are made
+# (1 MiB of float32), not a ~4 MiB segment at a time: what is left for the writer once the
+# last element is made is then one piece, not a segment.
+SINK_ELEMENTS = 1 << 18
 
 
 def segmented_empty_like(like: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
-                         segments: list[tuple[torch.Tensor, list[str]]] | None = None) -> dict[str, torch.Tensor]:
+                         segments: list[tuple[torch.Tensor, list[str]]] | None = None,
+                         kept: KeptBuffers | None = None) -> dict[str, torch.Tensor]:
     """Uninitialised tensors shaped like `like`'s, as views of consecutive buffers of about
     SEGMENT_BYTES each (in `like`'s order): each buffer is its own mapping, given back to the OS
     as soon as the last view of it is dropped. `segments`, if given, gets each buffer with the
-    names of the tensors it holds, in order."""
-    out: dict[str, torch.Tensor] = {}
-    group: list[str] = []
+    names of the tensors it holds, in order. `kept`: take the buffers from there when it has
+    ones of these sizes that nothing uses any more (else new ones, as without it)."""
     size = torch.empty((), dtype=dtype).element_size()
-
-    def flush() -> None:
-        flat = torch.empty(sum(like[k].numel() for k in group), dtype=dtype)
-        pos = 0
-        for k in group:
-            n = like[k].numel()
-            out[k] = flat[pos:pos + n].view(like[k].shape)
-            pos += n
-        if segments is not None:
-            segments.append((flat, list(group)))
-        group.clear()
-
+    groups: list[list[str]] = []
+    group: list[str] = []
     filled = 0
     for k, t in like.items():
         group.append(k)
         filled += t.numel() * size
         if filled >= SEGMENT_BYTES:
-            flush()
-            filled = 0
+            groups.append(group)
+            group, filled = [], 0
     if group:
-        flush()
+        groups.append(group)
+    sizes = [sum(like[k].numel() for k in g) for g in groups]
+    flats = kept.take(sizes, dtype) if kept is not None else None
+    if flats is None:
+        flats = [torch.empty(n, dtype=dtype) for n in sizes]
+    out: dict[str, torch.Tensor] = {}
+    for flat, names in zip(flats, groups):
+        pos = 0
+        for k in names:
+            n = like[k].numel()
+            out[k] = flat[pos:pos + n].view(like[k].shape)
+            pos += n
+        if segments is not None:
+            segments.append((flat, names))
     return out
+
+
+class KeptBuffers:
+    """The new state's buffers, kept from one close to the next (FedAvg's): new memory costs a
+    page fault per 4 KiB on first touch, and the coordinator hands its free memory back to the
+    OS after every round, so each close's new adapter was made in memory faulted in anew (most
+    of the 16-17 ms of reading the global into it, for the 19.6 MB SmolLM2-135M adapter;
+    benchmarks/README.md). One set is kept, costing 1x the adapter between rounds. A close
+    takes it only when nothing still holds a view of the last state made in it (an evaluation
+    of it, say): each buffer is a numpy array lent to torch, whose every view keeps a reference
+    to the array, so the array's reference count says whether any view is alive."""
+
+    _OURS = 3   # sys.getrefcount of an array only this list holds (the list, the loop name, the argument)
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []
+
+    def idle(self) -> bool:
+        for a in self._arrays:
+            if sys.getrefcount(a) > self._OURS:
+                return False
+        return True
+
+    def take(self, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Buffers of `sizes` elements of `dtype`: the kept ones, or new ones kept in their
+        place (different sizes or dtype); None while a view of the kept ones is alive (the
+        caller makes its own, not kept)."""
+        if not self.idle():
+            return None
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        if [a.size for a in self._arrays] != sizes or any(a.dtype != np_dtype for a in self._arrays):
+            self._arrays = []   # dropped before the new ones are made
+            self._arrays = [np.empty(n, dtype=np_dtype) for n in sizes]
+        return [torch.from_numpy(a) for a in self._arrays]
+
+    def clear(self) -> None:
+        self._arrays = []
 
 
 def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: bool) -> None:
@@ -291,7 +338,7 @@ def fusable(global_state: State) -> bool:
 
 
 def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | None = None,
-              mean: MeanStep | None = None) -> dict[str, torch.Tensor]:
+              mean: MeanStep | None = None, kept: KeptBuffers | None = None) -> dict[str, torch.Tensor]:
     """global + step (added in float64), in the global's dtypes, as views of new buffers (given
     back to the OS whole when the state is dropped, not left in the allocator's heap). Each step
     tensor is dropped from `step` once used, so buffers it was the last view of are freed on the
@@ -302,7 +349,8 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
     goes to `sink` (its bytes are the next of the state's safetensors file, whose order is the
     names' for one dtype), so the file can be written and hashed while the next one is made.
     `mean`: `step` holds FedAvg's sums, and `mean` says how each becomes the step (MeanStep;
-    only where `fusable`)."""
+    only where `fusable`). `kept`: the buffers to make a single-dtype state in, when free
+    (KeptBuffers)."""
     like = shapes_of(global_state)
     dtypes = {g.dtype for g in like.values()}
     keys = sorted(like)
@@ -317,7 +365,7 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
             del d, g
         return {k: mixed[k] for k in like}
     segments: list[tuple[torch.Tensor, list[str]]] = []
-    out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)), segments)
+    out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)), segments, kept)
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     for flat, names in segments:
         if isinstance(global_state, FileState):
@@ -325,17 +373,28 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
         else:
             for k in names:
                 out[k].copy_(global_state[k])
+        base = flat.storage_offset()
+        done = 0   # elements of `flat` handed to the sink
         for (_, o_at, n, o0), (_, s_at, _, d0) in merge_runs(_step_pieces(names, out, step)):
             o_flat, s_flat = storage_view(o0), storage_view(d0)
-            if mean is not None:
-                mean.add(o_flat[o_at:o_at + n].numpy(), s_flat[s_at:s_at + n].numpy())
-                continue
-            if o_flat.dtype in _NUMPY_CASTS:
+            if mean is not None or o_flat.dtype in _NUMPY_CASTS:
                 # numpy's ufunc adds float64(g) + d and rounds to g's dtype in one buffered pass:
                 # the bits of the three torch steps below, in half their time (a 4.9M-parameter
-                # adapter: 14.6 against 27.7 ms; benchmarks/README.md), and without the GIL
-                o_np = o_flat[o_at:o_at + n].numpy()
-                np.add(o_np, s_flat[s_at:s_at + n].numpy(), out=o_np, casting="unsafe")
+                # adapter: 14.6 against 27.7 ms; benchmarks/README.md), and without the GIL.
+                # A piece at a time, each to the sink once made: the writer, hashing the last
+                # piece while the next is made, then finishes soon after the last one.
+                for i in range(0, n, SINK_ELEMENTS):
+                    c = min(SINK_ELEMENTS, n - i)
+                    o_np = o_flat[o_at + i:o_at + i + c].numpy()
+                    s_np = s_flat[s_at + i:s_at + i + c].numpy()
+                    if mean is not None:
+                        mean.add(o_np, s_np)
+                    else:
+                        np.add(o_np, s_np, out=o_np, casting="unsafe")
+                    upto = o_at + i + c - base   # flat[:upto] is final
+                    if sink is not None and upto - done >= SINK_ELEMENTS:
+                        sink(flat[done:upto])
+                        done = upto
                 continue
             for i in range(0, n, FOLD_SLICE):   # slices at torch's grain size: on this thread (FOLD_SLICE)
                 c = min(FOLD_SLICE, n - i)
@@ -344,8 +403,8 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
                 t.copy_(o)
                 t.add_(s_flat[s_at + i:s_at + i + c])   # float64(g) + d: the same bits as d + float64(g)
                 o.copy_(t)
-        if sink is not None and flat.numel():
-            sink(flat)
+        if sink is not None and flat.numel() > done:
+            sink(flat[done:])
     return {k: out[k] for k in like}
 
 
