@@ -247,6 +247,7 @@ class TrainKind(RoundKind):
                     eng.strategy.stream_state(None)
             if streamed is not None and streamed.holds(result.state):
                 sha = await asyncio.to_thread(streamed.commit)
+                eng.strategy.stored(result.state, eng.artifacts.path(sha))
             else:
                 sha = await asyncio.to_thread(eng.artifacts.put_tensors, result.state)
         finally:

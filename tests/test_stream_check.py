@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,6 +350,51 @@ def test_the_new_state_goes_to_the_sink_in_pieces_as_it_is_made(tmp_path, monkey
     spans = sorted((t.data_ptr(), t.numel() * 4) for t in got.values())
     assert sum(n for _, n in joined) == sum(n for _, n in spans) == sum(v.numel() * 4 for v in g.values())
     assert all(any(a <= at and at + n <= a + m for a, m in joined) for at, n in spans)
+
+
+@pytest.mark.parametrize("story", ["stored", "not stored", "another file", "a close between", "a copy stored"])
+def test_a_close_adds_to_the_kept_buffers_without_reading_the_global_only_when_they_hold_its_file(
+        tmp_path, monkeypatch, story):
+    """Once the engine has stored the state a close made as the file that is the next global
+    (Strategy.stored), the next close adds its step to the kept buffers as they are, without
+    reading that file. In every other case (nothing stored, another global, the buffers written
+    by a close since, a state stored that is not the buffers) it reads the global; the states
+    are the same either way."""
+    reads: list[Path] = []
+    real = FileState.read_into
+    monkeypatch.setattr(FileState, "read_into", lambda self, out: (reads.append(self.path), real(self, out))[1])
+    g0 = initial_state(LAYOUT, 0)
+    write_safetensors(tmp_path / "g0", g0)
+    s = FedAvg()
+    s.setup(ctx())
+
+    def close(rnd: int, glob_path: Path, glob: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s.begin_round(rnd, FileState(glob_path))
+        for i, n in enumerate((3, 5)):
+            s.accumulate(ClientUpdate(f"s{i}", rnd, n, delta(10 * rnd + i)))
+        state = s.finalize().state
+        for k, v in glob.items():
+            mean = (3 * delta(10 * rnd)[k].double() + 5 * delta(10 * rnd + 1)[k].double()) / 8
+            assert torch.equal(state[k], (v.double() + mean).float()), (story, rnd, k)
+        return state
+
+    state = close(1, tmp_path / "g0", g0)
+    g1 = {k: v.clone() for k, v in state.items()}
+    write_safetensors(tmp_path / "g1", g1)
+    if story == "a copy stored":
+        s.stored(g1, tmp_path / "g1")
+    elif story != "not stored":
+        s.stored(state, tmp_path / "g1")
+    del state
+    glob_path, glob = tmp_path / "g1", g1
+    if story == "another file":
+        write_safetensors(tmp_path / "g1b", g1)
+        glob_path = tmp_path / "g1b"
+    if story == "a close between":   # (its round failed after finalize: the global stays g1)
+        close(2, glob_path, g1)
+    reads.clear()
+    close(3, glob_path, glob)
+    assert (reads == []) == (story == "stored"), reads
 
 
 def test_kept_buffers_of_other_sizes_or_dtype_are_made_anew():

@@ -142,6 +142,13 @@ class Strategy(ABC):
         in place after making it must return False. The default: False."""
         return False
 
+    def stored(self, state: Mapping[str, torch.Tensor], path: Path) -> None:
+        """The engine has stored `state`, which the last finalize() returned and whose bytes
+        are exactly the buffers it gave stream_state's sink, as the file `path` (the artefact
+        that becomes the global adapter if the round commits). A strategy that keeps those
+        buffers may then make its next state in them without reading that global back from
+        its file. The default: nothing."""
+
     # ------------------------------------------------------------ persistence
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Server-side memory carried between rounds (momentum, accountant): tensors + JSON."""
@@ -198,6 +205,9 @@ class Wrapper(Strategy):
 
     def stream_state(self, sink: Callable[[torch.Tensor], None] | None) -> bool:
         return self.inner.stream_state(sink)
+
+    def stored(self, state: Mapping[str, torch.Tensor], path: Path) -> None:
+        self.inner.stored(state, path)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self.inner.state()

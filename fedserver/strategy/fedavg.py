@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,6 +171,9 @@ class FedAvg(Strategy):
         self._sink = sink
         return True
 
+    def stored(self, state: Mapping[str, torch.Tensor], path: Path) -> None:
+        self._made.stored(state, path)
+
     def finalize(self) -> AggregateResult:
         metrics: dict[str, float] = {}
         own = type(self).step is FedAvg.step and type(self).mean_delta is FedAvg.mean_delta
@@ -249,12 +253,25 @@ class KeptBuffers:
     benchmarks/README.md). One set is kept, costing 1x the adapter between rounds. A close
     takes it only when nothing still holds a view of the last state made in it (an evaluation
     of it, say): each buffer is a numpy array lent to torch, whose every view keeps a reference
-    to the array, so the array's reference count says whether any view is alive."""
+    to the array, so the array's reference count says whether any view is alive. When the
+    engine stored the state made in them as the file that is now the global adapter (`stored`),
+    and nothing has taken them since, they already hold that global's bytes: the close then
+    adds the step to them without reading the global from its file."""
 
     _OURS = 3   # sys.getrefcount of an array only this list holds (the list, the loop name, the argument)
 
     def __init__(self) -> None:
         self._arrays: list[np.ndarray] = []
+        self._holds = ""        # the file whose tensors the buffers hold, byte for byte ("": none known)
+        self.took_holding = ""  # what the buffers the last take() gave held then ("": none known, or not taken)
+
+    def stored(self, state: Mapping[str, torch.Tensor], path: Path) -> None:
+        """`state` was stored as the file `path` (Strategy.stored): if its tensors are these
+        buffers, all of them, the buffers hold that file's tensors until they are next taken."""
+        spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in state.values() if t.numel())
+        joined = [(run[0][1], run[0][2]) for run in merge_runs(((0, at, n),) for at, n in spans)]
+        if self._arrays and joined == sorted((a.ctypes.data, a.nbytes) for a in self._arrays):
+            self._holds = str(path)
 
     def idle(self) -> bool:
         for a in self._arrays:
@@ -266,16 +283,15 @@ class KeptBuffers:
         """Buffers of `sizes` elements of `dtype`: the kept ones, or new ones kept in their
         place (different sizes or dtype); None while a view of the kept ones is alive (the
         caller makes its own, not kept)."""
+        self.took_holding = ""
         if not self.idle():
             return None
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         if [a.size for a in self._arrays] != sizes or any(a.dtype != np_dtype for a in self._arrays):
-            self._arrays = []   # dropped before the new ones are made
+            self._arrays, self._holds = [], ""   # dropped before the new ones are made
             self._arrays = [np.empty(n, dtype=np_dtype) for n in sizes]
+        self.took_holding, self._holds = self._holds, ""   # the taker writes them
         return [torch.from_numpy(a) for a in self._arrays]
-
-    def clear(self) -> None:
-        self._arrays = []
 
 
 def fold_file(delta: FileDelta, sums: dict[str, torch.Tensor], w: float, first: bool) -> None:
@@ -366,9 +382,14 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
         return {k: mixed[k] for k in like}
     segments: list[tuple[torch.Tensor, list[str]]] = []
     out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)), segments, kept)
+    # the kept buffers may hold the global's file byte for byte already: the state the last
+    # close made, stored as that file (KeptBuffers.stored), and not written to since
+    resident = kept is not None and isinstance(global_state, FileState) and kept.took_holding == str(global_state.path)
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     for flat, names in segments:
-        if isinstance(global_state, FileState):
+        if resident:
+            pass
+        elif isinstance(global_state, FileState):
             global_state.read_into({k: out[k] for k in names})
         else:
             for k in names:
