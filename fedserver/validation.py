@@ -250,6 +250,12 @@ class FileState(Mapping[str, torch.Tensor]):
                 self._open()
         raise AssertionError("unreachable")
 
+    def confirm(self) -> None:
+        """What a read checks first, without reading: the file is still what was hashed (one
+        fstat), else it is judged again by `recheck` (restored, or CorruptFileError / OSError as a
+        read would raise). For a caller that holds the file's bytes in memory already."""
+        self._read(lambda fh: None)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         def read(fh: Any) -> torch.Tensor:
             dtype, shape, begin, end = self._where[name]

@@ -384,7 +384,10 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
     out = segmented_empty_like({k: like[k] for k in keys}, next(iter(dtypes)), segments, kept)
     # the kept buffers may hold the global's file byte for byte already: the state the last
     # close made, stored as that file (KeptBuffers.stored), and not written to since
-    resident = kept is not None and isinstance(global_state, FileState) and kept.took_holding == str(global_state.path)
+    resident = False
+    if kept is not None and isinstance(global_state, FileState) and kept.took_holding == str(global_state.path):
+        global_state.confirm()   # as a read would: a file damaged or lost meanwhile is found (restored, or the close fails)
+        resident = True
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     for flat, names in segments:
         if resident:
