@@ -229,15 +229,19 @@ class TrainKind(RoundKind):
     async def commit(self, eng: RoundEngine, rnd: OpenRound) -> Commit:
         # The new adapter is written and hashed while the strategy makes it, where the strategy
         # can hand its buffers over (the FedAvg family); otherwise, or if the state it returns
-        # is not exactly those bytes, it is written whole once finalize returns.
-        streamed = None
-        if eng.strategy.stream_state(None):   # (None: can it? nothing is offered yet)
-            streamed = await asyncio.to_thread(lambda: eng.artifacts.begin_tensors(shapes_of(eng.global_state)))
+        # is not exactly those bytes, it is written whole once finalize returns. All of it is
+        # blocking work, done in one worker-thread call (each hop to a worker thread and back
+        # waits for the event loop's turn; a close made of six of them lost milliseconds to it).
+        return await asyncio.to_thread(self._commit, eng)
+
+    @staticmethod
+    def _commit(eng: RoundEngine) -> Commit:
+        streamed = eng.artifacts.begin_tensors(shapes_of(eng.global_state)) if eng.strategy.stream_state(None) else None
         try:
             if streamed is not None:
                 eng.strategy.stream_state(streamed.add)
             try:
-                result = await asyncio.to_thread(eng.strategy.finalize)
+                result = eng.strategy.finalize()
             except (ValueError, ArithmeticError, RuntimeError) as exc:   # the rule could not aggregate this round
                 raise RoundFailed(f"{eng.strategy.name}: {exc}") from exc
             except (CorruptFileError, NotFoundError, OSError) as exc:   # the global adapter, read from its file, is lost
@@ -246,13 +250,13 @@ class TrainKind(RoundKind):
                 if streamed is not None:
                     eng.strategy.stream_state(None)
             if streamed is not None and streamed.holds(result.state):
-                sha = await asyncio.to_thread(streamed.commit)
+                sha = streamed.commit()
                 eng.strategy.stored(result.state, eng.artifacts.path(sha))
             else:
-                sha = await asyncio.to_thread(eng.artifacts.put_tensors, result.state)
+                sha = eng.artifacts.put_tensors(result.state)
         finally:
             if streamed is not None:
-                await asyncio.to_thread(streamed.discard)
+                streamed.discard()
         return Commit(sha, result.state, dict(result.metrics))
 
 
