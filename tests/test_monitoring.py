@@ -80,7 +80,9 @@ async def test_metrics_status_and_dashboard_during_a_real_federation(tmp_path, t
         endpoints.append(serve_metrics("127.0.0.1:0", daemon.metrics.registry))
     try:
         # ---- during the federation
-        await wait_for(lambda: rc.store.committed_rounds() >= 1 and rc.engine.current is not None, 180, "round 2 open")
+        # round 2 itself: round 1 is committed in the store while it is still the engine's
+        # current round (the close's tail), and between the two rounds there is none
+        await wait_for(lambda: rc.engine.current is not None and rc.engine.current.number == 2, 180, "round 2 open")
         fams = families((await get(urls["metrics"]))[1])
         assert value(fams, "schoolfed_schools_connected") == 3
         assert value(fams, "schoolfed_schools_enrolled") == 3
