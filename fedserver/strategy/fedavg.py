@@ -390,11 +390,9 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
         resident = True
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     for flat, names in segments:
-        if resident:
-            pass
-        elif isinstance(global_state, FileState):
+        if isinstance(global_state, FileState) and not resident:
             global_state.read_into({k: out[k] for k in names})
-        else:
+        elif not isinstance(global_state, FileState):
             for k in names:
                 out[k].copy_(global_state[k])
         base = flat.storage_offset()
