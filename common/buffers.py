@@ -39,3 +39,15 @@ def memory_axis(t: torch.Tensor, in_bytes: bool = False) -> tuple[int, int, int,
     (or bytes), and `t` itself kept as the extra."""
     size = t.element_size() if in_bytes else 1
     return t.untyped_storage().data_ptr(), int(t.storage_offset()) * size, t.numel() * size, t
+
+
+def joined_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Memory spans (address, bytes) with each one that starts where the previous ends merged
+    into it."""
+    out: list[tuple[int, int]] = []
+    for at, n in spans:
+        if out and out[-1][0] + out[-1][1] == at:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((at, n))
+    return out

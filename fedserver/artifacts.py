@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from common.buffers import joined_spans
 from common.digest import BLAKE3, hasher, offered
 from common.errors import CorruptFileError, NotFoundError
 from common.messages import ArtifactRef
@@ -65,7 +66,7 @@ class StreamedTensors:
                if t.numel() and t.is_contiguous()]
         if sum(n for _, n in got) != sum(n for _, n in self.spans):
             return False
-        return _joined(got) == _joined(self.spans)
+        return joined_spans(got) == joined_spans(self.spans)
 
     def commit(self) -> str:
         digest, _ = self.writer.finish()
@@ -78,17 +79,6 @@ class StreamedTensors:
             self.writer.close()
             self.tmp.unlink(missing_ok=True)
             self.done = True
-
-
-def _joined(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Memory spans with each one that starts where the previous ends merged into it."""
-    out: list[tuple[int, int]] = []
-    for at, n in spans:
-        if out and out[-1][0] + out[-1][1] == at:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((at, n))
-    return out
 
 
 class ArtifactStore:

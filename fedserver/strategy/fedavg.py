@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.buffers import memory_axis, merge_runs, storage_view
+from common.buffers import joined_spans, memory_axis, merge_runs, storage_view
 from common.lora import is_merge_key
 from common.training import TrainParams
 from fedserver.strategy import lowrank
@@ -269,8 +269,7 @@ class KeptBuffers:
         """`state` was stored as the file `path` (Strategy.stored): if its tensors are these
         buffers, all of them, the buffers hold that file's tensors until they are next taken."""
         spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in state.values() if t.numel())
-        joined = [(run[0][1], run[0][2]) for run in merge_runs(((0, at, n),) for at, n in spans)]
-        if self._arrays and joined == sorted((a.ctypes.data, a.nbytes) for a in self._arrays):
+        if self._arrays and joined_spans(spans) == sorted((a.ctypes.data, a.nbytes) for a in self._arrays):
             self._holds = str(path)
 
     def idle(self) -> bool:
