@@ -355,7 +355,8 @@ def fusable(global_state: State) -> bool:
 def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | None = None,
               mean: MeanStep | None = None, kept: KeptBuffers | None = None) -> dict[str, torch.Tensor]:
     """global + step (added in float64), in the global's dtypes, as views of new buffers (given
-    back to the OS whole when the state is dropped, not left in the allocator's heap). Each step
+    back to the OS whole when the state is dropped, not left in the allocator's heap), or of
+    `kept`'s when they are free. Each step
     tensor is dropped from `step` once used, so buffers it was the last view of are freed on the
     way. A single-dtype global is made a buffer (~4 MiB) at a time: the global's part copied in
     first (a FileState: read straight into it) and the step added in long runs where the step's
