@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -32,35 +33,49 @@ class StalledError(Exception):
 async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata, buffer: bytearray,
                    progress: Callable[[int, int], None] | None = None, stall_s: float | None = None,
                    blake3: str = "") -> bytes:
-    """Fetch an artefact into `buffer`, resuming from len(buffer) (bytes kept from an
-    interrupted attempt), and verify it: against `blake3` (the BLAKE3 hex the coordinator
+    """Fetch an artefact, resuming after the len(buffer) bytes `buffer` holds from an
+    interrupted attempt, and verify it: against `blake3` (the BLAKE3 hex the coordinator
     announced beside the sha256) when given and this process has BLAKE3, else against its
-    sha256. `stall_s`: no chunk for that long ends the call with StalledError (the caller
-    resumes; `buffer` keeps what arrived)."""
+    sha256. Returns the whole artefact and empties `buffer`. If the call fails (`stall_s`: no
+    chunk for that long ends it with StalledError), `buffer` is left holding every byte that
+    arrived, for the caller to resume from; if the bytes do not verify, it is emptied.
+
+    The chunks are kept as received and joined once at the end: one copy of the artefact. (A
+    bytearray grown chunk by chunk was copied again at each reallocation, then once more into
+    the result: a fifth of the no-op schools' CPU in benchmarks/round_bench.py.)"""
     algorithm, expected = digest.check_by(sha256, blake3)
     hasher = digest.hasher(algorithm, buffer)   # hash as chunks arrive: no second pass at the end
-    stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=len(buffer)), metadata=metadata)
+    parts: list[Any] = []   # this call's chunks, in order: views of the received messages
+    received = len(buffer)
+    stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=received), metadata=metadata)
     chunks = aiter(stream)
-    while True:
-        try:
-            async with asyncio.timeout(stall_s or None):   # not wait_for: 3.11's can lose a cancellation
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            stream.cancel()
-            raise StalledError(f"no download progress for {stall_s:g} s at byte {len(buffer)}") from None
-        if chunk.offset != len(buffer):
-            raise ChecksumError(f"download chunk at {chunk.offset}, expected {len(buffer)}")
-        data = chunk.data   # a view of the received bytes (TransferStub); a copy per access from protobuf's Chunk
-        buffer.extend(data)
-        hasher.update(data)
-        if progress is not None:
-            progress(len(buffer), chunk.total_size)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(stall_s or None):   # not wait_for: 3.11's can lose a cancellation
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                stream.cancel()
+                raise StalledError(f"no download progress for {stall_s:g} s at byte {received}") from None
+            if chunk.offset != received:
+                raise ChecksumError(f"download chunk at {chunk.offset}, expected {received}")
+            data = chunk.data   # a view of the received bytes (TransferStub); a copy per access from protobuf's Chunk
+            parts.append(data)
+            received += len(data)
+            hasher.update(data)
+            if progress is not None:
+                progress(received, chunk.total_size)
+    except BaseException:
+        buffer += b"".join(parts)   # kept for the resume, whatever ended the call
+        raise
     if hasher.hexdigest() != expected:
         buffer.clear()  # start over next time; the bytes are not what was announced
         raise ChecksumError(f"downloaded artefact {sha256[:12]}… does not hash to its announced {algorithm} {expected[:12]}…")
-    return bytes(buffer)
+    whole = b"".join([buffer, *parts]) if buffer else b"".join(parts)
+    buffer.clear()
+    return whole
 
 
 async def upload(stub: pb_grpc.FederationStub, header: UploadHeader, payload: bytes, metadata: Metadata,

@@ -297,7 +297,19 @@ async def test_a_stalled_download_ends_and_resumes_where_it_stopped():
         await download(stub, sha256_hex(data), [], buf, stall_s=0.2)
     assert stub.calls[0].cancelled and bytes(buf) == data[:cut]
     assert await download(stub, sha256_hex(data), [], buf, stall_s=0.2) == data   # resumed at 4096
-    assert len(stub.calls) == 2
+    assert len(stub.calls) == 2 and buf == bytearray()   # done: the artefact is returned, the partial dropped
+
+    # a download cancelled from outside (the daemon stopping) keeps what arrived too
+    stub, buf = Stub(), bytearray()
+    task = asyncio.create_task(download(stub, sha256_hex(data), [], buf))
+    while len(buf) == 0 and not stub.calls:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)   # past the first chunk, into the stall
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert bytes(buf) == data[:cut]
+    assert await download(stub, sha256_hex(data), [], buf) == data and stub.calls[1].offset == cut
 
 
 # ------------------------------------------------------------------ the daemon's retries, per kind
