@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
 import grpc
 
@@ -45,7 +44,7 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
     the result: a fifth of the no-op schools' CPU in benchmarks/round_bench.py.)"""
     algorithm, expected = digest.check_by(sha256, blake3)
     hasher = digest.hasher(algorithm, buffer)   # hash as chunks arrive: no second pass at the end
-    parts: list[Any] = []   # this call's chunks, in order: views of the received messages
+    parts: list[bytes | memoryview] = []   # this call's chunks, in order: views of the received messages
     received = len(buffer)
     stream = stub.Download(pb.DownloadRequest(sha256=sha256, offset=received), metadata=metadata)
     chunks = aiter(stream)
@@ -73,7 +72,7 @@ async def download(stub: pb_grpc.FederationStub, sha256: str, metadata: Metadata
     if hasher.hexdigest() != expected:
         buffer.clear()  # start over next time; the bytes are not what was announced
         raise ChecksumError(f"downloaded artefact {sha256[:12]}… does not hash to its announced {algorithm} {expected[:12]}…")
-    whole = b"".join([buffer, *parts]) if buffer else b"".join(parts)
+    whole = b"".join([buffer, *parts])
     buffer.clear()
     return whole
 

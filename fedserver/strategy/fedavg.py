@@ -390,11 +390,12 @@ def new_state(global_state: State, step: dict[str, torch.Tensor], sink: Sink | N
         resident = True
     tmp = torch.empty(FOLD_SLICE, dtype=torch.float64)
     for flat, names in segments:
-        if isinstance(global_state, FileState) and not resident:
-            global_state.read_into({k: out[k] for k in names})
-        elif not isinstance(global_state, FileState):
-            for k in names:
-                out[k].copy_(global_state[k])
+        if not resident:   # (resident: the kept buffers hold the global already)
+            if isinstance(global_state, FileState):
+                global_state.read_into({k: out[k] for k in names})
+            else:
+                for k in names:
+                    out[k].copy_(global_state[k])
         base = flat.storage_offset()
         done = 0   # elements of `flat` handed to the sink
         for (_, o_at, n, o0), (_, s_at, _, d0) in merge_runs(_step_pieces(names, out, step)):
