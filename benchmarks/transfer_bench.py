@@ -20,6 +20,13 @@ Both sides use common.wire.grpc_options(). The adapter is the real one the feder
 on SmolLM2-135M (rank 16 on all seven projections; layout from the model config only).
 fedserver.validation.validate_update is also timed on the same payload, to say how much of
 an upload is the coordinator's validation.
+
+--floor also times, alone and on the same payload in every repeat, the work an upload to its
+receipt cannot skip beyond what plain streaming does (FLOOR_PARTS): the school's digest of the
+payload, the coordinator's per-chunk write + writeback + hash + check and the fsync (the
+receiver's own functions), and the fold into FedAvg's float64 sums (fold_file). Plain
+streaming's CPU plus that work, spread perfectly over every core, is a lower bound on A's
+upload time; the table says whether the 80% target is under it.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ from fedserver.auth import hash_token
 from fedserver.config import (
     CoordinatorConfig, LoraSection, ModelSection, RoundsSection, SchoolEntry, ServerSection, ServerTLSSection,
 )
-from fedserver.validation import validate_update
+from fedserver.strategy.fedavg import fold_file, segmented_empty_like
+from fedserver.transfers import _sync, _write_and_hash
+from fedserver.validation import FileDelta, StreamCheck, validate_update
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
@@ -330,6 +339,59 @@ def stage_timers(times: dict[str, list[float]]) -> Iterator[None]:
             setattr(owner, name, orig)
 
 
+# ------------------------------------------------------------------ an upload's floor
+FLOOR_PARTS = (("school_hash", "the school's digest of its payload (named in the header before the first byte)"),
+               ("receive_work", "the coordinator's per-chunk write, writeback, hash and check, and the fsync"),
+               ("fold", "the fold into FedAvg's float64 sums (fold_file)"))
+
+
+def floor_parts(payload: bytes, layout: Mapping[str, TensorSpec], algorithm: str, max_norm: float,
+                workdir: Path) -> dict[str, Sample]:
+    """Each part of FLOOR_PARTS alone, on `payload`, with the coordinator's own functions: what
+    any upload to a receipt costs on top of moving its bytes. The fold is timed as a second
+    upload's (into sums the first filled), as in a round."""
+    parts: dict[str, Sample] = {}
+    with _Clock() as clock:
+        digest.of(payload, algorithm)
+    parts["school_hash"] = clock.sample
+    path = workdir / "floor.part"
+    check = StreamCheck(layout, len(payload), max_norm)
+    hasher = digest.hasher(algorithm)
+    view = memoryview(payload)
+    with _Clock() as clock:
+        with open(path, "wb") as fh:
+            for start in range(0, len(view), MAX_CHUNK_BYTES):
+                _write_and_hash(fh, hasher, check, view[start:start + MAX_CHUNK_BYTES], start)
+            _sync(fh)
+    parts["receive_work"] = clock.sample
+    packed = check.result(path)
+    if packed is None:
+        raise RuntimeError("the floor's payload is not a packed update of the layout")
+    delta = FileDelta(packed, layout)
+    sums = segmented_empty_like({name: torch.empty(layout[name].shape, dtype=layout[name].dtype, device="meta")
+                                 for _, _, name in packed.spans})
+    fold_file(delta, sums, 1.0, True)   # the round's first upload fills the sums
+    with _Clock() as clock:
+        fold_file(delta, sums, 1.0, False)
+    parts["fold"] = clock.sample
+    path.unlink()
+    return parts
+
+
+def floor_summary(summary: Mapping[str, Any], parts: Mapping[str, Mapping[str, float]], cores: int) -> dict[str, Any]:
+    """The lower bound on A's upload to its receipt that plain streaming's CPU and the floor's
+    parts give on `cores` cores: (CPU of B + CPU of the parts) / cores, with and without the
+    fold (a coordinator could acknowledge before folding), against the wall time the 80% target
+    allows (B's median / 0.8)."""
+    plain_cpu = summary["upload"]["plain"]["cpu_median_s"]
+    before_fold = plain_cpu + sum(parts[k]["cpu_median_s"] for k in ("school_hash", "receive_work"))
+    with_fold = before_fold + parts["fold"]["cpu_median_s"]
+    allowed = summary["upload"]["plain"]["median_s"] / TARGET_RATIO["upload"]
+    return {"cores": cores, "plain_cpu_s": plain_cpu, "cpu_s_without_fold": before_fold, "cpu_s_with_fold": with_fold,
+            "wall_floor_s_without_fold": before_fold / cores, "wall_floor_s_with_fold": with_fold / cores,
+            "target_wall_s": allowed, "target_reachable_on_paper": before_fold / cores <= allowed}
+
+
 # ------------------------------------------------------------------ the run
 SERIES = ("download_project", "download_plain", "upload_project", "upload_plain", "validate_update")
 
@@ -356,9 +418,11 @@ async def _interleave(first: Callable[[], Awaitable[Sample]], second: Callable[[
 
 async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None = DEFAULT_CACHE, repeats: int = 7,
                         warmup: int = 1, workdir: Path | None = None,
-                        progress: Callable[[str], None] | None = None, stages: bool = False) -> dict[str, Any]:
+                        progress: Callable[[str], None] | None = None, stages: bool = False,
+                        floor: bool = False) -> dict[str, Any]:
     """Measure both paths in this event loop; returns a JSON-able dict of raw times and summaries.
-    `stages`: also time the coordinator's stages of each measured upload (stage_timers)."""
+    `stages`: also time the coordinator's stages of each measured upload (stage_timers).
+    `floor`: also time the parts of FLOOR_PARTS alone in every repeat (floor_parts)."""
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     say = progress or (lambda _msg: None)
@@ -374,6 +438,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
     plain: PlainPath | None = None
     samples: dict[str, list[Sample]] = {k: [] for k in SERIES}
     upload_stages: dict[str, list[float]] = {}
+    floor_samples: dict[str, list[Sample]] = {k: [] for k, _ in FLOOR_PARTS} if floor else {}
     try:
         await project.start()
         assert project.cfg is not None
@@ -393,6 +458,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
             with _Clock() as clock:   # what the coordinator runs on every upload, on the same bytes
                 validate_update(held, named, layout, max_norm, named)
             val = clock.sample
+            parts = await asyncio.to_thread(floor_parts, payload, layout, digest.split(named)[0], max_norm, root) if floor else {}
             tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
             say(f"{tag}: download A {dl_a.wall:.3f}s B {dl_b.wall:.3f}s | upload A {up_a.wall:.3f}s B {up_b.wall:.3f}s"
                 f" | validate_update {val.wall:.3f}s")
@@ -401,6 +467,8 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
                     samples[key].append(sample)
                 for key, got in stage_times.items():
                     upload_stages.setdefault(key, []).extend(got)
+                for key, sample in parts.items():
+                    floor_samples[key].append(sample)
         engine = project.coord.engine
         accepted = len(engine.current.accepted) if engine.current is not None else -1
     finally:
@@ -421,6 +489,10 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
     v = _summary(samples["validate_update"], up_bytes)
     v["share_of_project_upload"] = v["median_s"] / summary["upload"]["project"]["median_s"]
     summary["validate_update"] = v
+    floor_parts_summary = {k: _summary(v, up_bytes) for k, v in floor_samples.items()}
+    if floor_parts_summary:
+        summary["floor"] = {"parts": floor_parts_summary,
+                            **floor_summary(summary, floor_parts_summary, os.cpu_count() or 1)}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -432,6 +504,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
         "repeats": repeats, "warmup": warmup, "accepted_uploads": accepted,
         "wall_s": {k: [s.wall for s in v] for k, v in samples.items()},
         "cpu_s": {k: [s.cpu for s in v] for k, v in samples.items()},
+        "floor_s": {k: {"wall": [s.wall for s in v], "cpu": [s.cpu for s in v]} for k, v in floor_samples.items()},
         "summary": summary,
         "upload_stages_s": {k: {"median_s": statistics.median(v), "n": len(v)} for k, v in upload_stages.items()},
     }
@@ -465,6 +538,20 @@ def format_table(result: Mapping[str, Any]) -> str:
         for key, what in STAGES:
             if key in st:
                 lines.append(f"  {key:<8} {st[key]['median_s'] * 1000:7.1f} ms  {st[key]['median_s'] / up:4.0%}  {what}")
+    fl = s.get("floor")
+    if fl:
+        ms = 1000
+        lines.append("")
+        lines.append("the floor of an upload to its receipt (--floor): each part alone, on the same payload (medians):")
+        for key, what in FLOOR_PARTS:
+            part = fl["parts"][key]
+            lines.append(f"  {key:<12} {part['median_s'] * ms:6.1f} ms wall {part['cpu_median_s'] * ms:6.1f} ms CPU  {what}")
+        lines.append(f"  plain streaming's whole upload: {s['upload']['plain']['median_s'] * ms:.1f} ms wall, "
+                     f"{fl['plain_cpu_s'] * ms:.1f} ms CPU (client and server)")
+        verdict = "reachable on paper" if fl["target_reachable_on_paper"] else "NOT reachable on this machine"
+        lines.append(f"  => A needs at least {fl['wall_floor_s_without_fold'] * ms:.1f} ms (plain's CPU + the parts before "
+                     f"the fold, over {fl['cores']} cores), {fl['wall_floor_s_with_fold'] * ms:.1f} ms with the fold; "
+                     f"the 80% target allows {fl['target_wall_s'] * ms:.1f} ms: {verdict}")
     lines.append("")
     lines.append("MB/s = 1e6 bytes/s at the median; A/B = throughput(A)/throughput(B) at the medians (best: at the minima);")
     lines.append("CPU ms = process CPU time (client + server + gRPC threads) per transfer, median.")
@@ -484,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the raw times and summary here")
     p.add_argument("--quiet", action="store_true", help="no per-repeat lines")
     p.add_argument("--stages", action="store_true", help="also time the coordinator's stages of each upload")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the work an upload to its receipt cannot skip, alone, and print the lower bound it sets")
     args = p.parse_args(argv)
 
     from common.logs import configure_logging
@@ -491,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning", json=False)   # the coordinator's per-upload INFO lines would swamp the table
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     result = asyncio.run(run_benchmark(args.model, args.cache_dir, args.repeats, args.warmup, progress=say,
-                                       stages=args.stages))
+                                       stages=args.stages, floor=args.floor))
     print_results(format_table(result), result, args.json)
     return 0
 

@@ -26,7 +26,7 @@ async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
     spec = _tiny_config_dir(tmp_path)
     lines: list[str] = []
     result = await tb.run_benchmark(spec, cache_dir=None, repeats=1, warmup=0, workdir=tmp_path / "work",
-                                    progress=lines.append, stages=True)
+                                    progress=lines.append, stages=True, floor=True)
 
     # r=16 on q,k,v,o (128->128, 128->64 twice, 128->128) and gate,up,down (128<->512), 2 layers
     per_layer = 16 * (128 + 128) + 2 * 16 * (128 + 64) + 16 * (128 + 128) + 3 * 16 * (128 + 512)
@@ -51,11 +51,29 @@ async def test_transfer_bench_runs_on_a_tiny_adapter(tmp_path: Path) -> None:
     for fn in (transfers.UploadReceiver.receive, transfers._sync, RoundEngine.accept_upload, rounds.TrainKind.fold):
         assert not hasattr(fn, "__wrapped__"), fn   # put back
 
+    floor = result["summary"]["floor"]   # --floor: each part timed alone, and the bound they set
+    assert set(floor["parts"]) == {key for key, _ in tb.FLOOR_PARTS}
+    assert all(part["cpu_median_s"] > 0 for part in floor["parts"].values())
+    assert floor["plain_cpu_s"] < floor["cpu_s_without_fold"] < floor["cpu_s_with_fold"]
+    assert not list((tmp_path / "work").glob("floor.part"))   # its file removed
+
     table = tb.format_table(result)
     assert "A project" in table and "B plain gRPC" in table and "validate_update" in table
     assert "where A's upload time goes" in table and "fsync" in table
+    assert "the floor of an upload to its receipt" in table and "the 80% target allows" in table
     json.dumps(result)   # --json must be able to write it
     assert any(line.startswith("repeat 1/1") for line in lines)
+
+
+def test_the_upload_floor_is_plain_cpu_plus_the_parts_over_the_cores() -> None:
+    """--floor's bound: (plain's CPU + the parts before the fold) / cores, against B's median / 0.8."""
+    summary = {"upload": {"plain": {"cpu_median_s": 0.020, "median_s": 0.014}}}
+    parts = {"school_hash": {"cpu_median_s": 0.004}, "receive_work": {"cpu_median_s": 0.014},
+             "fold": {"cpu_median_s": 0.010}}
+    two = tb.floor_summary(summary, parts, cores=2)
+    assert two["wall_floor_s_without_fold"] == pytest.approx(0.019) and two["wall_floor_s_with_fold"] == pytest.approx(0.024)
+    assert two["target_wall_s"] == pytest.approx(0.0175) and two["target_reachable_on_paper"] is False
+    assert tb.floor_summary(summary, parts, cores=4)["target_reachable_on_paper"] is True
 
 
 def test_exchange_bench_runs_on_a_tiny_teacher(tmp_path: Path, tiny_teacher: str, exchange_data: Path) -> None:
