@@ -358,23 +358,25 @@ def floor_parts(payload: bytes, layout: Mapping[str, TensorSpec], algorithm: str
     check = StreamCheck(layout, len(payload), max_norm)
     hasher = digest.hasher(algorithm)
     view = memoryview(payload)
-    with _Clock() as clock:
-        with open(path, "wb") as fh:
-            for start in range(0, len(view), MAX_CHUNK_BYTES):
-                _write_and_hash(fh, hasher, check, view[start:start + MAX_CHUNK_BYTES], start)
-            _sync(fh)
-    parts["receive_work"] = clock.sample
-    packed = check.result(path)
-    if packed is None:
-        raise RuntimeError("the floor's payload is not a packed update of the layout")
-    delta = FileDelta(packed, layout)
-    sums = segmented_empty_like({name: torch.empty(layout[name].shape, dtype=layout[name].dtype, device="meta")
-                                 for _, _, name in packed.spans})
-    fold_file(delta, sums, 1.0, True)   # the round's first upload fills the sums
-    with _Clock() as clock:
-        fold_file(delta, sums, 1.0, False)
-    parts["fold"] = clock.sample
-    path.unlink()
+    try:
+        with _Clock() as clock:
+            with open(path, "wb") as fh:
+                for start in range(0, len(view), MAX_CHUNK_BYTES):
+                    _write_and_hash(fh, hasher, check, view[start:start + MAX_CHUNK_BYTES], start)
+                _sync(fh)
+        parts["receive_work"] = clock.sample
+        packed = check.result(path)
+        if packed is None:
+            raise RuntimeError("the floor's payload is not a packed update of the layout")
+        delta = FileDelta(packed, layout)
+        sums = segmented_empty_like({name: torch.empty(layout[name].shape, dtype=layout[name].dtype, device="meta")
+                                     for _, _, name in packed.spans})
+        fold_file(delta, sums, 1.0, True)   # the round's first upload fills the sums
+        with _Clock() as clock:
+            fold_file(delta, sums, 1.0, False)
+        parts["fold"] = clock.sample
+    finally:
+        path.unlink(missing_ok=True)
     return parts
 
 
@@ -489,7 +491,7 @@ async def run_benchmark(model_spec: str = DEFAULT_MODEL, cache_dir: Path | None 
     v = _summary(samples["validate_update"], up_bytes)
     v["share_of_project_upload"] = v["median_s"] / summary["upload"]["project"]["median_s"]
     summary["validate_update"] = v
-    floor_parts_summary = {k: _summary(v, up_bytes) for k, v in floor_samples.items()}
+    floor_parts_summary = {k: _summary(got, up_bytes) for k, got in floor_samples.items()}
     if floor_parts_summary:
         summary["floor"] = {"parts": floor_parts_summary,
                             **floor_summary(summary, floor_parts_summary, os.cpu_count() or 1)}
