@@ -39,8 +39,17 @@ block, divided by the block's rounds: coordinator and schools for project blocks
 and raw client for raw blocks. Peak RSS is each process's VmHWM (/proc/PID/status), read after
 the last measured block.
 
-Internal roles (started by the benchmark itself): --role schools | raw-server | raw-client.
-None of this module imports torch (the coordinator process does, as in production).
+The floor: after a K's blocks, with nothing else running, one more process (--role floor)
+times the work that no upload to a receipt can skip, each part alone on the round-1 adapter:
+the school's two digests (checking its download, naming its upload), the coordinator's durable
+and checked receive, and the fold (benchmarks/transfer_bench.py floor_parts). Added K times to
+the raw round's CPU, and divided by it, that gives the ratio the project would have if it did
+nothing else and kept the cores as busy as plain streaming does (`floor`; `floor_with_close`
+also adds the close's wall time as if it were CPU).
+
+Internal roles (started by the benchmark itself): --role schools | raw-server | raw-client | floor.
+None of this module imports torch (the coordinator process does, as in production, and so
+does the floor's process, which runs the coordinator's own functions).
 """
 
 from __future__ import annotations
@@ -76,6 +85,8 @@ DEFAULT_CACHE = REPO / ".cache" / "models"
 DEFAULT_KS = (2, 4, 8, 32)
 MAX_ROUNDS_PER_COORDINATOR = 40   # the no-op delta doubles the global adapter each round: stay far from overflow
 PLAIN_SERVICE = "bench.Plain"
+FLOOR_REPEATS = 5   # times each floor part is measured (after one warm-up)
+MIN_CPU_S = 0.05    # a raw round's CPU below this (five /proc ticks) gives no floor ratio (--quick's tiny rounds)
 PROJECT_TIMEOUT_S = 900.0   # one project round (K=32 on a busy 2-core machine takes seconds, not minutes)
 
 # The tiny layout of --quick: a config.json is all the coordinator's layout needs (`dir:` specs read no weights).
@@ -268,6 +279,48 @@ async def _schools_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- role: plain gRPC server and client
 def _identity(b: bytes) -> bytes:
     return b
+
+
+def _role_floor(args: argparse.Namespace) -> int:
+    """Times the parts of transfer_bench.FLOOR_PARTS on the payload file, `--k` repeats (plus a
+    warm-up), and emits their median CPU and wall seconds."""
+    import tempfile as _tempfile
+
+    from benchmarks.transfer_bench import FLOOR_PARTS, floor_parts, load_layout
+    from common import digest
+
+    payload = Path(args.payload_file).read_bytes()
+    layout = load_layout(args.model, Path(args.cache_dir))
+    algorithm = digest.BLAKE3 if digest.BLAKE3 in digest.supported() else digest.SHA256   # as schools name uploads
+    samples: dict[str, list[Any]] = {key: [] for key, _ in FLOOR_PARTS}
+    with _tempfile.TemporaryDirectory(prefix="round-bench-floor-") as tmp:
+        for i in range(args.k + 1):
+            parts = floor_parts(payload, layout, algorithm, 0.0, Path(tmp))
+            if i:   # the first is a warm-up
+                for key, sample in parts.items():
+                    samples[key].append(sample)
+    _emit({"event": "floor", "algorithm": algorithm, "repeats": args.k,
+           "parts": {key: {"cpu_s": median([x.cpu for x in got]), "wall_s": median([x.wall for x in got])}
+                     for key, got in samples.items()}})
+    return 0
+
+
+def round_floor(parts: dict[str, dict[str, float]], k: int, raw_cpu_s: float, close_s: float | None) -> dict[str, Any]:
+    """What a round of K schools cannot do without, on top of the raw round's CPU: per school,
+    the school's two digests (its download checked, its upload named), the coordinator's
+    durable, checked receive and the fold. As a ratio to the raw round at the raw round's own
+    use of the cores: (raw CPU + K x that) / raw CPU; `floor_with_close` adds the close. The
+    ratios are None when the raw round's CPU is under MIN_CPU_S (/proc counts 10 ms ticks)."""
+    per_school = 2 * parts["school_hash"]["cpu_s"] + parts["receive_work"]["cpu_s"] + parts["fold"]["cpu_s"]
+    cpu = raw_cpu_s + k * per_school
+    close = close_s or 0.0
+    known = raw_cpu_s >= MIN_CPU_S
+    return {"parts": parts, "per_school_cpu_s": per_school, "cpu_s_per_round": cpu,
+            "floor": cpu / raw_cpu_s if known else None, "floor_with_close": (cpu + close) / raw_cpu_s if known else None}
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _role_raw_server(args: argparse.Namespace) -> int:
@@ -655,6 +708,13 @@ def run_k(k: int, root: Path, model: str, cache_dir: Path, rounds: int, repeats:
             if c.proc.poll() is None:
                 c.stop(timeout=10)
 
+    floor_run = subprocess.run([py, "-m", "benchmarks.round_bench", "--role", "floor", "--payload-file", str(payload_file),
+                                "--model", model, "--cache-dir", str(cache_dir), "--k", str(FLOOR_REPEATS)],
+                               cwd=REPO, capture_output=True, text=True, timeout=600)
+    floor_msgs = [json.loads(line) for line in floor_run.stdout.splitlines() if line.startswith("{")]
+    if floor_run.returncode != 0 or not floor_msgs:
+        raise BenchError(f"K={k}: the floor's process failed (code {floor_run.returncode}): {floor_run.stderr[-2000:]}")
+
     measured = [r["round"] for r in project_rounds]
     not_committed = {n: r["status"] for n, r in stored.items() if r["status"] != "committed"}
     if not_committed or len(stored) != total:
@@ -685,6 +745,9 @@ def run_k(k: int, root: Path, model: str, cache_dir: Path, rounds: int, repeats:
            "raw_server": per_round("raw", "raw_server"), "raw_client": per_round("raw", "raw_client")}
     cpu["project_total"] = cpu["coordinator"] + cpu["schools"]
     cpu["raw_total"] = cpu["raw_server"] + cpu["raw_client"]
+    floor = round_floor(floor_msgs[-1]["parts"], k, cpu["raw_total"], med("close_s"))
+    say(f"K={k}: floor {_times(floor['floor'])} raw ({_times(floor['floor_with_close'])} with the close): "
+        f"{floor['per_school_cpu_s'] * 1000:.1f} ms of CPU a school that no round can skip")
     return {
         "k": k,
         "project_s": project_s, "raw_s": raw_s, "ratio": project_s / raw_s,
@@ -698,6 +761,7 @@ def run_k(k: int, root: Path, model: str, cache_dir: Path, rounds: int, repeats:
                                                        "close_seen_by_schools_s")},
         "raw_phases_s": {key: median([r[key] for r in raw_rounds]) for key in ("download_s", "compute_s", "upload_s")},
         "cpu_s_per_round": cpu,
+        "floor": floor,
         "peak_rss_mib": peak,
         "rss_mib_at_end": rss_now,
         "pids": {name: c.pid for name, c in procs.items()},
@@ -784,6 +848,10 @@ def run_benchmark(ks: Sequence[int] = DEFAULT_KS, rounds: int = 3, repeats: int 
                                    "time the schools' process held the round's commands between blocks",
             "cpu_s_per_round": "utime+stime per round from /proc/PID/stat over each block, median over blocks",
             "peak_rss_mib": "VmHWM from /proc/PID/status after the last measured block",
+            "floor": "(raw CPU per round + K x the CPU a school's round cannot skip) / raw CPU per round: the ratio "
+                     "at plain streaming's own use of the cores if the project did nothing else; per school: two "
+                     "digests at the school, the coordinator's durable checked receive, the fold (each timed alone, "
+                     "median of 5, in a separate process after the K's blocks); floor_with_close adds close_s",
         },
         "total_seconds": time.monotonic() - started,
     })
@@ -799,7 +867,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"download and per upload; {par['rounds']} rounds x {par['repeats']} repeats per K (+{par['warmup']} warm-up), "
         "project and raw interleaved",
         "",
-        f"{'K':>3} {'project s':>9} {'raw s':>7} {'ratio':>6} {'close s':>7} {'coord s':>7} | "
+        f"{'K':>3} {'project s':>9} {'raw s':>7} {'ratio':>6} {'floor':>5} {'close s':>7} {'coord s':>7} | "
         f"{'CPU s/round: coord':>18} {'schools':>7} {'raw srv':>7} {'raw cli':>7} | "
         f"{'peak RSS MiB: coord':>19} {'schools':>7} {'raw srv':>7} {'raw cli':>7}",
     ]
@@ -807,7 +875,8 @@ def format_table(result: dict[str, Any]) -> str:
         r = result[str(k)]
         c, m = r["cpu_s_per_round"], r["peak_rss_mib"]
         close = "-" if r["close_s"] is None else f"{r['close_s']:.3f}"
-        lines.append(f"{k:>3} {r['project_s']:>9.3f} {r['raw_s']:>7.3f} {r['ratio']:>6.2f} {close:>7} "
+        lines.append(f"{k:>3} {r['project_s']:>9.3f} {r['raw_s']:>7.3f} {r['ratio']:>6.2f} "
+                     f"{_times(r['floor']['floor_with_close']).rstrip('x'):>5} {close:>7} "
                      f"{r['coordinator_round_s']:>7.3f} | {c['coordinator']:>18.3f} {c['schools']:>7.3f} "
                      f"{c['raw_server']:>7.3f} {c['raw_client']:>7.3f} | {m['coordinator']:>19.0f} {m['schools']:>7.0f} "
                      f"{m['raw_server']:>7.0f} {m['raw_client']:>7.0f}")
@@ -815,6 +884,8 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         "project s: one round, first TrainCommand at the schools -> next round's first TrainCommand (median);",
         "raw s: K plain-gRPC downloads + the same constant added + K uploads (median); ratio = project / raw;",
+        "floor: the ratio if a round did only what it cannot skip (K x the schools' digests, the durable checked",
+        "  receive and the fold, timed alone, plus the close) at plain streaming's own use of the cores;",
         "close s: the coordinator's last accepted upload -> its next round opened (its log);",
         "coord s: the coordinator's stored round seconds (open -> committed, hold between blocks taken off).",
     ]
@@ -837,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the full results here")
     p.add_argument("--quiet", action="store_true")
     # internal: the benchmark's own child processes
-    p.add_argument("--role", choices=["schools", "raw-server", "raw-client"], help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["schools", "raw-server", "raw-client", "floor"], help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     p.add_argument("--schools-file", help=argparse.SUPPRESS)
     p.add_argument("--payload-file", help=argparse.SUPPRESS)
@@ -845,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     raw_argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(raw_argv)
+    if args.role == "floor":   # the coordinator's own functions, torch and all
+        return _role_floor(args)
     if args.role:
         # The benchmark's own processes must stay torch-free (the protocol path imports none):
         # make torch unimportable, so a torch import creeping in fails loudly instead of

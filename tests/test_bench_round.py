@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 NO_TORCH = """
@@ -92,7 +94,27 @@ def test_round_bench_quick(tmp_path: Path) -> None:
     assert all(c["bytes_up"] == 2 * r["upload_bytes"] for c in r["coordinator_rounds"])
     assert r["exit_codes"] == {"coordinator": 0, "schools": 0}
     assert r["other_commands"] == {}   # no evaluate, idle or non-final shutdown commands
-    assert "project s" in proc.stdout and "wrote" in proc.stdout
+    f = r["floor"]   # the parts no round can skip, timed alone in their own process
+    assert set(f["parts"]) == {"school_hash", "receive_work", "fold"}
+    assert all(part["cpu_s"] > 0 and part["wall_s"] > 0 for part in f["parts"].values())
+    assert f["per_school_cpu_s"] > 0 and f["cpu_s_per_round"] > r["cpu_s_per_round"]["raw_total"]
+    if r["cpu_s_per_round"]["raw_total"] >= 0.05:   # tiny rounds' CPU may be under /proc's resolution
+        assert 1.0 < f["floor"] < f["floor_with_close"]
+    else:
+        assert f["floor"] is None and f["floor_with_close"] is None
+    assert "project s" in proc.stdout and "wrote" in proc.stdout and "floor" in proc.stdout
+
+
+def test_the_round_floor_adds_k_schools_work_to_the_raw_rounds_cpu() -> None:
+    """(raw CPU + K x (2 digests + receive + fold)) / raw CPU, and the close on top."""
+    from benchmarks.round_bench import round_floor
+
+    parts = {"school_hash": {"cpu_s": 0.005}, "receive_work": {"cpu_s": 0.015}, "fold": {"cpu_s": 0.010}}
+    f = round_floor(parts, 8, 0.75, 0.05)
+    assert f["per_school_cpu_s"] == pytest.approx(0.035) and f["cpu_s_per_round"] == pytest.approx(1.03)
+    assert f["floor"] == pytest.approx(1.03 / 0.75) and f["floor_with_close"] == pytest.approx(1.08 / 0.75)
+    assert round_floor(parts, 8, 0.75, None)["floor_with_close"] == pytest.approx(f["floor"])   # no close measured
+    assert round_floor(parts, 8, 0.0, 0.05)["floor"] is None   # no raw CPU measured: no ratio, no division by 0
 
 
 def test_memory_bench_runs_rounds_and_reports_rss(tmp_path, tiny_model):
