@@ -282,10 +282,8 @@ def _identity(b: bytes) -> bytes:
 
 
 def _role_floor(args: argparse.Namespace) -> int:
-    """Times the parts of transfer_bench.FLOOR_PARTS on the payload file, `--k` repeats (plus a
-    warm-up), and emits their median CPU and wall seconds."""
-    import tempfile as _tempfile
-
+    """Times the parts of transfer_bench.FLOOR_PARTS on the payload file, `--repeats` times (after
+    a warm-up), and emits their median CPU and wall seconds."""
     from benchmarks.transfer_bench import FLOOR_PARTS, floor_parts, load_layout
     from common import digest
 
@@ -293,13 +291,13 @@ def _role_floor(args: argparse.Namespace) -> int:
     layout = load_layout(args.model, Path(args.cache_dir))
     algorithm = digest.BLAKE3 if digest.BLAKE3 in digest.supported() else digest.SHA256   # as schools name uploads
     samples: dict[str, list[Any]] = {key: [] for key, _ in FLOOR_PARTS}
-    with _tempfile.TemporaryDirectory(prefix="round-bench-floor-") as tmp:
-        for i in range(args.k + 1):
+    with tempfile.TemporaryDirectory(prefix="round-bench-floor-") as tmp:
+        for i in range(args.repeats + 1):
             parts = floor_parts(payload, layout, algorithm, 0.0, Path(tmp))
             if i:   # the first is a warm-up
                 for key, sample in parts.items():
                     samples[key].append(sample)
-    _emit({"event": "floor", "algorithm": algorithm, "repeats": args.k,
+    _emit({"event": "floor", "algorithm": algorithm, "repeats": args.repeats,
            "parts": {key: {"cpu_s": median([x.cpu for x in got]), "wall_s": median([x.wall for x in got])}
                      for key, got in samples.items()}})
     return 0
@@ -709,7 +707,7 @@ def run_k(k: int, root: Path, model: str, cache_dir: Path, rounds: int, repeats:
                 c.stop(timeout=10)
 
     floor_run = subprocess.run([py, "-m", "benchmarks.round_bench", "--role", "floor", "--payload-file", str(payload_file),
-                                "--model", model, "--cache-dir", str(cache_dir), "--k", str(FLOOR_REPEATS)],
+                                "--model", model, "--cache-dir", str(cache_dir), "--repeats", str(FLOOR_REPEATS)],
                                cwd=REPO, capture_output=True, text=True, timeout=600)
     floor_msgs = [json.loads(line) for line in floor_run.stdout.splitlines() if line.startswith("{")]
     if floor_run.returncode != 0 or not floor_msgs:
