@@ -289,7 +289,7 @@ def _role_floor(args: argparse.Namespace) -> int:
 
     payload = Path(args.payload_file).read_bytes()
     layout = load_layout(args.model, Path(args.cache_dir))
-    algorithm = digest.BLAKE3 if digest.BLAKE3 in digest.supported() else digest.SHA256   # as schools name uploads
+    algorithm = digest.upload_algorithm(digest.offered())   # what a school names its uploads by, with a coordinator here
     samples: dict[str, list[Any]] = {key: [] for key, _ in FLOOR_PARTS}
     with tempfile.TemporaryDirectory(prefix="round-bench-floor-") as tmp:
         for i in range(args.repeats + 1):
@@ -317,8 +317,8 @@ def round_floor(parts: dict[str, dict[str, float]], k: int, raw_cpu_s: float, cl
             "floor": cpu / raw_cpu_s if known else None, "floor_with_close": (cpu + close) / raw_cpu_s if known else None}
 
 
-def _times(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}x"
+def _times(ratio: float | None, unit: str = "x") -> str:
+    return "-" if ratio is None else f"{ratio:.2f}{unit}"
 
 
 def _role_raw_server(args: argparse.Namespace) -> int:
@@ -874,7 +874,7 @@ def format_table(result: dict[str, Any]) -> str:
         c, m = r["cpu_s_per_round"], r["peak_rss_mib"]
         close = "-" if r["close_s"] is None else f"{r['close_s']:.3f}"
         lines.append(f"{k:>3} {r['project_s']:>9.3f} {r['raw_s']:>7.3f} {r['ratio']:>6.2f} "
-                     f"{_times(r['floor']['floor_with_close']).rstrip('x'):>5} {close:>7} "
+                     f"{_times(r['floor']['floor_with_close'], ''):>5} {close:>7} "
                      f"{r['coordinator_round_s']:>7.3f} | {c['coordinator']:>18.3f} {c['schools']:>7.3f} "
                      f"{c['raw_server']:>7.3f} {c['raw_client']:>7.3f} | {m['coordinator']:>19.0f} {m['schools']:>7.0f} "
                      f"{m['raw_server']:>7.0f} {m['raw_client']:>7.0f}")
